@@ -1,0 +1,25 @@
+//! pgoutbox: a PostgreSQL transactional-outbox relay.
+//!
+//! Applications insert events into an `outbox` table inside their own
+//! business transactions. pgoutbox reads those inserts from a logical
+//! replication slot (the `pgoutput` plugin), publishes each one to Apache
+//! Kafka with an idempotent producer, and confirms WAL positions back to
+//! PostgreSQL only once Kafka has acknowledged every event up to them.
+//!
+//! The crate is laid out by domain idea:
+//! - [`pgoutput`]: a pure decoder of the pgoutput logical replication protocol;
+//! - [`replication`]: the streaming replication client (startup, auth,
+//!   `START_REPLICATION`, CopyBoth framing, standby status updates);
+//! - [`outbox`]: the table contract, migrations and the publishing API;
+//! - [`route`]: turning an outbox row into a Kafka record (topic, key, headers);
+//! - [`sink`]: the Kafka producer with a bounded in-flight window;
+//! - [`relay`]: the CDC pipeline and its progress (LSN) tracking;
+//! - [`config`]: configuration from file and environment, validated.
+#![deny(missing_docs)]
+#![deny(rustdoc::broken_intra_doc_links)]
+
+pub mod lsn;
+pub mod pgoutput;
+pub mod replication;
+
+pub use lsn::Lsn;

@@ -1,0 +1,1 @@
+//! Replication client (in progress).
