@@ -12,14 +12,23 @@
 //!   `START_REPLICATION`, CopyBoth framing, standby status updates);
 //! - [`outbox`]: the table contract, migrations and the publishing API;
 //! - [`route`]: turning an outbox row into a Kafka record (topic, key, headers);
-//! - [`sink`]: the Kafka producer with a bounded in-flight window;
+//! - [`sink`]: the Kafka producer;
 //! - [`relay`]: the CDC pipeline and its progress (LSN) tracking;
 //! - [`config`]: configuration from file and environment, validated.
 #![deny(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
+pub mod cli;
+pub mod config;
+pub mod database;
+pub mod error;
 pub mod lsn;
+pub mod outbox;
 pub mod pgoutput;
+pub mod redact;
+pub mod relay;
 pub mod replication;
+pub mod route;
+pub mod sink;
 
 pub use lsn::Lsn;

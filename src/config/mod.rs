@@ -1,0 +1,599 @@
+//! Configuration: a TOML file, then environment variables, validated.
+//!
+//! Precedence is file < environment < command line. Every value is checked
+//! before any connection is made; a problem is reported as one line naming the
+//! field and the constraint it breaks. Unknown keys are rejected, so a typo
+//! never silently falls back to a default.
+//!
+//! Environment variables keep the names of the seed framework
+//! (`DATABASE_URL`, `OUTBOX_BATCH_SIZE`, `OUTBOX_LEASE_SECONDS`,
+//! `OUTBOX_POLL_INTERVAL_MS`, `OUTBOX_MAX_RETRIES`) and add `KAFKA_BROKERS` and
+//! the `OUTBOX_*` settings listed in [`ENV_VARS`].
+
+mod identifier;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use identifier::{quote_ident, validate_identifier, validate_slot_name};
+
+use crate::route::TopicTemplate;
+
+/// A configuration problem: which field, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("config: {field}: {problem}")]
+pub struct ConfigError {
+    /// The dotted field name (`kafka.brokers`) or environment variable.
+    pub field: String,
+    /// What is wrong and what would be accepted.
+    pub problem: String,
+}
+
+impl ConfigError {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError { field: field.into(), problem: problem.into() }
+    }
+}
+
+/// The database connection URL. Its `Debug` and `Display` never show the
+/// password.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// Wraps a URL or libpq key/value string.
+    pub fn new(url: impl Into<String>) -> Self {
+        DatabaseUrl(url.into())
+    }
+
+    /// The full text, secrets included: pass it only to a connector.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Parses into a tokio-postgres configuration. The error never repeats
+    /// the URL.
+    pub fn parse(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        tokio_postgres::Config::from_str(&self.0).map_err(|e| {
+            ConfigError::new(
+                "database.url",
+                format!(
+                    "not a valid PostgreSQL URL or key=value string ({}); expected postgres://user:password@host:port/dbname",
+                    crate::redact::error_text(&e, &self.0)
+                ),
+            )
+        })
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", crate::redact::url(&self.0))
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::redact::url(&self.0))
+    }
+}
+
+/// How the relay reads the outbox.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Logical replication (pgoutput) from a replication slot.
+    #[default]
+    Cdc,
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cdc" => Ok(Mode::Cdc),
+            other => Err(format!("unknown mode {other:?}; expected \"cdc\"")),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// How rows are read.
+    pub mode: Mode,
+    /// PostgreSQL connection.
+    pub database: DatabaseConfig,
+    /// The outbox table and its semantics.
+    pub outbox: OutboxConfig,
+    /// Logical replication settings.
+    pub cdc: CdcConfig,
+    /// The Kafka producer.
+    pub kafka: KafkaConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// PostgreSQL connection settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `postgres://user:password@host:port/dbname` (env `DATABASE_URL`).
+    pub url: DatabaseUrl,
+    /// A file whose first line is the password, used when the URL has none
+    /// (env `DATABASE_PASSWORD_FILE`).
+    pub password_file: Option<String>,
+    /// Seconds to wait for a connection before giving up on one attempt.
+    pub connect_timeout_s: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig { url: DatabaseUrl::default(), password_file: None, connect_timeout_s: 10 }
+    }
+}
+
+/// The outbox table and the seed's processing settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Schema of the outbox table (env `OUTBOX_SCHEMA`).
+    pub schema: String,
+    /// Name of the outbox table (env `OUTBOX_TABLE`).
+    pub table: String,
+    /// Rows per batch: completion updates in CDC mode, claims in poll mode
+    /// (env `OUTBOX_BATCH_SIZE`).
+    pub batch_size: u32,
+    /// Lease length for claimed rows in poll mode (env `OUTBOX_LEASE_SECONDS`).
+    pub lease_seconds: u32,
+    /// Poll interval in poll mode (env `OUTBOX_POLL_INTERVAL_MS`).
+    pub poll_interval_ms: u64,
+    /// Default attempts before a row is dead-lettered (env `OUTBOX_MAX_RETRIES`).
+    pub max_retries: u32,
+    /// Mark delivered rows `COMPLETED` (env `OUTBOX_MARK_COMPLETED`).
+    pub mark_completed: bool,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            schema: "public".into(),
+            table: "outbox".into(),
+            batch_size: 100,
+            lease_seconds: 30,
+            poll_interval_ms: 1000,
+            max_retries: 5,
+            mark_completed: true,
+        }
+    }
+}
+
+/// Logical replication settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CdcConfig {
+    /// Replication slot name (env `OUTBOX_SLOT`).
+    pub slot: String,
+    /// Publication name (env `OUTBOX_PUBLICATION`).
+    pub publication: String,
+    /// How often to send a standby status update, in milliseconds; capped at
+    /// half the server's `wal_sender_timeout`.
+    pub status_interval_ms: u64,
+    /// XLogData messages buffered between the socket and the decoder.
+    pub read_buffer: usize,
+    /// Seconds a graceful shutdown waits for Kafka acks before giving up.
+    pub shutdown_timeout_s: u64,
+    /// Upper bound of the reconnect backoff, in milliseconds.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for CdcConfig {
+    fn default() -> Self {
+        CdcConfig {
+            slot: "pgoutbox".into(),
+            publication: "outbox_pub".into(),
+            status_interval_ms: 1000,
+            read_buffer: 4096,
+            shutdown_timeout_s: 30,
+            max_backoff_ms: 30_000,
+        }
+    }
+}
+
+/// The Kafka producer.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port…]` (env `KAFKA_BROKERS`).
+    pub brokers: String,
+    /// Topic template (env `OUTBOX_TOPIC`): placeholders `{aggregate_type}`,
+    /// `{event_type}`, `{table}`; a plain name sends everything to one topic.
+    pub topic: String,
+    /// `none`, `gzip`, `snappy`, `lz4` or `zstd` (env `KAFKA_COMPRESSION`).
+    pub compression: String,
+    /// librdkafka `linger.ms` (env `KAFKA_LINGER_MS`).
+    pub linger_ms: u64,
+    /// Largest message the broker accepts (`message.max.bytes`); larger rows
+    /// are dead-lettered before they are sent.
+    pub message_max_bytes: usize,
+    /// Events sent but not yet acknowledged, at most.
+    pub max_in_flight_events: usize,
+    /// Bytes of payload sent but not yet acknowledged, at most.
+    pub max_in_flight_bytes: usize,
+    /// Any other librdkafka property, passed through unchanged.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: String::new(),
+            topic: "{aggregate_type}.{event_type}".into(),
+            compression: "lz4".into(),
+            linger_ms: 5,
+            message_max_bytes: 1_000_000,
+            max_in_flight_events: 50_000,
+            max_in_flight_bytes: 64 << 20,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `pgoutbox=debug` (env `RUST_LOG` wins).
+    pub filter: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { filter: "info".into(), format: "text".into() }
+    }
+}
+
+/// The environment variables read, in the order applied.
+pub const ENV_VARS: &[&str] = &[
+    "DATABASE_URL",
+    "DATABASE_PASSWORD_FILE",
+    "OUTBOX_SCHEMA",
+    "OUTBOX_TABLE",
+    "OUTBOX_BATCH_SIZE",
+    "OUTBOX_LEASE_SECONDS",
+    "OUTBOX_POLL_INTERVAL_MS",
+    "OUTBOX_MAX_RETRIES",
+    "OUTBOX_MARK_COMPLETED",
+    "OUTBOX_SLOT",
+    "OUTBOX_PUBLICATION",
+    "OUTBOX_TOPIC",
+    "KAFKA_BROKERS",
+    "KAFKA_COMPRESSION",
+    "KAFKA_LINGER_MS",
+];
+
+fn parse_env<T: FromStr>(name: &str, value: &str, what: &str) -> Result<T, ConfigError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::new(name, format!("{value:?} is not {what}")))
+}
+
+fn parse_bool(name: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::new(name, format!("{value:?} is not a boolean (true/false)"))),
+    }
+}
+
+impl Config {
+    /// Reads `path` (if any), then applies the environment, then validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        config.apply_env(|k| std::env::var(k).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Config::from_toml(&text)
+            .map_err(|e| ConfigError::new(format!("{}: {}", path.display(), e.field), e.problem))
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_owned();
+            let at = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].lines().count().max(1);
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "file".into());
+            ConfigError::new(at, msg)
+        })
+    }
+
+    /// Applies environment variables (looked up through `get`) over the
+    /// current values.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let get = |k: &str| get(k).filter(|v| !v.is_empty());
+        if let Some(v) = get("DATABASE_URL") {
+            self.database.url = DatabaseUrl::new(v);
+        }
+        if let Some(v) = get("DATABASE_PASSWORD_FILE") {
+            self.database.password_file = Some(v);
+        }
+        if let Some(v) = get("OUTBOX_SCHEMA") {
+            self.outbox.schema = v;
+        }
+        if let Some(v) = get("OUTBOX_TABLE") {
+            self.outbox.table = v;
+        }
+        if let Some(v) = get("OUTBOX_BATCH_SIZE") {
+            self.outbox.batch_size = parse_env("OUTBOX_BATCH_SIZE", &v, "a whole number")?;
+        }
+        if let Some(v) = get("OUTBOX_LEASE_SECONDS") {
+            self.outbox.lease_seconds = parse_env("OUTBOX_LEASE_SECONDS", &v, "a whole number")?;
+        }
+        if let Some(v) = get("OUTBOX_POLL_INTERVAL_MS") {
+            self.outbox.poll_interval_ms =
+                parse_env("OUTBOX_POLL_INTERVAL_MS", &v, "a whole number")?;
+        }
+        if let Some(v) = get("OUTBOX_MAX_RETRIES") {
+            self.outbox.max_retries = parse_env("OUTBOX_MAX_RETRIES", &v, "a whole number")?;
+        }
+        if let Some(v) = get("OUTBOX_MARK_COMPLETED") {
+            self.outbox.mark_completed = parse_bool("OUTBOX_MARK_COMPLETED", &v)?;
+        }
+        if let Some(v) = get("OUTBOX_SLOT") {
+            self.cdc.slot = v;
+        }
+        if let Some(v) = get("OUTBOX_PUBLICATION") {
+            self.cdc.publication = v;
+        }
+        if let Some(v) = get("OUTBOX_TOPIC") {
+            self.kafka.topic = v;
+        }
+        if let Some(v) = get("KAFKA_BROKERS") {
+            self.kafka.brokers = v;
+        }
+        if let Some(v) = get("KAFKA_COMPRESSION") {
+            self.kafka.compression = v;
+        }
+        if let Some(v) = get("KAFKA_LINGER_MS") {
+            self.kafka.linger_ms = parse_env("KAFKA_LINGER_MS", &v, "a whole number")?;
+        }
+        Ok(())
+    }
+
+    /// Checks every field; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.database.url.expose().is_empty() {
+            return Err(ConfigError::new(
+                "database.url",
+                "is required: set DATABASE_URL or database.url (postgres://user:password@host:port/dbname)",
+            ));
+        }
+        self.database.url.parse()?;
+        if self.database.connect_timeout_s == 0 {
+            return Err(ConfigError::new("database.connect_timeout_s", "must be at least 1"));
+        }
+        validate_identifier("outbox.schema", &self.outbox.schema)?;
+        validate_identifier("outbox.table", &self.outbox.table)?;
+        validate_slot_name("cdc.slot", &self.cdc.slot)?;
+        validate_identifier("cdc.publication", &self.cdc.publication)?;
+        range("outbox.batch_size", self.outbox.batch_size as u64, 1, 100_000)?;
+        range("outbox.lease_seconds", self.outbox.lease_seconds as u64, 1, 86_400)?;
+        range("outbox.poll_interval_ms", self.outbox.poll_interval_ms, 1, 3_600_000)?;
+        range("outbox.max_retries", self.outbox.max_retries as u64, 1, 1_000_000)?;
+        range("cdc.status_interval_ms", self.cdc.status_interval_ms, 10, 600_000)?;
+        range("cdc.read_buffer", self.cdc.read_buffer as u64, 1, 1_000_000)?;
+        range("cdc.shutdown_timeout_s", self.cdc.shutdown_timeout_s, 0, 3600)?;
+        range("cdc.max_backoff_ms", self.cdc.max_backoff_ms, 10, 3_600_000)?;
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(ConfigError::new(
+                "kafka.brokers",
+                "is required: set KAFKA_BROKERS or kafka.brokers (host:port[,host:port])",
+            ));
+        }
+        for broker in self.kafka.brokers.split(',') {
+            let b = broker.trim();
+            let ok = b.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return Err(ConfigError::new(
+                    "kafka.brokers",
+                    format!("{b:?} is not host:port"),
+                ));
+            }
+        }
+        TopicTemplate::parse(&self.kafka.topic)
+            .map_err(|e| ConfigError::new("kafka.topic", e.to_string()))?;
+        match self.kafka.compression.as_str() {
+            "none" | "gzip" | "snappy" | "lz4" | "zstd" => {}
+            other => {
+                return Err(ConfigError::new(
+                    "kafka.compression",
+                    format!("{other:?} is not one of none, gzip, snappy, lz4, zstd"),
+                ))
+            }
+        }
+        range("kafka.linger_ms", self.kafka.linger_ms, 0, 900_000)?;
+        range("kafka.message_max_bytes", self.kafka.message_max_bytes as u64, 1000, 1_000_000_000)?;
+        range("kafka.max_in_flight_events", self.kafka.max_in_flight_events as u64, 1, 10_000_000)?;
+        range("kafka.max_in_flight_bytes", self.kafka.max_in_flight_bytes as u64, 1024, 1 << 34)?;
+        for key in self.kafka.properties.keys() {
+            if crate::sink::MANAGED_PROPERTIES.contains(&key.as_str()) {
+                return Err(ConfigError::new(
+                    format!("kafka.properties.{key}"),
+                    "is set by pgoutbox for delivery guarantees and cannot be overridden",
+                ));
+            }
+        }
+        match self.log.format.as_str() {
+            "text" | "json" => {}
+            other => {
+                return Err(ConfigError::new("log.format", format!("{other:?} is not text or json")))
+            }
+        }
+        Ok(())
+    }
+
+    /// The status update interval, capped at half the server's
+    /// `wal_sender_timeout` (0 = disabled on the server).
+    pub fn status_interval(&self, wal_sender_timeout: Duration) -> Duration {
+        let configured = Duration::from_millis(self.cdc.status_interval_ms);
+        if wal_sender_timeout.is_zero() {
+            configured.min(Duration::from_secs(10))
+        } else {
+            configured.min(wal_sender_timeout / 2).min(Duration::from_secs(10))
+        }
+    }
+}
+
+fn range(field: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        Err(ConfigError::new(field, format!("{value} is out of range; allowed {min}..={max}")))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: BTreeMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn valid() -> Config {
+        let mut c = Config::default();
+        c.apply_env(env(&[
+            ("DATABASE_URL", "postgres://u:secret@127.0.0.1:5432/db"),
+            ("KAFKA_BROKERS", "127.0.0.1:9092"),
+        ]))
+        .unwrap();
+        c
+    }
+
+    #[test]
+    fn defaults_with_required_env_validate() {
+        valid().validate().unwrap();
+    }
+
+    #[test]
+    fn seed_environment_variables_apply() {
+        let mut c = valid();
+        c.apply_env(env(&[
+            ("OUTBOX_BATCH_SIZE", "250"),
+            ("OUTBOX_LEASE_SECONDS", "45"),
+            ("OUTBOX_POLL_INTERVAL_MS", "200"),
+            ("OUTBOX_MAX_RETRIES", "7"),
+            ("OUTBOX_MARK_COMPLETED", "false"),
+        ]))
+        .unwrap();
+        assert_eq!(c.outbox.batch_size, 250);
+        assert_eq!(c.outbox.lease_seconds, 45);
+        assert_eq!(c.outbox.poll_interval_ms, 200);
+        assert_eq!(c.outbox.max_retries, 7);
+        assert!(!c.outbox.mark_completed);
+    }
+
+    #[test]
+    fn bad_env_number_names_the_variable() {
+        let mut c = valid();
+        let e = c.apply_env(env(&[("OUTBOX_BATCH_SIZE", "many")])).unwrap_err();
+        assert_eq!(e.field, "OUTBOX_BATCH_SIZE");
+        assert!(e.to_string().contains("\"many\""));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_line() {
+        let e = Config::from_toml("[kafka]\nbrokers = \"a:1\"\nlinger = 5\n").unwrap_err();
+        assert!(e.to_string().contains("linger"), "{e}");
+        assert!(e.field.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_field_and_range() {
+        let mut c = valid();
+        c.outbox.batch_size = 0;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "outbox.batch_size");
+        assert!(e.problem.contains("1..=100000"));
+    }
+
+    #[test]
+    fn injection_in_identifiers_is_rejected_before_sql() {
+        for (field, set) in [
+            ("cdc.slot", (|c: &mut Config| c.cdc.slot = "x; DROP TABLE outbox".into()) as fn(&mut Config)),
+            ("cdc.publication", |c: &mut Config| c.cdc.publication = "p\" OR 1=1 --".into()),
+            ("outbox.table", |c: &mut Config| c.outbox.table = "outbox'".into()),
+        ] {
+            let mut c = valid();
+            set(&mut c);
+            assert_eq!(c.validate().unwrap_err().field, field);
+        }
+    }
+
+    #[test]
+    fn managed_kafka_properties_cannot_be_overridden() {
+        let mut c = valid();
+        c.kafka.properties.insert("enable.idempotence".into(), "false".into());
+        assert_eq!(c.validate().unwrap_err().field, "kafka.properties.enable.idempotence");
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_password() {
+        let c = valid();
+        let text = format!("{c:?}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(text.contains("127.0.0.1"));
+    }
+
+    #[test]
+    fn missing_brokers_say_what_to_set() {
+        let mut c = valid();
+        c.kafka.brokers.clear();
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("KAFKA_BROKERS"));
+    }
+
+    #[test]
+    fn status_interval_is_capped_by_wal_sender_timeout() {
+        let mut c = valid();
+        c.cdc.status_interval_ms = 20_000;
+        assert_eq!(c.status_interval(Duration::from_secs(60)), Duration::from_secs(10));
+        assert_eq!(c.status_interval(Duration::from_secs(4)), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn example_config_file_parses_and_validates() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgoutbox.toml");
+        let mut c = Config::from_file(Path::new(path)).unwrap();
+        c.apply_env(env(&[("DATABASE_URL", "postgres://u:p@h:1/d")])).unwrap();
+        c.validate().unwrap();
+    }
+}

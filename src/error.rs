@@ -1,0 +1,72 @@
+//! One error type for the relay, each kind mapped to exactly one operator
+//! action: reconnect and resume, or stop and tell a human what to fix.
+//! (Per-event failures that can never succeed are not errors here: they are
+//! dead-lettered by the relay and the stream moves on.)
+
+use crate::config::ConfigError;
+
+/// What the relay does about an [`Error`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Transient: back off, reconnect, resume from the slot.
+    Reconnect,
+    /// Definite: stop with a non-zero exit; an operator must act.
+    Stop,
+}
+
+/// A relay failure. Messages are one line, say what to fix, and never
+/// contain a password or a full connection string.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Something only an operator can fix (credentials, `wal_level`, a
+    /// missing publication, a lost slot, …).
+    #[error("{0}")]
+    Fatal(String),
+    /// A connection or service failed; retrying may succeed.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl Error {
+    /// What to do about this error. One `match`, no wildcard arm.
+    pub fn action(&self) -> Action {
+        match self {
+            Error::Config(_) => Action::Stop,
+            Error::Fatal(_) => Action::Stop,
+            Error::Transient(_) => Action::Reconnect,
+        }
+    }
+
+    /// Classifies an error from an ordinary PostgreSQL connection; `doing`
+    /// says what was being attempted.
+    pub fn postgres(doing: &str, e: &tokio_postgres::Error) -> Error {
+        let text = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(inner) = src {
+                s.push_str(": ");
+                s.push_str(&inner.to_string());
+                src = inner.source();
+            }
+            s
+        });
+        match e.code().map(|c| c.code()) {
+            Some("28P01" | "28000") => Error::Fatal(format!(
+                "{doing}: authentication failed ({text}); check the user and password in DATABASE_URL"
+            )),
+            Some("3D000") => Error::Fatal(format!(
+                "{doing}: {text}; check the database name in DATABASE_URL"
+            )),
+            Some("42501") => Error::Fatal(format!(
+                "{doing}: permission denied ({text}); grant the relay's role the privilege named"
+            )),
+            Some("42P01" | "42883") => Error::Fatal(format!(
+                "{doing}: {text}; run `pgoutbox migrate` first"
+            )),
+            _ => Error::Transient(format!("{doing}: {text}")),
+        }
+    }
+}

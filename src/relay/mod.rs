@@ -1,0 +1,183 @@
+//! The CDC relay: replication slot → pgoutput decoder → router → Kafka →
+//! acknowledgements → flush LSN.
+//!
+//! One task owns the session. Its loop gives acknowledgements priority over
+//! new input (`select!` with `biased`), sends standby status updates on a
+//! timer of their own, and stops reading the replication stream while the
+//! in-flight window is full — backpressure that never stops feedback
+//! (invariant 3). Transient failures (PostgreSQL or Kafka restarts, network
+//! errors) end the session; the relay backs off, reconnects and resumes from
+//! the slot, re-sending at most the unconfirmed tail. Definite failures
+//! (credentials, configuration, a lost slot) stop the relay.
+
+mod backfill;
+mod pipeline;
+pub mod progress;
+mod slot;
+mod stream;
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::config::{quote_ident, Config};
+use crate::error::{Action, Error};
+use crate::route::TopicTemplate;
+
+pub use slot::SlotState;
+
+/// Options of one `pgoutbox run`.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Create a new slot (and backfill pending rows) even though the relay
+    /// recorded one that is now lost. Only an operator sets this.
+    pub recreate_slot: bool,
+}
+
+/// Checks what only an operator can fix before streaming: reachability,
+/// credentials, `wal_level`, the publication and the table.
+async fn preflight(client: &tokio_postgres::Client, config: &Config) -> Result<Duration, Error> {
+    let wal_level: String = client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+        .map_err(|e| Error::postgres("reading wal_level", &e))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(Error::Fatal(format!(
+            "wal_level is {wal_level:?} but CDC needs \"logical\": set wal_level = logical in postgresql.conf and restart PostgreSQL"
+        )));
+    }
+    let publication = &config.cdc.publication;
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[publication])
+        .await
+        .map_err(|e| Error::postgres("reading pg_publication", &e))?
+        .is_some();
+    if !exists {
+        return Err(Error::Fatal(format!(
+            "publication {publication:?} does not exist: run `pgoutbox migrate`, or CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert', publish_via_partition_root = true)",
+            quote_ident(publication),
+            quote_ident(&config.outbox.table)
+        )));
+    }
+    let covered = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[publication, &config.outbox.schema, &config.outbox.table],
+        )
+        .await
+        .map_err(|e| Error::postgres("reading pg_publication_tables", &e))?
+        .is_some();
+    if !covered {
+        tracing::warn!(
+            publication = %publication,
+            table = %config.outbox.table,
+            "the publication does not include the configured outbox table; only its own tables will be relayed"
+        );
+    }
+    let timeout_ms: i64 = client
+        .query_one(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::postgres("reading wal_sender_timeout", &e))?
+        .get(0);
+    Ok(Duration::from_millis(timeout_ms.max(0) as u64))
+}
+
+/// Runs the CDC relay until `shutdown` turns true (exit 0 after a graceful
+/// drain) or a definite error occurs.
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let pg = crate::database::settings(&config)?;
+    let router = TopicTemplate::parse(&config.kafka.topic)
+        .map_err(|e| crate::config::ConfigError::new("kafka.topic", e.to_string()))?;
+    let client = crate::database::connect(&pg)
+        .await
+        .map_err(|e| fatal_at_start(Error::postgres("connecting to PostgreSQL", &e)))?;
+    let sender_timeout = preflight(&client, &config).await?;
+    ensure_partitions(&client, &config).await;
+    drop(client);
+    let status_interval = config.status_interval(sender_timeout);
+    tracing::info!(
+        slot = %config.cdc.slot,
+        publication = %config.cdc.publication,
+        topic = %router,
+        brokers = %config.kafka.brokers,
+        database = %config.database.url,
+        status_interval_ms = status_interval.as_millis() as u64,
+        mark_completed = config.outbox.mark_completed,
+        "starting CDC relay"
+    );
+    let mut recreate = options.recreate_slot;
+    let max_backoff = Duration::from_millis(config.cdc.max_backoff_ms);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = tokio::time::Instant::now();
+        let ctx = stream::Session {
+            config: &config,
+            pg: &pg,
+            router: router.clone(),
+            status_interval,
+        };
+        match ctx.run(&mut recreate, &mut shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) => match e.action() {
+                Action::Stop => return Err(e),
+                Action::Reconnect => {
+                    if *shutdown.borrow() {
+                        tracing::info!(error = %e, "stopped during a session restart");
+                        return Ok(());
+                    }
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_millis(100);
+                    }
+                    let jitter = Duration::from_millis(rand::random::<u64>() % 100);
+                    tracing::warn!(error = %e, retry_in_ms = (backoff + jitter).as_millis() as u64, "session ended; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff + jitter) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(max_backoff);
+                }
+            },
+        }
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+    }
+}
+
+/// At start-up every error is reported and the relay exits: an unreachable
+/// host or a wrong password is for the operator to fix, not to retry forever.
+fn fatal_at_start(e: Error) -> Error {
+    match e {
+        Error::Transient(msg) => Error::Fatal(format!(
+            "{msg}; check that PostgreSQL is running and reachable at the host and port in DATABASE_URL"
+        )),
+        other => other,
+    }
+}
+
+/// Creates next months' partitions if the helper function is installed.
+/// Failing here must not stop delivery, so problems are logged.
+async fn ensure_partitions(client: &tokio_postgres::Client, config: &Config) {
+    let table = format!("{}.{}", quote_ident(&config.outbox.schema), quote_ident(&config.outbox.table));
+    let sql = format!(
+        "SELECT {}.pgoutbox_ensure_partitions($1::text::regclass, 2)",
+        quote_ident(&config.outbox.schema)
+    );
+    match client.query_one(&sql, &[&table]).await {
+        Ok(row) => {
+            let created: i32 = row.get(0);
+            if created > 0 {
+                tracing::info!(created, "created outbox partitions ahead");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not ensure outbox partitions ahead"),
+    }
+}

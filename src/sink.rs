@@ -1,0 +1,252 @@
+//! The Kafka sink: an idempotent rdkafka producer whose delivery reports come
+//! back to the relay as [`Delivery`] values on a channel.
+//!
+//! Guarantees it is configured for (invariant 4): `enable.idempotence=true`,
+//! `acks=all`, and librdkafka's bounded in-flight requests per connection, so
+//! records with the same key (the aggregate id) land on one partition in the
+//! order they were sent, even across retries.
+//!
+//! Errors are split by what the relay must do next:
+//! - [`SendError::QueueFull`] is backpressure, not an error;
+//! - [`Failure::Permanent`] means this record can never be published (too
+//!   large, invalid topic): the relay dead-letters the row and moves on;
+//! - [`Failure::Transient`] means the session must be restarted and the
+//!   unconfirmed tail re-read from the slot.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use tokio::sync::mpsc;
+
+use crate::config::KafkaConfig;
+use crate::route::{header, OutboxEvent};
+
+/// librdkafka properties pgoutbox sets itself; configuring them through
+/// `kafka.properties` is rejected (they have dedicated settings or protect
+/// the delivery guarantees).
+pub const MANAGED_PROPERTIES: &[&str] = &[
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "compression.type",
+    "compression.codec",
+    "linger.ms",
+    "queue.buffering.max.ms",
+    "message.max.bytes",
+    "enable.gapless.guarantee",
+];
+
+/// Why a record could not be published.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// Never publishable as it is (too large, invalid topic): dead-letter it.
+    #[error("{0}")]
+    Permanent(String),
+    /// Kafka is unavailable or the producer failed: restart the session.
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// The outcome of one record, reported by librdkafka's delivery callback.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The ticket passed to [`Sink::send`].
+    pub ticket: u64,
+    /// `Ok` once the broker has acknowledged it with `acks=all`.
+    pub result: Result<(), Failure>,
+}
+
+/// Why [`Sink::send`] did not enqueue the record.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// librdkafka's local queue is full: wait for deliveries and retry.
+    #[error("producer queue is full")]
+    QueueFull,
+    /// The record was refused.
+    #[error(transparent)]
+    Failed(#[from] Failure),
+}
+
+/// The producer could not be created.
+#[derive(Debug, thiserror::Error)]
+#[error("kafka producer: {0}")]
+pub struct SinkError(String);
+
+struct Context {
+    deliveries: mpsc::UnboundedSender<Delivery>,
+    fatal: Arc<AtomicBool>,
+}
+
+impl ClientContext for Context {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
+            self.fatal.store(true, Ordering::SeqCst);
+            tracing::error!(%reason, "kafka producer hit a fatal error; it will be rebuilt");
+        } else {
+            tracing::warn!(error = %error, %reason, "kafka client error");
+        }
+    }
+}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, ticket: usize) {
+        let result = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(classify(e)),
+        };
+        // The receiver is gone only when the session ended; a later session
+        // re-reads unconfirmed events from the slot.
+        let _ = self.deliveries.send(Delivery { ticket: ticket as u64, result });
+    }
+}
+
+/// Maps a librdkafka error to what the relay does about it.
+pub fn classify(error: &KafkaError) -> Failure {
+    use RDKafkaErrorCode as C;
+    let text = error.to_string();
+    match error.rdkafka_error_code() {
+        Some(
+            C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::MessageBatchTooLarge
+            | C::InvalidRecord
+            | C::InvalidTopic
+            | C::InvalidMessage,
+        ) => Failure::Permanent(text),
+        _ => Failure::Transient(text),
+    }
+}
+
+/// An idempotent Kafka producer.
+pub struct Sink {
+    producer: ThreadedProducer<Context>,
+    fatal: Arc<AtomicBool>,
+    message_max_bytes: usize,
+}
+
+impl Sink {
+    /// Builds the producer; delivery reports arrive on the returned channel.
+    pub fn new(cfg: &KafkaConfig) -> Result<(Sink, mpsc::UnboundedReceiver<Delivery>), SinkError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let fatal = Arc::new(AtomicBool::new(false));
+        let mut client = ClientConfig::new();
+        for (k, v) in &cfg.properties {
+            client.set(k, v);
+        }
+        let queue_messages = (cfg.max_in_flight_events * 2).max(100_000);
+        client
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", &cfg.compression)
+            .set("linger.ms", cfg.linger_ms.to_string())
+            .set("message.max.bytes", cfg.message_max_bytes.to_string())
+            .set("queue.buffering.max.messages", queue_messages.to_string());
+        if !cfg.properties.contains_key("client.id") {
+            client.set("client.id", "pgoutbox");
+        }
+        let context = Context { deliveries: tx, fatal: fatal.clone() };
+        let producer: ThreadedProducer<Context> = client
+            .create_with_context(context)
+            .map_err(|e| SinkError(e.to_string()))?;
+        Ok((Sink { producer, fatal, message_max_bytes: cfg.message_max_bytes }, rx))
+    }
+
+    /// Enqueues one event for `topic`. Its outcome arrives later as a
+    /// [`Delivery`] carrying `ticket`.
+    pub fn send(&self, ticket: u64, topic: &str, event: &OutboxEvent) -> Result<(), SendError> {
+        if event.wire_size() > self.message_max_bytes {
+            return Err(Failure::Permanent(format!(
+                "message of about {} bytes exceeds kafka.message_max_bytes ({})",
+                event.wire_size(),
+                self.message_max_bytes
+            ))
+            .into());
+        }
+        let trace = event.trace_context();
+        let mut headers = OwnedHeaders::new_with_capacity(7)
+            .insert(Header { key: header::TRACKING_ID, value: Some(&event.tracking_id[..]) })
+            .insert(Header { key: header::AGGREGATE_TYPE, value: Some(&event.aggregate_type[..]) })
+            .insert(Header { key: header::AGGREGATE_ID, value: Some(&event.aggregate_id[..]) })
+            .insert(Header { key: header::EVENT_TYPE, value: Some(&event.event_type[..]) })
+            .insert(Header { key: header::CREATED_AT, value: Some(&event.created_at[..]) });
+        if let Some(tp) = &trace.traceparent {
+            headers = headers.insert(Header { key: header::TRACEPARENT, value: Some(tp.as_bytes()) });
+        }
+        if let Some(ts) = &trace.tracestate {
+            headers = headers.insert(Header { key: header::TRACESTATE, value: Some(ts.as_bytes()) });
+        }
+        let record = BaseRecord::with_opaque_to(topic, ticket as usize)
+            .key(&event.aggregate_id[..])
+            .payload(&event.payload[..])
+            .headers(headers);
+        match self.producer.send(record) {
+            Ok(()) => Ok(()),
+            Err((e, _)) => match e.rdkafka_error_code() {
+                Some(RDKafkaErrorCode::QueueFull) => Err(SendError::QueueFull),
+                _ => Err(classify(&e).into()),
+            },
+        }
+    }
+
+    /// True once librdkafka reported a fatal error (e.g. the idempotent
+    /// producer lost its sequence state); the producer must be rebuilt.
+    pub fn is_fatal(&self) -> bool {
+        self.fatal.load(Ordering::SeqCst)
+    }
+
+    /// Waits up to `timeout` for every enqueued record to be delivered.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        self.producer.flush(timeout).is_ok()
+    }
+
+    /// Records enqueued and not yet reported.
+    pub fn in_flight(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_and_topic_errors_are_permanent_others_transient() {
+        let perm = [RDKafkaErrorCode::MessageSizeTooLarge, RDKafkaErrorCode::InvalidTopic];
+        for code in perm {
+            assert!(matches!(classify(&KafkaError::MessageProduction(code)), Failure::Permanent(_)));
+        }
+        let trans = [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::NotEnoughReplicas,
+            RDKafkaErrorCode::Fatal,
+        ];
+        for code in trans {
+            assert!(matches!(classify(&KafkaError::MessageProduction(code)), Failure::Transient(_)));
+        }
+    }
+
+    #[test]
+    fn oversized_event_is_refused_before_it_is_sent() {
+        let cfg = KafkaConfig {
+            brokers: "127.0.0.1:1".into(),
+            message_max_bytes: 1000,
+            ..KafkaConfig::default()
+        };
+        let (sink, _rx) = Sink::new(&cfg).unwrap();
+        let mut e = crate::route::sample_event();
+        e.payload = bytes::Bytes::from(vec![b'x'; 2000]);
+        assert!(matches!(sink.send(1, "t", &e), Err(SendError::Failed(Failure::Permanent(_)))));
+    }
+}
