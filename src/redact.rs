@@ -65,7 +65,9 @@ pub fn error_text(err: &dyn std::fmt::Display, source: &str) -> String {
 
 fn password_of(source: &str) -> Option<String> {
     let config: tokio_postgres::Config = source.parse().ok()?;
-    config.get_password().map(|p| String::from_utf8_lossy(p).into_owned())
+    config
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
 }
 
 #[cfg(test)]
@@ -76,8 +78,14 @@ mod tests {
     fn url_password_is_hidden() {
         assert_eq!(url("postgres://u:pw@h:5/db"), "postgres://u:***@h:5/db");
         assert_eq!(url("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(url("postgres://h/db?password=x&sslmode=require"), "postgres://h/db?password=***&sslmode=require");
-        assert_eq!(url("host=h password=pw user=u"), "host=h password=*** user=u");
+        assert_eq!(
+            url("postgres://h/db?password=x&sslmode=require"),
+            "postgres://h/db?password=***&sslmode=require"
+        );
+        assert_eq!(
+            url("host=h password=pw user=u"),
+            "host=h password=*** user=u"
+        );
     }
 
     #[test]

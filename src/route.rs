@@ -50,7 +50,9 @@ impl OutboxEvent {
 
     /// W3C trace context from `metadata`, if it carries one.
     pub fn trace_context(&self) -> TraceContext {
-        let Some(meta) = &self.metadata else { return TraceContext::default() };
+        let Some(meta) = &self.metadata else {
+            return TraceContext::default();
+        };
         // Cheap pre-check: most events carry no trace context.
         if !contains(meta, b"trace") {
             return TraceContext::default();
@@ -61,7 +63,10 @@ impl OutboxEvent {
             tracestate: Option<String>,
         }
         match serde_json::from_slice::<Meta>(meta) {
-            Ok(m) => TraceContext { traceparent: m.traceparent, tracestate: m.tracestate },
+            Ok(m) => TraceContext {
+                traceparent: m.traceparent,
+                tracestate: m.tracestate,
+            },
             Err(_) => TraceContext::default(),
         }
     }
@@ -131,7 +136,10 @@ fn legal_topic_byte(b: u8) -> bool {
 impl TopicTemplate {
     /// Compiles a template. Literal text must itself be legal in a topic name.
     pub fn parse(template: &str) -> Result<Self, TopicError> {
-        let bad = |why: String| TopicError::Template { template: template.to_owned(), why };
+        let bad = |why: String| TopicError::Template {
+            template: template.to_owned(),
+            why,
+        };
         let mut parts = Vec::new();
         let mut rest = template;
         while !rest.is_empty() {
@@ -193,7 +201,10 @@ impl TopicTemplate {
             out.push_str(std::str::from_utf8(bytes).unwrap_or_default());
         }
         if out.is_empty() {
-            return Err(TopicError::Name { name: out, why: "is empty" });
+            return Err(TopicError::Name {
+                name: out,
+                why: "is empty",
+            });
         }
         if out.len() > MAX_TOPIC_LEN {
             return Err(TopicError::Name {
@@ -202,7 +213,10 @@ impl TopicTemplate {
             });
         }
         if out == "." || out == ".." {
-            return Err(TopicError::Name { name: out, why: "'.' and '..' are reserved" });
+            return Err(TopicError::Name {
+                name: out,
+                why: "'.' and '..' are reserved",
+            });
         }
         Ok(out)
     }
@@ -257,7 +271,9 @@ pub(crate) fn sample_event() -> OutboxEvent {
         aggregate_type: Bytes::from_static(b"Order"),
         event_type: Bytes::from_static(b"OrderCreated"),
         payload: Bytes::from_static(br#"{"total": 10}"#),
-        metadata: Some(Bytes::from_static(br#"{"traceparent": "00-abc-def-01", "other": 1}"#)),
+        metadata: Some(Bytes::from_static(
+            br#"{"traceparent": "00-abc-def-01", "other": 1}"#,
+        )),
     }
 }
 
@@ -275,17 +291,36 @@ mod tests {
     #[test]
     fn fixed_and_partial_templates() {
         let e = sample_event();
-        assert_eq!(TopicTemplate::parse("events").unwrap().render(&e).unwrap(), "events");
-        assert_eq!(TopicTemplate::parse("{aggregate_type}").unwrap().render(&e).unwrap(), "Order");
         assert_eq!(
-            TopicTemplate::parse("svc.{table}.{aggregate_type}").unwrap().render(&e).unwrap(),
+            TopicTemplate::parse("events").unwrap().render(&e).unwrap(),
+            "events"
+        );
+        assert_eq!(
+            TopicTemplate::parse("{aggregate_type}")
+                .unwrap()
+                .render(&e)
+                .unwrap(),
+            "Order"
+        );
+        assert_eq!(
+            TopicTemplate::parse("svc.{table}.{aggregate_type}")
+                .unwrap()
+                .render(&e)
+                .unwrap(),
             "svc.outbox.Order"
         );
     }
 
     #[test]
     fn bad_templates_are_rejected() {
-        for t in ["", "{nope}", "{aggregate_type", "a}b", "a b", "a/{event_type}"] {
+        for t in [
+            "",
+            "{nope}",
+            "{aggregate_type",
+            "a}b",
+            "a b",
+            "a/{event_type}",
+        ] {
             assert!(TopicTemplate::parse(t).is_err(), "{t:?}");
         }
     }
@@ -308,7 +343,10 @@ mod tests {
     #[test]
     fn trace_context_comes_from_metadata() {
         let mut e = sample_event();
-        assert_eq!(e.trace_context().traceparent.as_deref(), Some("00-abc-def-01"));
+        assert_eq!(
+            e.trace_context().traceparent.as_deref(),
+            Some("00-abc-def-01")
+        );
         assert_eq!(e.trace_context().tracestate, None);
         e.metadata = Some(Bytes::from_static(b"{}"));
         assert_eq!(e.trace_context(), TraceContext::default());

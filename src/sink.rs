@@ -106,7 +106,10 @@ impl ProducerContext for Context {
         };
         // The receiver is gone only when the session ended; a later session
         // re-reads unconfirmed events from the slot.
-        let _ = self.deliveries.send(Delivery { ticket: ticket as u64, result });
+        let _ = self.deliveries.send(Delivery {
+            ticket: ticket as u64,
+            result,
+        });
     }
 }
 
@@ -155,11 +158,21 @@ impl Sink {
         if !cfg.properties.contains_key("client.id") {
             client.set("client.id", "pgoutbox");
         }
-        let context = Context { deliveries: tx, fatal: fatal.clone() };
+        let context = Context {
+            deliveries: tx,
+            fatal: fatal.clone(),
+        };
         let producer: ThreadedProducer<Context> = client
             .create_with_context(context)
             .map_err(|e| SinkError(e.to_string()))?;
-        Ok((Sink { producer, fatal, message_max_bytes: cfg.message_max_bytes }, rx))
+        Ok((
+            Sink {
+                producer,
+                fatal,
+                message_max_bytes: cfg.message_max_bytes,
+            },
+            rx,
+        ))
     }
 
     /// Enqueues one event for `topic`. Its outcome arrives later as a
@@ -175,16 +188,37 @@ impl Sink {
         }
         let trace = event.trace_context();
         let mut headers = OwnedHeaders::new_with_capacity(7)
-            .insert(Header { key: header::TRACKING_ID, value: Some(&event.tracking_id[..]) })
-            .insert(Header { key: header::AGGREGATE_TYPE, value: Some(&event.aggregate_type[..]) })
-            .insert(Header { key: header::AGGREGATE_ID, value: Some(&event.aggregate_id[..]) })
-            .insert(Header { key: header::EVENT_TYPE, value: Some(&event.event_type[..]) })
-            .insert(Header { key: header::CREATED_AT, value: Some(&event.created_at[..]) });
+            .insert(Header {
+                key: header::TRACKING_ID,
+                value: Some(&event.tracking_id[..]),
+            })
+            .insert(Header {
+                key: header::AGGREGATE_TYPE,
+                value: Some(&event.aggregate_type[..]),
+            })
+            .insert(Header {
+                key: header::AGGREGATE_ID,
+                value: Some(&event.aggregate_id[..]),
+            })
+            .insert(Header {
+                key: header::EVENT_TYPE,
+                value: Some(&event.event_type[..]),
+            })
+            .insert(Header {
+                key: header::CREATED_AT,
+                value: Some(&event.created_at[..]),
+            });
         if let Some(tp) = &trace.traceparent {
-            headers = headers.insert(Header { key: header::TRACEPARENT, value: Some(tp.as_bytes()) });
+            headers = headers.insert(Header {
+                key: header::TRACEPARENT,
+                value: Some(tp.as_bytes()),
+            });
         }
         if let Some(ts) = &trace.tracestate {
-            headers = headers.insert(Header { key: header::TRACESTATE, value: Some(ts.as_bytes()) });
+            headers = headers.insert(Header {
+                key: header::TRACESTATE,
+                value: Some(ts.as_bytes()),
+            });
         }
         let record = BaseRecord::with_opaque_to(topic, ticket as usize)
             .key(&event.aggregate_id[..])
@@ -222,9 +256,15 @@ mod tests {
 
     #[test]
     fn size_and_topic_errors_are_permanent_others_transient() {
-        let perm = [RDKafkaErrorCode::MessageSizeTooLarge, RDKafkaErrorCode::InvalidTopic];
+        let perm = [
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::InvalidTopic,
+        ];
         for code in perm {
-            assert!(matches!(classify(&KafkaError::MessageProduction(code)), Failure::Permanent(_)));
+            assert!(matches!(
+                classify(&KafkaError::MessageProduction(code)),
+                Failure::Permanent(_)
+            ));
         }
         let trans = [
             RDKafkaErrorCode::MessageTimedOut,
@@ -233,7 +273,10 @@ mod tests {
             RDKafkaErrorCode::Fatal,
         ];
         for code in trans {
-            assert!(matches!(classify(&KafkaError::MessageProduction(code)), Failure::Transient(_)));
+            assert!(matches!(
+                classify(&KafkaError::MessageProduction(code)),
+                Failure::Transient(_)
+            ));
         }
     }
 
@@ -247,6 +290,9 @@ mod tests {
         let (sink, _rx) = Sink::new(&cfg).unwrap();
         let mut e = crate::route::sample_event();
         e.payload = bytes::Bytes::from(vec![b'x'; 2000]);
-        assert!(matches!(sink.send(1, "t", &e), Err(SendError::Failed(Failure::Permanent(_)))));
+        assert!(matches!(
+            sink.send(1, "t", &e),
+            Err(SendError::Failed(Failure::Permanent(_)))
+        ));
     }
 }

@@ -10,7 +10,9 @@ const MAX_IDENTIFIER_LEN: usize = 63;
 /// used, so a name with upper-case letters means exactly that name.
 pub fn validate_identifier(field: &str, name: &str) -> Result<(), ConfigError> {
     let mut chars = name.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
     if !first_ok || !rest_ok || name.len() > MAX_IDENTIFIER_LEN {
         return Err(ConfigError::new(
@@ -28,7 +30,9 @@ pub fn validate_identifier(field: &str, name: &str) -> Result<(), ConfigError> {
 pub fn validate_slot_name(field: &str, name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_IDENTIFIER_LEN
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     if !ok {
         return Err(ConfigError::new(
             field,
@@ -62,7 +66,16 @@ mod tests {
     #[test]
     fn rejects_injection_and_bad_lengths() {
         let long = "a".repeat(64);
-        for n in ["", "1abc", "a b", "a;drop", "a\"b", "a'b", "a-b", long.as_str()] {
+        for n in [
+            "",
+            "1abc",
+            "a b",
+            "a;drop",
+            "a\"b",
+            "a'b",
+            "a-b",
+            long.as_str(),
+        ] {
             assert!(validate_identifier("f", n).is_err(), "{n:?}");
         }
         for n in ["", "Slot", "a-b", "a;b", "a b", long.as_str()] {

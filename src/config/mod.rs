@@ -37,7 +37,10 @@ pub struct ConfigError {
 impl ConfigError {
     /// A problem with `field`.
     pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        ConfigError { field: field.into(), problem: problem.into() }
+        ConfigError {
+            field: field.into(),
+            problem: problem.into(),
+        }
     }
 }
 
@@ -137,7 +140,11 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig { url: DatabaseUrl::default(), password_file: None, connect_timeout_s: 10 }
+        DatabaseConfig {
+            url: DatabaseUrl::default(),
+            password_file: None,
+            connect_timeout_s: 10,
+        }
     }
 }
 
@@ -259,7 +266,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { filter: "info".into(), format: "text".into() }
+        LogConfig {
+            filter: "info".into(),
+            format: "text".into(),
+        }
     }
 }
 
@@ -293,7 +303,10 @@ fn parse_bool(name: &str, value: &str) -> Result<bool, ConfigError> {
     match value.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(ConfigError::new(name, format!("{value:?} is not a boolean (true/false)"))),
+        _ => Err(ConfigError::new(
+            name,
+            format!("{value:?} is not a boolean (true/false)"),
+        )),
     }
 }
 
@@ -396,19 +409,52 @@ impl Config {
         }
         self.database.url.parse()?;
         if self.database.connect_timeout_s == 0 {
-            return Err(ConfigError::new("database.connect_timeout_s", "must be at least 1"));
+            return Err(ConfigError::new(
+                "database.connect_timeout_s",
+                "must be at least 1",
+            ));
         }
         validate_identifier("outbox.schema", &self.outbox.schema)?;
         validate_identifier("outbox.table", &self.outbox.table)?;
         validate_slot_name("cdc.slot", &self.cdc.slot)?;
         validate_identifier("cdc.publication", &self.cdc.publication)?;
-        range("outbox.batch_size", self.outbox.batch_size as u64, 1, 100_000)?;
-        range("outbox.lease_seconds", self.outbox.lease_seconds as u64, 1, 86_400)?;
-        range("outbox.poll_interval_ms", self.outbox.poll_interval_ms, 1, 3_600_000)?;
-        range("outbox.max_retries", self.outbox.max_retries as u64, 1, 1_000_000)?;
-        range("cdc.status_interval_ms", self.cdc.status_interval_ms, 10, 600_000)?;
+        range(
+            "outbox.batch_size",
+            self.outbox.batch_size as u64,
+            1,
+            100_000,
+        )?;
+        range(
+            "outbox.lease_seconds",
+            self.outbox.lease_seconds as u64,
+            1,
+            86_400,
+        )?;
+        range(
+            "outbox.poll_interval_ms",
+            self.outbox.poll_interval_ms,
+            1,
+            3_600_000,
+        )?;
+        range(
+            "outbox.max_retries",
+            self.outbox.max_retries as u64,
+            1,
+            1_000_000,
+        )?;
+        range(
+            "cdc.status_interval_ms",
+            self.cdc.status_interval_ms,
+            10,
+            600_000,
+        )?;
         range("cdc.read_buffer", self.cdc.read_buffer as u64, 1, 1_000_000)?;
-        range("cdc.shutdown_timeout_s", self.cdc.shutdown_timeout_s, 0, 3600)?;
+        range(
+            "cdc.shutdown_timeout_s",
+            self.cdc.shutdown_timeout_s,
+            0,
+            3600,
+        )?;
         range("cdc.max_backoff_ms", self.cdc.max_backoff_ms, 10, 3_600_000)?;
         if self.kafka.brokers.trim().is_empty() {
             return Err(ConfigError::new(
@@ -418,7 +464,9 @@ impl Config {
         }
         for broker in self.kafka.brokers.split(',') {
             let b = broker.trim();
-            let ok = b.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            let ok = b
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
             if !ok {
                 return Err(ConfigError::new(
                     "kafka.brokers",
@@ -438,9 +486,24 @@ impl Config {
             }
         }
         range("kafka.linger_ms", self.kafka.linger_ms, 0, 900_000)?;
-        range("kafka.message_max_bytes", self.kafka.message_max_bytes as u64, 1000, 1_000_000_000)?;
-        range("kafka.max_in_flight_events", self.kafka.max_in_flight_events as u64, 1, 10_000_000)?;
-        range("kafka.max_in_flight_bytes", self.kafka.max_in_flight_bytes as u64, 1024, 1 << 34)?;
+        range(
+            "kafka.message_max_bytes",
+            self.kafka.message_max_bytes as u64,
+            1000,
+            1_000_000_000,
+        )?;
+        range(
+            "kafka.max_in_flight_events",
+            self.kafka.max_in_flight_events as u64,
+            1,
+            10_000_000,
+        )?;
+        range(
+            "kafka.max_in_flight_bytes",
+            self.kafka.max_in_flight_bytes as u64,
+            1024,
+            1 << 34,
+        )?;
         for key in self.kafka.properties.keys() {
             if crate::sink::MANAGED_PROPERTIES.contains(&key.as_str()) {
                 return Err(ConfigError::new(
@@ -452,7 +515,10 @@ impl Config {
         match self.log.format.as_str() {
             "text" | "json" => {}
             other => {
-                return Err(ConfigError::new("log.format", format!("{other:?} is not text or json")))
+                return Err(ConfigError::new(
+                    "log.format",
+                    format!("{other:?} is not text or json"),
+                ))
             }
         }
         Ok(())
@@ -465,14 +531,19 @@ impl Config {
         if wal_sender_timeout.is_zero() {
             configured.min(Duration::from_secs(10))
         } else {
-            configured.min(wal_sender_timeout / 2).min(Duration::from_secs(10))
+            configured
+                .min(wal_sender_timeout / 2)
+                .min(Duration::from_secs(10))
         }
     }
 }
 
 fn range(field: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     if value < min || value > max {
-        Err(ConfigError::new(field, format!("{value} is out of range; allowed {min}..={max}")))
+        Err(ConfigError::new(
+            field,
+            format!("{value} is out of range; allowed {min}..={max}"),
+        ))
     } else {
         Ok(())
     }
@@ -483,8 +554,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: BTreeMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| map.get(k).cloned()
     }
 
@@ -524,7 +597,9 @@ mod tests {
     #[test]
     fn bad_env_number_names_the_variable() {
         let mut c = valid();
-        let e = c.apply_env(env(&[("OUTBOX_BATCH_SIZE", "many")])).unwrap_err();
+        let e = c
+            .apply_env(env(&[("OUTBOX_BATCH_SIZE", "many")]))
+            .unwrap_err();
         assert_eq!(e.field, "OUTBOX_BATCH_SIZE");
         assert!(e.to_string().contains("\"many\""));
     }
@@ -548,9 +623,16 @@ mod tests {
     #[test]
     fn injection_in_identifiers_is_rejected_before_sql() {
         for (field, set) in [
-            ("cdc.slot", (|c: &mut Config| c.cdc.slot = "x; DROP TABLE outbox".into()) as fn(&mut Config)),
-            ("cdc.publication", |c: &mut Config| c.cdc.publication = "p\" OR 1=1 --".into()),
-            ("outbox.table", |c: &mut Config| c.outbox.table = "outbox'".into()),
+            (
+                "cdc.slot",
+                (|c: &mut Config| c.cdc.slot = "x; DROP TABLE outbox".into()) as fn(&mut Config),
+            ),
+            ("cdc.publication", |c: &mut Config| {
+                c.cdc.publication = "p\" OR 1=1 --".into()
+            }),
+            ("outbox.table", |c: &mut Config| {
+                c.outbox.table = "outbox'".into()
+            }),
         ] {
             let mut c = valid();
             set(&mut c);
@@ -561,8 +643,13 @@ mod tests {
     #[test]
     fn managed_kafka_properties_cannot_be_overridden() {
         let mut c = valid();
-        c.kafka.properties.insert("enable.idempotence".into(), "false".into());
-        assert_eq!(c.validate().unwrap_err().field, "kafka.properties.enable.idempotence");
+        c.kafka
+            .properties
+            .insert("enable.idempotence".into(), "false".into());
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "kafka.properties.enable.idempotence"
+        );
     }
 
     #[test]
@@ -585,15 +672,22 @@ mod tests {
     fn status_interval_is_capped_by_wal_sender_timeout() {
         let mut c = valid();
         c.cdc.status_interval_ms = 20_000;
-        assert_eq!(c.status_interval(Duration::from_secs(60)), Duration::from_secs(10));
-        assert_eq!(c.status_interval(Duration::from_secs(4)), Duration::from_secs(2));
+        assert_eq!(
+            c.status_interval(Duration::from_secs(60)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            c.status_interval(Duration::from_secs(4)),
+            Duration::from_secs(2)
+        );
     }
 
     #[test]
     fn example_config_file_parses_and_validates() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgoutbox.toml");
         let mut c = Config::from_file(Path::new(path)).unwrap();
-        c.apply_env(env(&[("DATABASE_URL", "postgres://u:p@h:1/d")])).unwrap();
+        c.apply_env(env(&[("DATABASE_URL", "postgres://u:p@h:1/d")]))
+            .unwrap();
         c.validate().unwrap();
     }
 }

@@ -120,12 +120,22 @@ impl OutboxColumns {
 fn text(tuple: &Tuple, index: usize, column: &'static str) -> Result<Bytes, ColumnError> {
     match tuple.0.get(index) {
         Some(TupleValue::Text(b)) => Ok(b.clone()),
-        Some(TupleValue::Null) => Err(ColumnError::NotText { column, kind: "NULL" }),
-        Some(TupleValue::UnchangedToast) => {
-            Err(ColumnError::NotText { column, kind: "an unchanged TOAST value" })
-        }
-        Some(TupleValue::Binary(_)) => Err(ColumnError::NotText { column, kind: "binary" }),
-        None => Err(ColumnError::Short { got: tuple.0.len(), wanted: index }),
+        Some(TupleValue::Null) => Err(ColumnError::NotText {
+            column,
+            kind: "NULL",
+        }),
+        Some(TupleValue::UnchangedToast) => Err(ColumnError::NotText {
+            column,
+            kind: "an unchanged TOAST value",
+        }),
+        Some(TupleValue::Binary(_)) => Err(ColumnError::NotText {
+            column,
+            kind: "binary",
+        }),
+        None => Err(ColumnError::Short {
+            got: tuple.0.len(),
+            wanted: index,
+        }),
     }
 }
 
@@ -207,14 +217,39 @@ mod tests {
     #[test]
     fn a_table_without_outbox_columns_is_not_an_outbox() {
         let err = OutboxColumns::from_relation(&relation(&["id", "name"])).unwrap_err();
-        assert!(matches!(err, ColumnError::Missing { column: "created_at", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                ColumnError::Missing {
+                    column: "created_at",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn null_required_value_is_an_error_not_a_panic() {
         let cols = OutboxColumns::from_relation(&relation(COLS)).unwrap();
-        let t = tuple(&[Some("1"), Some("t"), Some("a"), None, Some("e"), Some("{}"), None, Some("PENDING"), Some("c")]);
-        assert!(matches!(cols.event(&t), Err(ColumnError::NotText { column: "aggregate_type", .. })));
+        let t = tuple(&[
+            Some("1"),
+            Some("t"),
+            Some("a"),
+            None,
+            Some("e"),
+            Some("{}"),
+            None,
+            Some("PENDING"),
+            Some("c"),
+        ]);
+        assert!(matches!(
+            cols.event(&t),
+            Err(ColumnError::NotText {
+                column: "aggregate_type",
+                ..
+            })
+        ));
         assert!(cols.row_key(&t).is_some());
         let short = tuple(&[Some("1")]);
         assert!(matches!(cols.event(&short), Err(ColumnError::Short { .. })));
@@ -223,7 +258,17 @@ mod tests {
     #[test]
     fn rows_inserted_in_another_status_are_not_pending() {
         let cols = OutboxColumns::from_relation(&relation(COLS)).unwrap();
-        let t = tuple(&[Some("1"), Some("t"), Some("a"), Some("A"), Some("e"), Some("{}"), None, Some("COMPLETED"), Some("c")]);
+        let t = tuple(&[
+            Some("1"),
+            Some("t"),
+            Some("a"),
+            Some("A"),
+            Some("e"),
+            Some("{}"),
+            None,
+            Some("COMPLETED"),
+            Some("c"),
+        ]);
         assert!(!cols.is_pending(&t));
     }
 }

@@ -13,10 +13,26 @@ use crate::config::quote_ident;
 
 /// The migrations, in order: (version, name, SQL template).
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (1, "outbox_table", include_str!("../../migrations/0001_outbox_table.sql")),
-    (2, "publication", include_str!("../../migrations/0002_publication.sql")),
-    (3, "publish_function", include_str!("../../migrations/0003_publish_function.sql")),
-    (4, "relay_state", include_str!("../../migrations/0004_relay_state.sql")),
+    (
+        1,
+        "outbox_table",
+        include_str!("../../migrations/0001_outbox_table.sql"),
+    ),
+    (
+        2,
+        "publication",
+        include_str!("../../migrations/0002_publication.sql"),
+    ),
+    (
+        3,
+        "publish_function",
+        include_str!("../../migrations/0003_publish_function.sql"),
+    ),
+    (
+        4,
+        "relay_state",
+        include_str!("../../migrations/0004_relay_state.sql"),
+    ),
 ];
 
 /// Names a migration run applies to. All must already be validated
@@ -40,7 +56,10 @@ impl MigrationTarget {
         template
             .replace("{{schema}}", &quote_ident(&self.schema))
             .replace("{{table}}", &quote_ident(&self.table))
-            .replace("{{pending_index}}", &quote_ident(&format!("{}_pending_idx", self.table)))
+            .replace(
+                "{{pending_index}}",
+                &quote_ident(&format!("{}_pending_idx", self.table)),
+            )
             .replace("{{schema_literal}}", &literal(&self.schema))
             .replace("{{table_literal}}", &literal(&self.table))
             .replace("{{publication_literal}}", &literal(&self.publication))
@@ -70,8 +89,11 @@ pub async fn migrate(
     let mut applied = Vec::new();
     for (version, name, template) in MIGRATIONS {
         let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock(hashtext('pgoutbox_migrations'))", &[])
-            .await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('pgoutbox_migrations'))",
+            &[],
+        )
+        .await?;
         let done = tx
             .query_opt(
                 "SELECT 1 FROM public.pgoutbox_migrations WHERE target = $1 AND version = $2",

@@ -1,5 +1,5 @@
 //! The outbox table contract: its migrations, the publishing API, the
-//! mapping from a replicated row to an [`OutboxEvent`], and the status
+//! mapping from a replicated row to an [`OutboxEvent`](crate::route::OutboxEvent), and the status
 //! updates the relay leaves on rows.
 //!
 //! Statuses are the seed's: `PENDING`, `PROCESSING`, `COMPLETED`, `FAILED`,

@@ -163,7 +163,9 @@ async fn apply(
         client.execute(completed_sql, &[&ids, &ats]).await?;
     }
     if !dead_ids.is_empty() {
-        let n = client.execute(dead_sql, &[&dead_ids, &dead_ats, &errs]).await?;
+        let n = client
+            .execute(dead_sql, &[&dead_ids, &dead_ats, &errs])
+            .await?;
         tracing::warn!(rows = n, "dead-lettered rows that can never be published");
     }
     Ok(())

@@ -38,16 +38,19 @@ pub(super) async fn run(
         .start()
         .await
         .map_err(db)?;
-    tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{}'", snapshot.replace('\'', "''")))
-        .await
-        .map_err(db)?;
+    tx.batch_execute(&format!(
+        "SET TRANSACTION SNAPSHOT '{}'",
+        snapshot.replace('\'', "''")
+    ))
+    .await
+    .map_err(db)?;
     let table = quote_ident(&config.outbox.table);
     let sql = format!(
-        "SELECT id::text, created_at::text, tracking_id::text, aggregate_id::text, aggregate_type, \
-                event_type, payload::text, metadata::text \
-           FROM {}.{table} \
-          WHERE status IN ('PENDING', 'PROCESSING', 'FAILED') \
-          ORDER BY created_at, id",
+        "SELECT o.id::text, o.created_at::text, o.tracking_id::text, o.aggregate_id::text, \
+                o.aggregate_type, o.event_type, o.payload::text, o.metadata::text \
+           FROM {}.{table} AS o \
+          WHERE o.status IN ('PENDING', 'PROCESSING', 'FAILED') \
+          ORDER BY o.created_at, o.id",
         quote_ident(&config.outbox.schema)
     );
     let stmt = tx.prepare(&sql).await.map_err(db)?;
@@ -61,7 +64,9 @@ pub(super) async fn run(
             break;
         }
         for row in rows {
-            let text = |i: usize| -> Bytes { Bytes::from(row.get::<_, Option<String>>(i).unwrap_or_default()) };
+            let text = |i: usize| -> Bytes {
+                Bytes::from(row.get::<_, Option<String>>(i).unwrap_or_default())
+            };
             let event = OutboxEvent {
                 table: table_name.clone(),
                 id: text(0),
@@ -75,7 +80,9 @@ pub(super) async fn run(
             };
             while !pipeline.has_room() {
                 if !pipeline.next(progress).await? {
-                    return Err(Error::Transient("the Kafka producer went away during the backfill".into()));
+                    return Err(Error::Transient(
+                        "the Kafka producer went away during the backfill".into(),
+                    ));
                 }
             }
             pipeline.drain(progress)?;
@@ -83,18 +90,19 @@ pub(super) async fn run(
             rows_read += 1;
         }
         if *shutdown.borrow() {
-            return Err(Error::Transient("shutdown requested during the initial backfill; it restarts on the next run".into()));
+            return Err(Error::Transient(
+                "shutdown requested during the initial backfill; it restarts on the next run"
+                    .into(),
+            ));
         }
     }
     tx.commit().await.map_err(db)?;
     progress.commit(txid, consistent_point);
     let far = tokio::time::Instant::now() + std::time::Duration::from_secs(365 * 24 * 3600);
-    loop {
-        tokio::select! {
-            settled = pipeline.settle(progress, far) => { settled?; break; }
-            _ = shutdown.changed() => {
-                return Err(Error::Transient("shutdown requested during the initial backfill; it restarts on the next run".into()));
-            }
+    tokio::select! {
+        settled = pipeline.settle(progress, far) => { settled?; }
+        _ = shutdown.changed() => {
+            return Err(Error::Transient("shutdown requested during the initial backfill; it restarts on the next run".into()));
         }
     }
     Ok(rows_read)

@@ -49,7 +49,10 @@ async fn preflight(client: &tokio_postgres::Client, config: &Config) -> Result<D
     }
     let publication = &config.cdc.publication;
     let exists = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
         .await
         .map_err(|e| Error::postgres("reading pg_publication", &e))?
         .is_some();
@@ -166,7 +169,11 @@ fn fatal_at_start(e: Error) -> Error {
 /// Creates next months' partitions if the helper function is installed.
 /// Failing here must not stop delivery, so problems are logged.
 async fn ensure_partitions(client: &tokio_postgres::Client, config: &Config) {
-    let table = format!("{}.{}", quote_ident(&config.outbox.schema), quote_ident(&config.outbox.table));
+    let table = format!(
+        "{}.{}",
+        quote_ident(&config.outbox.schema),
+        quote_ident(&config.outbox.table)
+    );
     let sql = format!(
         "SELECT {}.pgoutbox_ensure_partitions($1::text::regclass, 2)",
         quote_ident(&config.outbox.schema)

@@ -107,7 +107,10 @@ impl Pipeline {
         tx: TxId,
         event: OutboxEvent,
     ) -> Result<(), Error> {
-        let key = RowKey { id: event.id.clone(), created_at: event.created_at.clone() };
+        let key = RowKey {
+            id: event.id.clone(),
+            created_at: event.created_at.clone(),
+        };
         let bytes = event.wire_size();
         let ticket = self.base + self.window.len() as u64;
         self.window.push_back(Some(InFlight { tx, bytes, key }));
@@ -151,11 +154,17 @@ impl Pipeline {
     }
 
     fn dead_letter(&mut self, ticket: u64, why: String) {
-        let Some(Some(f)) = self.slot(ticket) else { return };
+        let Some(Some(f)) = self.slot(ticket) else {
+            return;
+        };
         tracing::warn!(id = %String::from_utf8_lossy(&f.key.id), error = %why, "dead-lettering a row that can never be published");
         let key = f.key.clone();
         self.counters.dead_lettered += 1;
-        self.mark(Mark { ticket, key, kind: MarkKind::DeadLetter(why) });
+        self.mark(Mark {
+            ticket,
+            key,
+            kind: MarkKind::DeadLetter(why),
+        });
     }
 
     fn mark(&mut self, mark: Mark) {
@@ -197,7 +206,11 @@ impl Pipeline {
                 if self.mark_completed {
                     if let Some(Some(f)) = self.slot(d.ticket) {
                         let key = f.key.clone();
-                        self.mark(Mark { ticket: d.ticket, key, kind: MarkKind::Completed });
+                        self.mark(Mark {
+                            ticket: d.ticket,
+                            key,
+                            kind: MarkKind::Completed,
+                        });
                     }
                 } else {
                     self.release(progress, d.ticket);
@@ -215,10 +228,15 @@ impl Pipeline {
     }
 
     fn release(&mut self, progress: &mut Progress, ticket: u64) {
-        let Some(idx) = ticket.checked_sub(self.base).and_then(|i| usize::try_from(i).ok()) else {
+        let Some(idx) = ticket
+            .checked_sub(self.base)
+            .and_then(|i| usize::try_from(i).ok())
+        else {
             return;
         };
-        let Some(slot) = self.window.get_mut(idx) else { return };
+        let Some(slot) = self.window.get_mut(idx) else {
+            return;
+        };
         let Some(f) = slot.take() else { return };
         self.events -= 1;
         self.bytes -= f.bytes;

@@ -48,13 +48,22 @@ pub struct Progress {
 impl Progress {
     /// Starts from `confirmed`, the slot's `confirmed_flush_lsn`.
     pub fn new(confirmed: Lsn) -> Self {
-        Progress { txs: VecDeque::new(), first: 0, open: None, flushed: confirmed, idle_end: confirmed }
+        Progress {
+            txs: VecDeque::new(),
+            first: 0,
+            open: None,
+            flushed: confirmed,
+            idle_end: confirmed,
+        }
     }
 
     /// A Begin arrived: opens a transaction.
     pub fn begin(&mut self) -> TxId {
         let id = TxId(self.first + self.txs.len() as u64);
-        self.txs.push_back(Tx { end_lsn: None, outstanding: 0 });
+        self.txs.push_back(Tx {
+            end_lsn: None,
+            outstanding: 0,
+        });
         self.open = Some(id);
         id
     }
@@ -190,7 +199,11 @@ mod tests {
         p.done(a);
         assert_eq!(p.flushed(), Lsn(5));
         p.keepalive(Lsn(50));
-        assert_eq!(p.flushed(), Lsn(5), "keepalive inside an open transaction must not confirm");
+        assert_eq!(
+            p.flushed(),
+            Lsn(5),
+            "keepalive inside an open transaction must not confirm"
+        );
         p.commit(a, Lsn(30));
         assert_eq!(p.flushed(), Lsn(30));
     }

@@ -102,15 +102,23 @@ impl Session<'_> {
                     shutdown,
                 )
                 .await?;
-                slot::record_backfilled(&client, &cfg.outbox.schema, &cfg.cdc.slot, created.consistent_point)
-                    .await?;
+                slot::record_backfilled(
+                    &client,
+                    &cfg.outbox.schema,
+                    &cfg.cdc.slot,
+                    created.consistent_point,
+                )
+                .await?;
                 tracing::info!(rows = n, "initial backfill of pending rows finished");
             }
             SlotState::Busy { .. } => unreachable!("handled above"),
         }
         drop(client);
         let publications = format!("\"{}\"", cfg.cdc.publication.replace('"', "\"\""));
-        let options = [("proto_version", PROTO_VERSION), ("publication_names", publications.as_str())];
+        let options = [
+            ("proto_version", PROTO_VERSION),
+            ("publication_names", publications.as_str()),
+        ];
         let stream = repl
             .start_logical_replication(&cfg.cdc.slot, Lsn::ZERO, &options, cfg.cdc.read_buffer)
             .await
@@ -211,21 +219,32 @@ impl Session<'_> {
             }
         }
         // Graceful shutdown: stop reading, wait (bounded) for acks, confirm.
-        tracing::info!(in_flight = pipeline.in_flight(), "shutting down: draining in-flight events");
+        tracing::info!(
+            in_flight = pipeline.in_flight(),
+            "shutting down: draining in-flight events"
+        );
         let deadline = Instant::now() + Duration::from_secs(self.config.cdc.shutdown_timeout_s);
         loop {
             let step = (Instant::now() + self.status_interval).min(deadline);
             let settled = pipeline.settle(&mut progress, step).await?;
-            let _ = feedback.send_status(status(received, &progress, false)).await;
+            let _ = feedback
+                .send_status(status(received, &progress, false))
+                .await;
             if settled || Instant::now() >= deadline {
                 if !settled {
-                    tracing::warn!(in_flight = pipeline.in_flight(), "shutdown timeout: unacknowledged events will be re-sent by the next run");
+                    tracing::warn!(
+                        in_flight = pipeline.in_flight(),
+                        "shutdown timeout: unacknowledged events will be re-sent by the next run"
+                    );
                 }
                 break;
             }
         }
         pipeline.flush(Duration::from_secs(1));
-        if let Err(e) = stream.finish(Some(status(received, &progress, false))).await {
+        if let Err(e) = stream
+            .finish(Some(status(received, &progress, false)))
+            .await
+        {
             tracing::debug!(error = %e, "replication stream did not close cleanly");
         }
         tracing::info!(flushed = %progress.flushed(), "stopped");
@@ -245,9 +264,9 @@ impl Session<'_> {
                 *open_tx = Some(progress.begin());
             }
             LogicalMessage::Commit(c) => {
-                let tx = open_tx
-                    .take()
-                    .ok_or_else(|| Error::Fatal(format!("Commit at {} without Begin", c.end_lsn)))?;
+                let tx = open_tx.take().ok_or_else(|| {
+                    Error::Fatal(format!("Commit at {} without Begin", c.end_lsn))
+                })?;
                 progress.commit(tx, c.end_lsn);
             }
             LogicalMessage::Relation(r) => {
@@ -261,9 +280,13 @@ impl Session<'_> {
                 relations.insert(r.id, cols);
             }
             LogicalMessage::Insert(ins) => {
-                let tx = open_tx.ok_or_else(|| Error::Fatal("Insert outside a transaction".into()))?;
+                let tx =
+                    open_tx.ok_or_else(|| Error::Fatal("Insert outside a transaction".into()))?;
                 let cols = relations.get(&ins.relation_id).ok_or_else(|| {
-                    Error::Fatal(format!("Insert for relation {} before its Relation message", ins.relation_id))
+                    Error::Fatal(format!(
+                        "Insert for relation {} before its Relation message",
+                        ins.relation_id
+                    ))
                 })?;
                 let Some(cols) = cols else { return Ok(()) };
                 if !cols.is_pending(&ins.new) {
@@ -297,7 +320,8 @@ impl Session<'_> {
             | LogicalMessage::RollbackPrepared(_)
             | LogicalMessage::StreamPrepare(_) => {
                 return Err(Error::Fatal(
-                    "the server sent streaming or two-phase messages that were not requested".into(),
+                    "the server sent streaming or two-phase messages that were not requested"
+                        .into(),
                 ));
             }
         }

@@ -22,10 +22,14 @@ pub struct Services {
 pub fn services() -> &'static Services {
     static SERVICES: OnceLock<Services> = OnceLock::new();
     SERVICES.get_or_init(|| {
-        if let (Ok(database_url), Ok(kafka_brokers)) =
-            (std::env::var("DATABASE_URL"), std::env::var("KAFKA_BROKERS"))
-        {
-            return Services { database_url, kafka_brokers };
+        if let (Ok(database_url), Ok(kafka_brokers)) = (
+            std::env::var("DATABASE_URL"),
+            std::env::var("KAFKA_BROKERS"),
+        ) {
+            return Services {
+                database_url,
+                kafka_brokers,
+            };
         }
         let root = env!("CARGO_MANIFEST_DIR");
         let status = Command::new("bash")
@@ -48,6 +52,11 @@ pub fn services() -> &'static Services {
                 .trim_matches('\'')
                 .to_owned()
         };
-        Services { database_url: get("DATABASE_URL"), kafka_brokers: get("KAFKA_BROKERS") }
+        Services {
+            database_url: get("DATABASE_URL"),
+            kafka_brokers: get("KAFKA_BROKERS"),
+        }
     })
 }
+
+pub mod harness;

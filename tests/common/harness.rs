@@ -1,0 +1,498 @@
+//! An isolated outbox per test (own schema, publication, slot and topics),
+//! the relay as a real child process, and Kafka read back with a consumer.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_postgres::{Client, NoTls};
+
+use super::services;
+
+/// Connects to the test database.
+pub async fn connect() -> Client {
+    let (client, conn) = tokio_postgres::connect(&services().database_url, NoTls)
+        .await
+        .expect("connect to the test database");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One test's outbox: schema `<name>`, table `outbox`, publication
+/// `<name>_pub`, slot `<name>_slot`, topics under `<name>.`.
+pub struct TestOutbox {
+    /// The unique name.
+    pub name: String,
+    /// A client on the test database.
+    pub client: Client,
+    /// Extra config file lines (TOML) for the relay.
+    pub extra_config: String,
+    /// Environment overrides for the relay.
+    pub env: Vec<(String, String)>,
+    /// Prefix of this run's topics: `<name>-<unique>`, so reruns never read
+    /// records of an earlier run.
+    pub topic_prefix: String,
+}
+
+impl TestOutbox {
+    /// Creates (from scratch) the outbox for `name` and runs `pgoutbox migrate`.
+    pub async fn new(name: &str) -> TestOutbox {
+        let client = connect().await;
+        let slot = format!("{name}_slot");
+        // Leftovers of an earlier run of the same test.
+        let _ = client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = ANY($1)",
+                &[&vec![slot.clone(), format!("{name}_probe")]],
+            )
+            .await;
+        client
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {name} CASCADE; DROP PUBLICATION IF EXISTS {name}_pub; \
+                 DELETE FROM public.pgoutbox_migrations WHERE target = '{name}.outbox'"
+            ))
+            .await
+            .or_else(|_| {
+                // pgoutbox_migrations may not exist yet on a fresh cluster.
+                Ok::<(), tokio_postgres::Error>(())
+            })
+            .unwrap();
+        let unique = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        let outbox = TestOutbox {
+            name: name.to_owned(),
+            client,
+            extra_config: String::new(),
+            env: vec![],
+            topic_prefix: format!("{name}-{unique}"),
+        };
+        let out = outbox
+            .command()
+            .arg("migrate")
+            .output()
+            .expect("run pgoutbox migrate");
+        assert!(
+            out.status.success(),
+            "pgoutbox migrate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outbox
+    }
+
+    /// The replication slot name.
+    pub fn slot(&self) -> String {
+        format!("{}_slot", self.name)
+    }
+
+    /// The topic for `aggregate_type` under the default test template
+    /// `<prefix>.{aggregate_type}`.
+    pub fn topic(&self, aggregate_type: &str) -> String {
+        format!("{}.{aggregate_type}", self.topic_prefix)
+    }
+
+    /// A `pgoutbox` command configured for this outbox.
+    pub fn command(&self) -> Command {
+        let s = services();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgoutbox"));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let config = dir.join(format!("{}.toml", self.name));
+        std::fs::write(&config, &self.extra_config).expect("write relay config");
+        cmd.arg("--config")
+            .arg(&config)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &s.database_url)
+            .env("KAFKA_BROKERS", &s.kafka_brokers)
+            .env("OUTBOX_SCHEMA", &self.name)
+            .env("OUTBOX_SLOT", self.slot())
+            .env("OUTBOX_PUBLICATION", format!("{}_pub", self.name))
+            .env(
+                "OUTBOX_TOPIC",
+                format!("{}.{{aggregate_type}}", self.topic_prefix),
+            )
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Starts `pgoutbox run`, logging to a file under the target dir.
+    pub fn start_relay(&self) -> Relay {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let log = dir.join(format!("{}-{n}.log", self.name));
+        let file = std::fs::File::create(&log).expect("create relay log");
+        let child = self
+            .command()
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn pgoutbox run");
+        Relay { child, log }
+    }
+
+    /// Publishes one event through `outbox_publish`; returns its tracking id.
+    pub async fn publish(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: uuid::Uuid,
+        event_type: &str,
+        payload: &serde_json::Value,
+    ) -> uuid::Uuid {
+        let row = self
+            .client
+            .query_one(
+                &format!("SELECT {}.outbox_publish($1, $2, $3, $4)", self.name),
+                &[&aggregate_type, &aggregate_id, &event_type, payload],
+            )
+            .await
+            .expect("outbox_publish");
+        row.get(0)
+    }
+
+    /// Counts rows by status.
+    pub async fn statuses(&self) -> HashMap<String, i64> {
+        self.client
+            .query(
+                &format!(
+                    "SELECT status, count(*) FROM {}.outbox GROUP BY 1",
+                    self.name
+                ),
+                &[],
+            )
+            .await
+            .expect("count statuses")
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
+    /// The slot's confirmed_flush_lsn (0 when the slot does not exist).
+    pub async fn confirmed_flush(&self) -> u64 {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot()],
+            )
+            .await
+            .expect("read slot");
+        row.and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0) as u64
+    }
+
+    /// Drops the test's slot (the relay must be stopped).
+    pub async fn drop_slot(&self) {
+        let _ = self
+            .client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot()],
+            )
+            .await;
+    }
+}
+
+/// A running relay process.
+pub struct Relay {
+    child: Child,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl Relay {
+    /// The relay's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, no chance to flush or confirm.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for the exit status (with a deadline).
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait relay") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not exit after SIGTERM:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the relay to exit by itself (with a deadline).
+    pub fn wait_exit(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait relay") {
+                return (status, self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not exit:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A record read back from Kafka.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key as text.
+    pub key: String,
+    /// Value as text.
+    pub value: String,
+    /// Headers.
+    pub headers: HashMap<String, String>,
+}
+
+impl Record {
+    /// A header's value ("" if missing).
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(String::as_str).unwrap_or("")
+    }
+}
+
+/// Reads every record of `topics` from the beginning, until `done(records)`
+/// holds and every partition is read to its high watermark, or panics after
+/// `timeout`.
+pub fn read_topics(
+    topics: &[String],
+    timeout: Duration,
+    done: impl Fn(&[Record]) -> bool,
+) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &services().kafka_brokers)
+        .set("group.id", "pgoutbox-tests")
+        .set("enable.auto.commit", "false")
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .expect("create consumer");
+    let deadline = Instant::now() + timeout;
+    let mut assigned: HashMap<(String, i32), ()> = HashMap::new();
+    let mut records: Vec<Record> = Vec::new();
+    loop {
+        // (Re)assign whatever partitions exist now.
+        let mut tpl = TopicPartitionList::new();
+        let mut changed = false;
+        for t in topics {
+            if let Ok(md) = consumer.fetch_metadata(Some(t), Duration::from_secs(5)) {
+                for topic in md.topics() {
+                    if topic.error().is_some() {
+                        continue;
+                    }
+                    for p in topic.partitions() {
+                        if assigned.insert((t.clone(), p.id()), ()).is_none() {
+                            changed = true;
+                        }
+                    }
+                }
+            }
+        }
+        if changed {
+            for (t, p) in assigned.keys() {
+                tpl.add_partition_offset(t, *p, Offset::Beginning)
+                    .expect("add partition");
+            }
+            records.clear();
+            consumer.assign(&tpl).expect("assign");
+        }
+        let poll_until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < poll_until {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    let mut headers = HashMap::new();
+                    if let Some(h) = m.headers() {
+                        for i in 0..h.count() {
+                            let hd = h.get(i);
+                            headers.insert(
+                                hd.key.to_owned(),
+                                String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+                            );
+                        }
+                    }
+                    records.push(Record {
+                        topic: m.topic().to_owned(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                        value: String::from_utf8_lossy(m.payload().unwrap_or_default())
+                            .into_owned(),
+                        headers,
+                    });
+                }
+                Some(Err(e)) => eprintln!("consumer error: {e}"),
+                None => {}
+            }
+        }
+        if !assigned.is_empty() && done(&records) {
+            // Drain to the high watermarks so duplicates are counted too.
+            let all_read = assigned.keys().all(|(t, p)| {
+                let high = consumer
+                    .fetch_watermarks(t, *p, Duration::from_secs(5))
+                    .map(|(_, h)| h)
+                    .unwrap_or(0);
+                let max_seen = records
+                    .iter()
+                    .filter(|r| &r.topic == t && r.partition == *p)
+                    .map(|r| r.offset + 1)
+                    .max()
+                    .unwrap_or(0);
+                max_seen >= high
+            });
+            if all_read {
+                return records;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} reading {topics:?}: {} records so far",
+            records.len()
+        );
+    }
+}
+
+/// Reads `topics` until every id in `expected` was seen (by the
+/// `tracking_id` header).
+pub async fn read_until_all(
+    topics: Vec<String>,
+    expected: Vec<uuid::Uuid>,
+    timeout: Duration,
+) -> Vec<Record> {
+    tokio::task::spawn_blocking(move || {
+        let want: std::collections::HashSet<String> =
+            expected.iter().map(|u| u.to_string()).collect();
+        read_topics(&topics, timeout, |recs| {
+            let seen: std::collections::HashSet<&str> =
+                recs.iter().map(|r| r.header("tracking_id")).collect();
+            want.iter().all(|w| seen.contains(w.as_str()))
+        })
+    })
+    .await
+    .expect("consumer task")
+}
+
+/// Exact commit end LSNs by transaction id, read from a probe slot on the
+/// test's publication (decoded with pgoutbox's own decoder).
+pub struct CommitLog {
+    slot: String,
+    publication: String,
+}
+
+impl CommitLog {
+    /// Creates the probe slot; only transactions committed after this are seen.
+    pub async fn start(outbox: &TestOutbox) -> CommitLog {
+        let slot = format!("{}_probe", outbox.name);
+        outbox
+            .client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await
+            .expect("create probe slot");
+        CommitLog {
+            slot,
+            publication: format!("{}_pub", outbox.name),
+        }
+    }
+
+    /// xid -> commit end LSN for every transaction seen so far.
+    pub async fn commit_ends(&self, client: &Client) -> HashMap<u32, u64> {
+        let rows = client
+            .query(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL, \
+                 'proto_version', '1', 'publication_names', $2)",
+                &[&self.slot, &self.publication],
+            )
+            .await
+            .expect("peek probe slot");
+        let mut decoder = pgoutbox::pgoutput::Decoder::new(1);
+        let mut xid = 0u32;
+        let mut out = HashMap::new();
+        for r in rows {
+            let data: Vec<u8> = r.get(0);
+            match decoder
+                .decode(bytes::Bytes::from(data))
+                .expect("decode probe message")
+            {
+                pgoutbox::pgoutput::LogicalMessage::Begin(b) => xid = b.xid,
+                pgoutbox::pgoutput::LogicalMessage::Commit(c) => {
+                    out.insert(xid, c.end_lsn.0);
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Drops the probe slot.
+    pub async fn stop(self, client: &Client) {
+        let _ = client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&self.slot])
+            .await;
+    }
+}

@@ -1,0 +1,451 @@
+//! End-to-end tests of the CDC relay against a real PostgreSQL and a real
+//! Kafka broker. Each test owns its schema, slot, publication and topics and
+//! ends with a check of what landed in Kafka.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::harness::{read_until_all, wait_for, CommitLog, Record, TestOutbox};
+use serde_json::json;
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Per aggregate, the `seq` field of each payload in Kafka order (first
+/// occurrence of each tracking id only).
+fn sequences(records: &[Record]) -> HashMap<String, Vec<i64>> {
+    let mut seen = HashSet::new();
+    let mut out: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut sorted: Vec<&Record> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.topic.clone(), r.partition, r.offset));
+    for r in sorted {
+        if !seen.insert(r.header("tracking_id").to_owned()) {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&r.value).expect("payload is JSON");
+        out.entry(r.key.clone())
+            .or_default()
+            .push(v["seq"].as_i64().expect("seq"));
+    }
+    out
+}
+
+fn duplicates(records: &[Record]) -> usize {
+    let mut seen = HashSet::new();
+    records
+        .iter()
+        .filter(|r| !seen.insert(r.header("tracking_id")))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_concurrent_events_arrive_in_per_aggregate_order_and_complete() {
+    let outbox = TestOutbox::new("e2e_order").await;
+    let relay = outbox.start_relay();
+    const AGGREGATES: usize = 100;
+    const PER_AGGREGATE: usize = 100;
+    let aggregates: Vec<Uuid> = (0..AGGREGATES).map(|_| Uuid::new_v4()).collect();
+    // 4 writers, each owning 25 aggregates, committing transactions of 1..=7
+    // events that interleave aggregates; per aggregate, commit order is the
+    // order of `seq`.
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let mine: Vec<Uuid> = aggregates.iter().skip(w).step_by(4).copied().collect();
+        let schema = outbox.name.clone();
+        writers.push(tokio::spawn(async move {
+            let mut client = common::harness::connect().await;
+            let mut ids = Vec::new();
+            let mut next = vec![0i64; mine.len()];
+            let mut remaining: usize = mine.len() * PER_AGGREGATE;
+            let mut k = w;
+            while remaining > 0 {
+                let tx = client.transaction().await.unwrap();
+                let n = 1 + (k % 7);
+                for _ in 0..n.min(remaining) {
+                    let a = k % mine.len();
+                    k = k.wrapping_mul(31).wrapping_add(17);
+                    let a = if next[a] < PER_AGGREGATE as i64 {
+                        a
+                    } else {
+                        (0..mine.len()).find(|&i| next[i] < PER_AGGREGATE as i64).unwrap()
+                    };
+                    let payload = json!({"seq": next[a], "writer": w});
+                    next[a] += 1;
+                    let row = tx
+                        .query_one(
+                            &format!("SELECT {schema}.outbox_publish('Order', $1, 'Updated', $2, $3)"),
+                            &[&mine[a], &payload, &json!({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "k=v"})],
+                        )
+                        .await
+                        .unwrap();
+                    ids.push(row.get::<_, Uuid>(0));
+                    remaining -= 1;
+                }
+                tx.commit().await.unwrap();
+            }
+            ids
+        }));
+    }
+    let mut expected = Vec::new();
+    for w in writers {
+        expected.extend(w.await.unwrap());
+    }
+    assert_eq!(expected.len(), AGGREGATES * PER_AGGREGATE);
+    let records = read_until_all(vec![outbox.topic("Order")], expected.clone(), DEADLINE).await;
+
+    let ids: HashSet<String> = records
+        .iter()
+        .map(|r| r.header("tracking_id").to_owned())
+        .collect();
+    assert!(
+        expected.iter().all(|e| ids.contains(&e.to_string())),
+        "every tracking_id arrives"
+    );
+    for (aggregate, seqs) in sequences(&records) {
+        let want: Vec<i64> = (0..PER_AGGREGATE as i64).collect();
+        if seqs != want {
+            for r in records.iter().filter(|r| r.key == aggregate).take(8) {
+                eprintln!(
+                    "p{} @{} {} {}",
+                    r.partition,
+                    r.offset,
+                    r.value,
+                    r.header("created_at")
+                );
+            }
+        }
+        assert_eq!(seqs, want, "aggregate {aggregate} out of commit order");
+    }
+    let partitions: HashMap<&str, HashSet<i32>> =
+        records.iter().fold(HashMap::new(), |mut m, r| {
+            m.entry(r.key.as_str()).or_default().insert(r.partition);
+            m
+        });
+    assert!(
+        partitions.values().all(|p| p.len() == 1),
+        "one partition per aggregate"
+    );
+    let r = &records[0];
+    assert_eq!(r.header("aggregate_id"), r.key);
+    assert_eq!(r.header("aggregate_type"), "Order");
+    assert_eq!(r.header("event_type"), "Updated");
+    assert_eq!(
+        r.header("traceparent"),
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
+    assert_eq!(r.header("tracestate"), "k=v");
+    assert!(
+        r.header("created_at").starts_with("20"),
+        "created_at header: {:?}",
+        r.header("created_at")
+    );
+    assert!(Uuid::parse_str(r.header("tracking_id")).is_ok());
+    assert_eq!(duplicates(&records), 0, "no duplicates without failures");
+    wait_for("all rows COMPLETED", DEADLINE, || async {
+        let s = outbox.statuses().await;
+        (s.get("COMPLETED").copied() == Some(expected.len() as i64) && s.len() == 1).then_some(())
+    })
+    .await;
+    assert!(relay.terminate().success(), "SIGTERM exits 0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payload_bytes_and_default_routing_follow_the_record_contract() {
+    let mut outbox = TestOutbox::new("e2e_contract").await;
+    outbox.env.push((
+        "OUTBOX_TOPIC".into(),
+        "{aggregate_type}.{event_type}".into(),
+    ));
+    let relay = outbox.start_relay();
+    let agg = Uuid::new_v4();
+    let aggregate_type = format!("Contract{}", outbox.topic_prefix.replace('-', ""));
+    // jsonb normalises its text: the value must be exactly PostgreSQL's text.
+    let payload = json!({"b": [1, 2.5, "x"], "a": {"nested": true}, "unicode": "ação ✓"});
+    let id = outbox
+        .publish(&aggregate_type, agg, "Placed", &payload)
+        .await;
+    let expected_text: String = outbox
+        .client
+        .query_one(
+            &format!(
+                "SELECT payload::text FROM {}.outbox WHERE tracking_id = $1",
+                outbox.name
+            ),
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let records =
+        read_until_all(vec![format!("{aggregate_type}.Placed")], vec![id], DEADLINE).await;
+    let r = records
+        .iter()
+        .find(|r| r.header("tracking_id") == id.to_string())
+        .unwrap();
+    assert_eq!(r.value, expected_text, "value is the payload byte for byte");
+    assert_eq!(r.key, agg.to_string());
+    assert!(
+        !r.headers.contains_key("traceparent"),
+        "no trace headers without trace metadata"
+    );
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rolled_back_transactions_publish_nothing() {
+    let outbox = TestOutbox::new("e2e_rollback").await;
+    let relay = outbox.start_relay();
+    let mut client = common::harness::connect().await;
+    let mut rolled_back = Vec::new();
+    for _ in 0..20 {
+        let tx = client.transaction().await.unwrap();
+        let row = tx
+            .query_one(
+                &format!(
+                    "SELECT {}.outbox_publish('Order', $1, 'Ghost', '{{}}')",
+                    outbox.name
+                ),
+                &[&Uuid::new_v4()],
+            )
+            .await
+            .unwrap();
+        rolled_back.push(row.get::<_, Uuid>(0).to_string());
+        tx.rollback().await.unwrap();
+    }
+    let marker = outbox
+        .publish("Order", Uuid::new_v4(), "Marker", &json!({}))
+        .await;
+    let records = read_until_all(vec![outbox.topic("Order")], vec![marker], DEADLINE).await;
+    let published: HashSet<&str> = records.iter().map(|r| r.header("tracking_id")).collect();
+    assert!(rolled_back
+        .iter()
+        .all(|id| !published.contains(id.as_str())));
+    assert_eq!(records.len(), 1, "only the committed marker");
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_inserted_before_the_first_run_are_delivered() {
+    let outbox = TestOutbox::new("e2e_backfill").await;
+    let mut before = Vec::new();
+    for i in 0..500 {
+        before.push(
+            outbox
+                .publish("Order", Uuid::new_v4(), "Early", &json!({"i": i}))
+                .await,
+        );
+    }
+    // Already-delivered rows must not be re-sent by the backfill.
+    outbox
+        .client
+        .execute(
+            &format!(
+                "UPDATE {}.outbox SET status = 'COMPLETED' WHERE tracking_id = $1",
+                outbox.name
+            ),
+            &[&before[0]],
+        )
+        .await
+        .unwrap();
+    let relay = outbox.start_relay();
+    let after = outbox
+        .publish("Order", Uuid::new_v4(), "Late", &json!({}))
+        .await;
+    let mut expected = before[1..].to_vec();
+    expected.push(after);
+    let records = read_until_all(vec![outbox.topic("Order")], expected.clone(), DEADLINE).await;
+    let ids: HashSet<&str> = records.iter().map(|r| r.header("tracking_id")).collect();
+    assert!(
+        !ids.contains(before[0].to_string().as_str()),
+        "a COMPLETED row is not backfilled"
+    );
+    assert_eq!(records.len(), expected.len(), "each row once");
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_and_unroutable_rows_are_dead_lettered_and_the_stream_moves_on() {
+    let mut outbox = TestOutbox::new("e2e_dead_letter").await;
+    outbox.extra_config = "[kafka]\nmessage_max_bytes = 100000\n".into();
+    let prefix = outbox.topic_prefix.clone();
+    outbox
+        .env
+        .push(("OUTBOX_TOPIC".into(), format!("{prefix}.{{event_type}}")));
+    let relay = outbox.start_relay();
+    let big = "x".repeat(200_000);
+    let huge = outbox
+        .publish("Order", Uuid::new_v4(), "Big", &json!({ "blob": big }))
+        .await;
+    let bad_topic = outbox
+        .publish("Order", Uuid::new_v4(), "has space!", &json!({}))
+        .await;
+    let after = outbox
+        .publish("Order", Uuid::new_v4(), "Small", &json!({"ok": true}))
+        .await;
+    read_until_all(vec![format!("{prefix}.Small")], vec![after], DEADLINE).await;
+    for (id, needle) in [
+        (huge, "message_max_bytes"),
+        (bad_topic, "invalid topic name"),
+    ] {
+        let (status, err): (String, Option<String>) = wait_for("dead letter", DEADLINE, || async {
+            let row = outbox
+                .client
+                .query_one(
+                    &format!(
+                        "SELECT status, last_error FROM {}.outbox WHERE tracking_id = $1",
+                        outbox.name
+                    ),
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            let s: String = row.get(0);
+            (s == "DEAD_LETTER").then(|| (s, row.get(1)))
+        })
+        .await;
+        assert_eq!(status, "DEAD_LETTER");
+        assert!(
+            err.unwrap_or_default().contains(needle),
+            "last_error mentions {needle}"
+        );
+    }
+    // The flush position passes the dead-lettered rows.
+    let confirmed_before = outbox.confirmed_flush().await;
+    let last = outbox
+        .publish("Order", Uuid::new_v4(), "Small", &json!({"ok": 2}))
+        .await;
+    read_until_all(vec![format!("{prefix}.Small")], vec![last], DEADLINE).await;
+    wait_for("flush LSN advances past dead letters", DEADLINE, || async {
+        (outbox.confirmed_flush().await > confirmed_before).then_some(())
+    })
+    .await;
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unrelated_table_writes_do_not_hold_back_the_slot() {
+    let outbox = TestOutbox::new("e2e_idle_wal").await;
+    let relay = outbox.start_relay();
+    let first = outbox
+        .publish("Order", Uuid::new_v4(), "First", &json!({}))
+        .await;
+    read_until_all(vec![outbox.topic("Order")], vec![first], DEADLINE).await;
+    let noise = format!("{}.noise", outbox.name);
+    outbox
+        .client
+        .batch_execute(&format!(
+            "CREATE TABLE {noise} (id bigserial primary key, filler text);
+             INSERT INTO {noise} (filler) SELECT repeat('n', 1000) FROM generate_series(1, 30000);"
+        ))
+        .await
+        .unwrap();
+    let target: i64 = outbox
+        .client
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let start = outbox.confirmed_flush().await;
+    assert!(
+        (target as u64) > start + 20_000_000,
+        "the noise wrote tens of MB of WAL"
+    );
+    wait_for(
+        "confirmed_flush_lsn passes the unrelated WAL",
+        DEADLINE,
+        || async { (outbox.confirmed_flush().await >= target as u64).then_some(()) },
+    )
+    .await;
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_stream_loses_nothing_and_resends_only_unconfirmed_events() {
+    let mut outbox = TestOutbox::new("e2e_sigkill").await;
+    outbox
+        .env
+        .push(("OUTBOX_MARK_COMPLETED".into(), "false".into()));
+    let probe = CommitLog::start(&outbox).await;
+    let relay = outbox.start_relay();
+    let schema = outbox.name.clone();
+    // Writer: transactions of 10 events, recording each transaction's xid.
+    let writer = tokio::spawn(async move {
+        let mut client = common::harness::connect().await;
+        let mut by_xid: Vec<(u32, Vec<Uuid>)> = Vec::new();
+        for t in 0..300 {
+            let tx = client.transaction().await.unwrap();
+            let xid: i64 = tx
+                .query_one("SELECT txid_current()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            let mut ids = Vec::new();
+            for i in 0..10 {
+                let row = tx
+                    .query_one(
+                        &format!("SELECT {schema}.outbox_publish('Order', $1, 'Tick', $2)"),
+                        &[&Uuid::new_v4(), &json!({"t": t, "i": i})],
+                    )
+                    .await
+                    .unwrap();
+                ids.push(row.get::<_, Uuid>(0));
+            }
+            tx.commit().await.unwrap();
+            by_xid.push((xid as u32, ids));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        by_xid
+    });
+    // Kill once some events have been confirmed, while the writer still runs.
+    wait_for("some confirmed progress", DEADLINE, || async {
+        let s = outbox.confirmed_flush().await;
+        let base: i64 = outbox
+            .client
+            .query_one(&format!("SELECT count(*) FROM {}.outbox", outbox.name), &[])
+            .await
+            .unwrap()
+            .get(0);
+        (s > 0 && base > 500).then_some(())
+    })
+    .await;
+    relay.kill();
+    let confirmed_at_kill = outbox.confirmed_flush().await;
+    let relay = outbox.start_relay();
+    let by_xid = writer.await.unwrap();
+    let expected: Vec<Uuid> = by_xid.iter().flat_map(|(_, ids)| ids.clone()).collect();
+    let records = read_until_all(vec![outbox.topic("Order")], expected.clone(), DEADLINE).await;
+    let commit_ends = probe.commit_ends(&outbox.client).await;
+    probe.stop(&outbox.client).await;
+
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for r in &records {
+        *counts.entry(r.header("tracking_id")).or_default() += 1;
+    }
+    let missing = expected
+        .iter()
+        .filter(|id| !counts.contains_key(id.to_string().as_str()))
+        .count();
+    assert_eq!(missing, 0, "no event is missing");
+    let mut dup_events = 0;
+    for (xid, ids) in &by_xid {
+        let end = commit_ends[xid];
+        for id in ids {
+            let n = counts[id.to_string().as_str()];
+            if n > 1 {
+                dup_events += 1;
+                assert!(
+                    end > confirmed_at_kill,
+                    "event of a transaction confirmed before the kill (end {end} <= {confirmed_at_kill}) was re-sent"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "sigkill: {} events, {} duplicated (all unconfirmed at the kill)",
+        expected.len(),
+        dup_events
+    );
+    drop(relay);
+}
