@@ -5,6 +5,11 @@
 //! rows) on a connection of their own, retried until they succeed, and each
 //! row's ticket is reported back once its update has committed: only then
 //! does the relay count the event as durable and let the flush LSN pass it.
+//!
+//! When the database cannot be reached the writer says so on the same
+//! channel. The relay then ends its session: holding the replication
+//! connection open while unable to confirm would block PostgreSQL's own
+//! shutdown, which waits for the client to confirm everything sent.
 
 use std::time::Duration;
 
@@ -50,13 +55,14 @@ pub struct StatusWriter {
 
 impl StatusWriter {
     /// Starts the writer for `schema.table`. Committed tickets are sent on
-    /// `done`; the task ends when every handle is dropped.
+    /// `done` as `Ok`, a lost database as `Err`; the task ends when every
+    /// handle is dropped or `done` is closed.
     pub fn spawn(
         pg: tokio_postgres::Config,
         schema: &str,
         table: &str,
         batch_size: usize,
-        done: mpsc::UnboundedSender<u64>,
+        done: mpsc::UnboundedSender<Result<u64, String>>,
     ) -> StatusWriter {
         let (tx, rx) = mpsc::unbounded_channel();
         let target = format!("{}.{}", quote_ident(schema), quote_ident(table));
@@ -75,7 +81,7 @@ async fn run(
     target: String,
     batch_size: usize,
     mut rx: mpsc::UnboundedReceiver<Mark>,
-    done: mpsc::UnboundedSender<u64>,
+    done: mpsc::UnboundedSender<Result<u64, String>>,
 ) {
     let completed_sql = format!(
         "UPDATE {target} AS o SET status = 'COMPLETED', processed_at = now() \
@@ -93,6 +99,9 @@ async fn run(
     let mut batch: Vec<Mark> = Vec::with_capacity(batch_size);
     let mut backoff = Duration::from_millis(100);
     loop {
+        if done.is_closed() {
+            return;
+        }
         if batch.is_empty() {
             match rx.recv().await {
                 Some(m) => batch.push(m),
@@ -109,7 +118,11 @@ async fn run(
             match crate::database::connect(&pg).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
-                    tracing::warn!(error = %e, "status writer cannot connect; retrying");
+                    let text = crate::error::postgres_text(&e);
+                    tracing::warn!(error = %text, "status writer cannot connect; retrying");
+                    let _ = done.send(Err(format!(
+                        "cannot reach PostgreSQL to update row statuses: {text}"
+                    )));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     continue;
@@ -121,11 +134,17 @@ async fn run(
             Ok(()) => {
                 backoff = Duration::from_millis(100);
                 for m in batch.drain(..) {
-                    let _ = done.send(m.ticket);
+                    let _ = done.send(Ok(m.ticket));
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, rows = batch.len(), "status update failed; retrying");
+                let text = crate::error::postgres_text(&e);
+                tracing::warn!(error = %text, rows = batch.len(), "status update failed; retrying");
+                if c.is_closed() {
+                    let _ = done.send(Err(format!(
+                        "lost PostgreSQL while updating row statuses: {text}"
+                    )));
+                }
                 client = None;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));

@@ -39,7 +39,7 @@ pub struct Pipeline {
     sink: Sink,
     deliveries: mpsc::UnboundedReceiver<Delivery>,
     writer: StatusWriter,
-    durable: mpsc::UnboundedReceiver<u64>,
+    durable: mpsc::UnboundedReceiver<Result<u64, String>>,
     mark_completed: bool,
     router: TopicTemplate,
     window: VecDeque<Option<InFlight>>,
@@ -62,7 +62,7 @@ impl Pipeline {
         router: TopicTemplate,
         max_events: usize,
         max_bytes: usize,
-        writer_for: impl FnOnce(mpsc::UnboundedSender<u64>) -> StatusWriter,
+        writer_for: impl FnOnce(mpsc::UnboundedSender<Result<u64, String>>) -> StatusWriter,
         mark_completed: bool,
     ) -> Pipeline {
         let (durable_tx, durable) = mpsc::unbounded_channel();
@@ -183,7 +183,7 @@ impl Pipeline {
         tokio::select! {
             biased;
             Some(d) = self.deliveries.recv() => { self.on_delivery(progress, d)?; Ok(true) }
-            Some(t) = self.durable.recv() => { self.release(progress, t); Ok(true) }
+            Some(t) = self.durable.recv() => { self.on_durable(progress, t)?; Ok(true) }
             else => Ok(false),
         }
     }
@@ -194,9 +194,19 @@ impl Pipeline {
             self.on_delivery(progress, d)?;
         }
         while let Ok(t) = self.durable.try_recv() {
-            self.release(progress, t);
+            self.on_durable(progress, t)?;
         }
         Ok(())
+    }
+
+    fn on_durable(&mut self, progress: &mut Progress, t: Result<u64, String>) -> Result<(), Error> {
+        match t {
+            Ok(ticket) => {
+                self.release(progress, ticket);
+                Ok(())
+            }
+            Err(why) => Err(Error::Transient(why)),
+        }
     }
 
     fn on_delivery(&mut self, progress: &mut Progress, d: Delivery) -> Result<(), Error> {

@@ -1,0 +1,226 @@
+//! Faults on the shared services: Kafka stopped, PostgreSQL restarted.
+//! These stop services other tests use, so they run one at a time (a lock)
+//! in their own test binary (cargo runs test binaries one after another).
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::harness::{read_until_all, wait_for, CommitLog, TestOutbox};
+use serde_json::json;
+use uuid::Uuid;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+const DEADLINE: Duration = Duration::from_secs(180);
+
+fn services(cmd: &str, arg: Option<&str>) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut c = Command::new("bash");
+    c.arg(format!("{root}/scripts/services")).arg(cmd);
+    if let Some(a) = arg {
+        c.arg(a);
+    }
+    let status = c.status().expect("run scripts/services");
+    assert!(status.success(), "scripts/services {cmd} failed");
+}
+
+/// Starts Kafka again even if the test panics half-way.
+struct KafkaBack;
+impl Drop for KafkaBack {
+    fn drop(&mut self) {
+        services("kafka-start", None);
+    }
+}
+
+async fn walsender(outbox: &TestOutbox) -> Option<(i32, String)> {
+    outbox
+        .client
+        .query_opt(
+            "SELECT s.active_pid, coalesce(r.reply_time::text, '') FROM pg_replication_slots s \
+               LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+              WHERE s.slot_name = $1 AND s.active_pid IS NOT NULL",
+            &[&outbox.slot()],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|r| (r.get(0), r.get(1)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_down_for_30s_backpressure_keeps_feedback_and_never_confirms_unacked_events() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut outbox = TestOutbox::new("fault_kafka_down").await;
+    // A short wal_sender_timeout proves feedback keeps the connection alive
+    // through an outage six times longer; a small window forces backpressure.
+    let url = common::services().database_url.clone();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    outbox.env.push((
+        "DATABASE_URL".into(),
+        format!("{url}{sep}options=-c%20wal_sender_timeout%3D5s"),
+    ));
+    outbox.extra_config = "[kafka]\nmax_in_flight_events = 100\n".into();
+    let probe = CommitLog::start(&outbox).await;
+    let relay = outbox.start_relay();
+    let warm = outbox
+        .publish("Order", Uuid::new_v4(), "Warm", &json!({}))
+        .await;
+    read_until_all(vec![outbox.topic("Order")], vec![warm], DEADLINE).await;
+    let (pid, _) = wait_for("walsender", DEADLINE, || walsender(&outbox)).await;
+
+    services("kafka-stop", None);
+    let back = KafkaBack;
+    let mut xids = Vec::new();
+    let mut during = Vec::new();
+    {
+        let mut client = common::harness::connect().await;
+        for t in 0..20 {
+            let tx = client.transaction().await.unwrap();
+            let xid: i64 = tx
+                .query_one("SELECT txid_current()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            for i in 0..50 {
+                let row = tx
+                    .query_one(
+                        &format!(
+                            "SELECT {}.outbox_publish('Order', $1, 'During', $2)",
+                            outbox.name
+                        ),
+                        &[&Uuid::new_v4(), &json!({"t": t, "i": i})],
+                    )
+                    .await
+                    .unwrap();
+                during.push(row.get::<_, Uuid>(0));
+            }
+            tx.commit().await.unwrap();
+            xids.push(xid as u32);
+        }
+    }
+    let commit_ends = probe.commit_ends(&outbox.client).await;
+    let first_unacked_end = xids.iter().map(|x| commit_ends[x]).min().unwrap();
+    // 30 s outage: the same walsender stays connected (feedback flows),
+    // reply_time keeps moving, and the flush never passes unacked events.
+    let started = Instant::now();
+    let mut replies = HashSet::new();
+    while started.elapsed() < Duration::from_secs(30) {
+        let (now_pid, reply) = walsender(&outbox).await.expect("walsender still connected");
+        assert_eq!(
+            now_pid, pid,
+            "replication connection was not dropped during the outage"
+        );
+        replies.insert(reply);
+        let confirmed = outbox.confirmed_flush().await;
+        assert!(
+            confirmed < first_unacked_end,
+            "confirmed_flush_lsn {confirmed} passed an unacked commit ending at {first_unacked_end}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        replies.len() >= 5,
+        "status updates kept arriving during the outage: {replies:?}"
+    );
+    drop(back);
+    let records = read_until_all(vec![outbox.topic("Order")], during.clone(), DEADLINE).await;
+    let got: HashSet<&str> = records.iter().map(|r| r.header("tracking_id")).collect();
+    assert!(
+        during
+            .iter()
+            .all(|id| got.contains(id.to_string().as_str())),
+        "everything arrives after Kafka returns"
+    );
+    wait_for("flush passes the outage events", DEADLINE, || async {
+        (outbox.confirmed_flush().await >= commit_ends.values().copied().max().unwrap())
+            .then_some(())
+    })
+    .await;
+    probe.stop(&outbox.client).await;
+    drop(relay);
+}
+
+async fn publish_retrying(schema: &str, n: usize) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    let mut client = None;
+    let mut i = 0;
+    while i < n {
+        if client.is_none() {
+            let url = common::services().database_url.clone();
+            client = match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                Ok((c, conn)) => {
+                    tokio::spawn(conn);
+                    Some(c)
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+        }
+        let c: &tokio_postgres::Client = client.as_ref().unwrap();
+        match c
+            .query_one(
+                &format!("SELECT {schema}.outbox_publish('Order', $1, 'Tick', $2)"),
+                &[&Uuid::new_v4(), &json!({"i": i})],
+            )
+            .await
+        {
+            Ok(row) => {
+                ids.push(row.get(0));
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            // The insert may or may not have committed: a failed call is
+            // not counted (a committed one would only be an extra event).
+            Err(_) => client = None,
+        }
+    }
+    ids
+}
+
+async fn postgres_restart_mid_stream(mode: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let outbox = TestOutbox::new(&format!("fault_pg_{mode}")).await;
+    let relay = outbox.start_relay();
+    let schema = outbox.name.clone();
+    let writer = tokio::spawn(async move { publish_retrying(&schema, 3000).await });
+    wait_for("some events relayed", DEADLINE, || async {
+        (outbox.confirmed_flush().await > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    services("pg-restart", Some(mode));
+    let ids = writer.await.unwrap();
+    let records = read_until_all(vec![outbox.topic("Order")], ids.clone(), DEADLINE).await;
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for r in &records {
+        *counts.entry(r.header("tracking_id")).or_default() += 1;
+    }
+    let missing = ids
+        .iter()
+        .filter(|id| !counts.contains_key(id.to_string().as_str()))
+        .count();
+    assert_eq!(missing, 0, "no event lost across a {mode} restart");
+    let dups = counts.values().filter(|&&n| n > 1).count();
+    eprintln!("pg restart {mode}: {} events, {dups} re-sent", ids.len());
+    let mut relay = relay;
+    assert!(
+        relay.running(),
+        "the relay reconnected instead of exiting:\n{}",
+        relay.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_fast_restart_mid_stream_loses_nothing() {
+    postgres_restart_mid_stream("fast").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_immediate_restart_mid_stream_loses_nothing() {
+    postgres_restart_mid_stream("immediate").await;
+}
