@@ -92,15 +92,15 @@ impl ReplicationStream {
         self.rx.recv().await
     }
 
-    /// Waits for at least one message, then moves up to `limit` messages that
-    /// are already buffered into `out`. Returns how many were added; 0 means
-    /// the stream has ended.
+    /// Waits for at least one message, then moves up to `limit` (at least 1)
+    /// messages that are already buffered into `out`. Returns how many were
+    /// added; 0 means the stream has ended.
     pub async fn recv_many(
         &mut self,
         out: &mut Vec<Result<ReplicationMessage, ReplicationError>>,
         limit: usize,
     ) -> usize {
-        self.rx.recv_many(out, limit).await
+        self.rx.recv_many(out, limit.max(1)).await
     }
 
     /// A cloneable handle for sending status updates from another task.
