@@ -566,7 +566,7 @@ async fn feedback_reaches_the_server_while_the_consumer_is_not_receiving() {
     .await
     .expect("send_status must not wait for the consumer")
     .expect("status update while the channel is full");
-    let during = wait_for(
+    wait_for(
         "the server to see feedback sent under backpressure",
         WAIT,
         || async {
@@ -576,12 +576,21 @@ async fn feedback_reaches_the_server_while_the_consumer_is_not_receiving() {
         },
     )
     .await;
-    assert_eq!(
-        during.wait_event.as_deref(),
-        Some("WalSenderWriteData"),
-        "still blocked"
-    );
-    assert_eq!(confirmed_flush(&sql, &slot).await, small.end_lsn);
+    // Our update woke the walsender, which finds the socket still full and
+    // goes back to waiting: nothing was read meanwhile.
+    wait_for("the walsender to be blocked again", WAIT, || async {
+        replication_stat(&sql, &name)
+            .await
+            .filter(|s| s.wait_event.as_deref() == Some("WalSenderWriteData"))
+    })
+    .await;
+    // The server stamps reply_time just before it moves the slot.
+    wait_for(
+        "the slot to confirm the small transaction",
+        WAIT,
+        || async { (confirmed_flush(&sql, &slot).await == small.end_lsn).then_some(()) },
+    )
+    .await;
 
     // Resume: every row arrives, in order.
     let started = std::time::Instant::now();
@@ -605,5 +614,63 @@ async fn feedback_reaches_the_server_while_the_consumer_is_not_receiving() {
         .await
         .expect("polite finish");
     assert_eq!(confirmed_flush(&sql, &slot).await, big.end_lsn);
+    drop_table_and_slot(&sql, &name).await;
+}
+
+#[tokio::test]
+async fn terminated_walsender_is_a_transient_error_and_stops_the_feedback_writer() {
+    let name = unique("terminated");
+    let slot = format!("{name}_slot");
+    let sql = connect().await;
+    table_with_publication(&sql, &name).await;
+    let mut client = ReplicationClient::connect(&main_config(&name))
+        .await
+        .unwrap();
+    client
+        .create_logical_slot(&slot, "pgoutput", SnapshotAction::NoExport)
+        .await
+        .unwrap();
+    let mut stream = start(client, &name, 8).await;
+    let feedback = stream.feedback();
+    let killed: bool = sql
+        .query_one(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_replication WHERE application_name = $1",
+            &[&name],
+        )
+        .await
+        .expect("our walsender is listed")
+        .get(0);
+    assert!(killed);
+
+    let err = loop {
+        match tokio::time::timeout(WAIT, stream.recv())
+            .await
+            .expect("an error in time")
+        {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break e,
+            None => panic!("the stream ended without saying why"),
+        }
+    };
+    assert!(err.is_transient(), "{err:?}");
+    assert!(
+        err.sqlstate() == Some("57P01") || matches!(err, ReplicationError::Closed(_)),
+        "{err:?}"
+    );
+    assert!(stream.recv().await.is_none(), "the error is the last item");
+
+    // The first write into a reset connection may still be accepted locally;
+    // a later one fails, and from then on the writer is known to be gone.
+    wait_for(
+        "the feedback writer to notice the dead socket",
+        WAIT,
+        || async {
+            let sent = feedback.send_status(StandbyStatus::default()).await;
+            sent.is_err().then_some(())
+        },
+    )
+    .await;
+    assert!(feedback.is_closed());
+    drop(stream);
     drop_table_and_slot(&sql, &name).await;
 }
