@@ -1,5 +1,5 @@
 -- The outbox table of the seed framework, partitioned by created_at from day 0.
--- Placeholders: {{schema}} {{table}} {{pending_index}} (quoted identifiers), {{..._literal}} (string literals).
+-- Placeholders (see src/outbox/migrate.rs): schema, table, pending_index as quoted identifiers; *_literal as string literals.
 CREATE SCHEMA IF NOT EXISTS {{schema}};
 
 CREATE TABLE IF NOT EXISTS {{schema}}.{{table}} (

@@ -338,7 +338,7 @@ impl Config {
             let at = e
                 .span()
                 .map(|s| {
-                    let line = text[..s.start.min(text.len())].lines().count().max(1);
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
                     format!("line {line}")
                 })
                 .unwrap_or_else(|| "file".into());
@@ -686,8 +686,12 @@ mod tests {
     fn example_config_file_parses_and_validates() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgoutbox.toml");
         let mut c = Config::from_file(Path::new(path)).unwrap();
-        c.apply_env(env(&[("DATABASE_URL", "postgres://u:p@h:1/d")]))
-            .unwrap();
+        c.apply_env(env(&[
+            ("DATABASE_URL", "postgres://u:p@h:1/d"),
+            ("KAFKA_BROKERS", "k:9092"),
+        ]))
+        .unwrap();
         c.validate().unwrap();
+        assert_eq!(c.kafka.topic, "{aggregate_type}.{event_type}");
     }
 }

@@ -147,21 +147,14 @@ impl TestOutbox {
 
     /// Starts `pgoutbox run`, logging to a file under the target dir.
     pub fn start_relay(&self) -> Relay {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let n = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let log = dir.join(format!("{}-{n}.log", self.name));
-        let file = std::fs::File::create(&log).expect("create relay log");
-        let child = self
-            .command()
-            .arg("run")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn pgoutbox run");
-        Relay { child, log }
+        Relay::spawn(self.command_with_args(&["run"]), &self.name)
+    }
+
+    /// A `pgoutbox` command with these arguments.
+    pub fn command_with_args(&self, args: &[&str]) -> Command {
+        let mut cmd = self.command();
+        cmd.args(args);
+        cmd
     }
 
     /// Publishes one event through `outbox_publish`; returns its tracking id.
@@ -233,6 +226,23 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// Spawns `cmd`, its stderr going to a log file named after `name`.
+    pub fn spawn(mut cmd: Command, name: &str) -> Relay {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let log = dir.join(format!("{name}-{n}.log"));
+        let file = std::fs::File::create(&log).expect("create relay log");
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn pgoutbox");
+        Relay { child, log }
+    }
+
     /// The relay's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

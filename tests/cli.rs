@@ -1,0 +1,233 @@
+//! Bad input gets a clear one-line error, a non-zero exit, no panic, no hang
+//! and no secret; a lost slot stops the relay loudly (invariant 9).
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use common::harness::{read_until_all, wait_for, TestOutbox};
+use serde_json::json;
+use uuid::Uuid;
+
+/// The last stderr line, which must be the one-line error.
+fn error_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default().to_owned();
+    assert!(
+        last.starts_with("error: "),
+        "stderr ends with an error line:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "no panic:\n{stderr}");
+    last
+}
+
+fn run_with_timeout(mut cmd: std::process::Command, timeout: Duration) -> Output {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn pgoutbox");
+    let pid = child.id() as i32;
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(timeout);
+        // SAFETY: kill(2) on our own child's pid; harmless if it exited.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    });
+    let out = child.wait_with_output().expect("wait pgoutbox");
+    drop(killer);
+    assert!(
+        out.status.code().is_some(),
+        "pgoutbox hung and was killed after {timeout:?}"
+    );
+    out
+}
+
+#[tokio::test]
+async fn unknown_config_key_is_rejected_with_its_line() {
+    let mut outbox = TestOutbox::new("cli_config").await;
+    outbox.extra_config = "[kafka]\nlinger = 5\n".into();
+    let out = run_with_timeout(outbox.command_with_args(&["run"]), Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(2));
+    let line = error_line(&out);
+    assert!(line.contains("line 2") && line.contains("linger"), "{line}");
+}
+
+#[tokio::test]
+async fn invalid_values_name_the_field_and_the_constraint() {
+    let mut outbox = TestOutbox::new("cli_values").await;
+    outbox.env.push(("OUTBOX_SLOT".into(), "bad;slot".into()));
+    let out = run_with_timeout(outbox.command_with_args(&["run"]), Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(2));
+    let line = error_line(&out);
+    assert!(
+        line.contains("cdc.slot") && line.contains("lower-case"),
+        "{line}"
+    );
+
+    let mut outbox = TestOutbox::new("cli_values").await;
+    outbox.env.push(("OUTBOX_BATCH_SIZE".into(), "lots".into()));
+    let out = run_with_timeout(outbox.command_with_args(&["run"]), Duration::from_secs(30));
+    let line = error_line(&out);
+    assert!(line.contains("OUTBOX_BATCH_SIZE"), "{line}");
+}
+
+#[tokio::test]
+async fn wrong_password_fails_fast_without_showing_the_password() {
+    let mut outbox = TestOutbox::new("cli_password").await;
+    let url = common::services()
+        .database_url
+        .replace("pgoutbox:pgoutbox@", "pgoutbox:Sup3rS3cretPw@");
+    outbox.env.push(("DATABASE_URL".into(), url));
+    let out = run_with_timeout(outbox.command_with_args(&["run"]), Duration::from_secs(60));
+    assert_ne!(out.status.code(), Some(0));
+    let line = error_line(&out);
+    assert!(line.contains("password"), "says what to fix: {line}");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !all.contains("Sup3rS3cretPw"),
+        "the password leaked:\n{all}"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_database_fails_with_a_hint() {
+    let mut outbox = TestOutbox::new("cli_unreachable").await;
+    outbox.env.push((
+        "DATABASE_URL".into(),
+        "postgres://u:Sup3rS3cretPw@127.0.0.1:1/db?connect_timeout=3".into(),
+    ));
+    let out = run_with_timeout(outbox.command_with_args(&["run"]), Duration::from_secs(60));
+    assert_ne!(out.status.code(), Some(0));
+    let line = error_line(&out);
+    assert!(line.contains("reachable"), "{line}");
+    assert!(!line.contains("Sup3rS3cretPw"));
+}
+
+#[tokio::test]
+async fn missing_publication_says_to_run_migrate() {
+    let mut outbox = TestOutbox::new("cli_no_pub").await;
+    outbox
+        .env
+        .push(("OUTBOX_PUBLICATION".into(), "no_such_pub".into()));
+    let out = run_with_timeout(outbox.command_with_args(&["run"]), Duration::from_secs(60));
+    assert_ne!(out.status.code(), Some(0));
+    let line = error_line(&out);
+    assert!(
+        line.contains("no_such_pub") && line.contains("pgoutbox migrate"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent() {
+    let outbox = TestOutbox::new("cli_migrate").await;
+    let out = run_with_timeout(
+        outbox.command_with_args(&["migrate"]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success());
+    let n: i64 = outbox
+        .client
+        .query_one(
+            "SELECT count(*) FROM public.pgoutbox_migrations WHERE target = 'cli_migrate.outbox'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n as usize, pgoutbox::outbox::MIGRATIONS.len());
+    let parts: i64 = outbox
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'cli_migrate.outbox'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(parts >= 2, "current and next partitions exist");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_slot_stops_the_relay_and_is_only_recreated_on_request() {
+    let outbox = TestOutbox::new("cli_lost_slot").await;
+    let relay = outbox.start_relay();
+    let first = outbox
+        .publish("Order", Uuid::new_v4(), "First", &json!({}))
+        .await;
+    read_until_all(
+        vec![outbox.topic("Order")],
+        vec![first],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(relay.terminate().success());
+
+    // The slot disappears while the relay is down; an event is committed.
+    outbox.drop_slot().await;
+    let while_lost = outbox
+        .publish("Order", Uuid::new_v4(), "WhileLost", &json!({}))
+        .await;
+    let out = run_with_timeout(outbox.command_with_args(&["run"]), Duration::from_secs(60));
+    assert_ne!(out.status.code(), Some(0));
+    let line = error_line(&out);
+    assert!(
+        line.contains("no longer exists") && line.contains("--recreate-slot"),
+        "{line}"
+    );
+    assert_eq!(
+        outbox.confirmed_flush().await,
+        0,
+        "the slot was not recreated silently"
+    );
+
+    // The operator's explicit choice recreates it and backfills PENDING rows.
+    let mut cmd = outbox.command();
+    cmd.args(["run", "--recreate-slot"]);
+    let relay = common::harness::Relay::spawn(cmd, &outbox.name);
+    let records = read_until_all(
+        vec![outbox.topic("Order")],
+        vec![while_lost],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(records
+        .iter()
+        .any(|r| r.header("tracking_id") == while_lost.to_string()));
+    assert!(relay.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slot_dropped_while_streaming_stops_the_relay() {
+    let outbox = TestOutbox::new("cli_drop_live").await;
+    let relay = outbox.start_relay();
+    let first = outbox
+        .publish("Order", Uuid::new_v4(), "First", &json!({}))
+        .await;
+    read_until_all(
+        vec![outbox.topic("Order")],
+        vec![first],
+        Duration::from_secs(120),
+    )
+    .await;
+    // Terminate the walsender and drop the slot before the relay reconnects.
+    wait_for("slot dropped", Duration::from_secs(60), || async {
+        let _ = outbox
+            .client
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                &[&outbox.slot()],
+            )
+            .await;
+        outbox.client.execute("SELECT pg_drop_replication_slot($1)", &[&outbox.slot()]).await.ok()
+    })
+    .await;
+    let (status, log) = relay.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "non-zero exit");
+    assert!(log.contains("no longer exists"), "clear message:\n{log}");
+}
