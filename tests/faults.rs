@@ -6,14 +6,13 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::harness::{read_until_all, wait_for, CommitLog, TestOutbox};
 use serde_json::json;
 use uuid::Uuid;
 
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const DEADLINE: Duration = Duration::from_secs(180);
 
 fn services(cmd: &str, arg: Option<&str>) {
@@ -52,7 +51,7 @@ async fn walsender(outbox: &TestOutbox) -> Option<(i32, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_down_for_30s_backpressure_keeps_feedback_and_never_confirms_unacked_events() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let mut outbox = TestOutbox::new("fault_kafka_down").await;
     // A short wal_sender_timeout proves feedback keeps the connection alive
     // through an outage six times longer; a small window forces backpressure.
@@ -183,7 +182,7 @@ async fn publish_retrying(schema: &str, n: usize) -> Vec<Uuid> {
 }
 
 async fn postgres_restart_mid_stream(mode: &str) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let outbox = TestOutbox::new(&format!("fault_pg_{mode}")).await;
     let relay = outbox.start_relay();
     let schema = outbox.name.clone();
