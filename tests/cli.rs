@@ -231,3 +231,150 @@ async fn a_slot_dropped_while_streaming_stops_the_relay() {
     assert!(!status.success(), "non-zero exit");
     assert!(log.contains("no longer exists"), "clear message:\n{log}");
 }
+
+/// A throwaway PostgreSQL cluster with `wal_level = replica`.
+struct ReplicaCluster {
+    dir: std::path::PathBuf,
+    bin: String,
+    port: u16,
+}
+
+impl ReplicaCluster {
+    fn as_owner(&self, program: &str) -> std::process::Command {
+        let path = format!("{}/{program}", self.bin);
+        // PostgreSQL refuses to run as root: use the postgres system user.
+        if unsafe { libc::geteuid() } == 0 {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--", &path]);
+            c
+        } else {
+            std::process::Command::new(path)
+        }
+    }
+
+    fn start() -> ReplicaCluster {
+        let bin = std::env::var("PGOUTBOX_PG_BIN")
+            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("replica-cluster");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cluster = ReplicaCluster {
+            dir,
+            bin,
+            port: 54391,
+        };
+        if unsafe { libc::geteuid() } == 0 {
+            let ok = std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&cluster.dir)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown the test cluster dir");
+        }
+        let data = cluster.dir.join("data");
+        let out = cluster
+            .as_owner("initdb")
+            .args(["-A", "trust", "-U", "postgres", "-D"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let opts = format!(
+            "-c wal_level=replica -c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories={}",
+            cluster.port,
+            cluster.dir.display()
+        );
+        let out = cluster
+            .as_owner("pg_ctl")
+            .args(["start", "-w", "-t", "60", "-D"])
+            .arg(&data)
+            .args(["-o", &opts, "-l"])
+            .arg(cluster.dir.join("log"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster
+    }
+}
+
+impl Drop for ReplicaCluster {
+    fn drop(&mut self) {
+        let _ = self
+            .as_owner("pg_ctl")
+            .args(["stop", "-m", "immediate", "-D"])
+            .arg(self.dir.join("data"))
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn wal_level_replica_is_reported_with_the_setting_to_change() {
+    let cluster = ReplicaCluster::start();
+    let mut outbox = TestOutbox::new("cli_wal_level").await;
+    outbox.env.push((
+        "DATABASE_URL".into(),
+        format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port),
+    ));
+    let out = run_with_timeout(
+        outbox.command_with_args(&["migrate"]),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_with_timeout(outbox.command_with_args(&["run"]), Duration::from_secs(60));
+    assert_ne!(out.status.code(), Some(0));
+    let line = error_line(&out);
+    assert!(
+        line.contains("wal_level") && line.contains("logical") && line.contains("restart"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn the_rust_publish_api_joins_the_callers_transaction() {
+    let outbox = TestOutbox::new("cli_publish_api").await;
+    let mut client = common::harness::connect().await;
+    let payload = json!({"total": 42});
+    let event = pgoutbox::outbox::NewEvent {
+        aggregate_type: "Order",
+        aggregate_id: Uuid::new_v4(),
+        event_type: "Created",
+        payload: &payload,
+        metadata: None,
+    };
+    let tx = client.transaction().await.unwrap();
+    let rolled_back = pgoutbox::outbox::publish(&tx, &outbox.name, &event)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    let committed = pgoutbox::outbox::publish(&tx, &outbox.name, &event)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let ids: Vec<Uuid> = outbox
+        .client
+        .query(
+            &format!("SELECT tracking_id FROM {}.outbox", outbox.name),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec![committed]);
+    assert_ne!(rolled_back, committed);
+}
