@@ -156,8 +156,7 @@ pub struct OutboxConfig {
     pub schema: String,
     /// Name of the outbox table (env `OUTBOX_TABLE`).
     pub table: String,
-    /// Rows per batch: completion updates in CDC mode, claims in poll mode
-    /// (env `OUTBOX_BATCH_SIZE`).
+    /// Rows claimed per batch in poll mode (env `OUTBOX_BATCH_SIZE`).
     pub batch_size: u32,
     /// Lease length for claimed rows in poll mode (env `OUTBOX_LEASE_SECONDS`).
     pub lease_seconds: u32,
@@ -200,6 +199,8 @@ pub struct CdcConfig {
     pub shutdown_timeout_s: u64,
     /// Upper bound of the reconnect backoff, in milliseconds.
     pub max_backoff_ms: u64,
+    /// Rows per `COMPLETED` / `DEAD_LETTER` update statement.
+    pub mark_batch_size: usize,
 }
 
 impl Default for CdcConfig {
@@ -211,6 +212,7 @@ impl Default for CdcConfig {
             read_buffer: 4096,
             shutdown_timeout_s: 30,
             max_backoff_ms: 30_000,
+            mark_batch_size: 2000,
         }
     }
 }
@@ -456,6 +458,12 @@ impl Config {
             3600,
         )?;
         range("cdc.max_backoff_ms", self.cdc.max_backoff_ms, 10, 3_600_000)?;
+        range(
+            "cdc.mark_batch_size",
+            self.cdc.mark_batch_size as u64,
+            1,
+            100_000,
+        )?;
         if self.kafka.brokers.trim().is_empty() {
             return Err(ConfigError::new(
                 "kafka.brokers",

@@ -131,7 +131,7 @@ impl Session<'_> {
         let sink = Sink::new(&cfg.kafka).map_err(|e| Error::Fatal(e.to_string()))?;
         let pg = self.pg.clone();
         let (schema, table) = (cfg.outbox.schema.clone(), cfg.outbox.table.clone());
-        let batch = cfg.outbox.batch_size as usize;
+        let batch = cfg.cdc.mark_batch_size;
         Ok(Pipeline::new(
             sink,
             self.router.clone(),
