@@ -1,6 +1,7 @@
 -- One call to publish an event from any language, inside the caller's own
--- transaction. Returns the event's tracking_id.
-CREATE OR REPLACE FUNCTION {{schema}}.outbox_publish(
+-- transaction. Returns the event's tracking_id. Named outbox_publish for the
+-- table "outbox", <table>_publish for other outbox tables.
+CREATE OR REPLACE FUNCTION {{schema}}.{{publish_function}}(
   aggregate_type text,
   aggregate_id uuid,
   event_type text,

@@ -46,6 +46,7 @@ pub async fn migrate(config: &Config) -> Result<(), Error> {
         schema: config.outbox.schema.clone(),
         table: config.outbox.table.clone(),
         publication: config.cdc.publication.clone(),
+        message_prefix: config.cdc.message_prefix.clone(),
     };
     let applied = apply_migrations(&mut client, &target)
         .await

@@ -242,6 +242,58 @@ impl fmt::Display for TopicTemplate {
     }
 }
 
+/// Picks the topic template for an event: the table's own template when one
+/// is configured (by table name or `schema.table`), else the default.
+#[derive(Clone, Debug)]
+pub struct Router {
+    default: TopicTemplate,
+    per_table: Vec<(String, TopicTemplate)>,
+}
+
+impl Router {
+    /// A router over `default` and per-table `(name, template)` pairs.
+    pub fn new(default: TopicTemplate, per_table: Vec<(String, TopicTemplate)>) -> Router {
+        Router { default, per_table }
+    }
+
+    /// Builds the router from the Kafka configuration.
+    pub fn from_config(cfg: &crate::config::KafkaConfig) -> Result<Router, TopicError> {
+        let default = TopicTemplate::parse(&cfg.topic)?;
+        let per_table = cfg
+            .table_topics
+            .iter()
+            .map(|(t, tpl)| Ok((t.clone(), TopicTemplate::parse(tpl)?)))
+            .collect::<Result<_, TopicError>>()?;
+        Ok(Router::new(default, per_table))
+    }
+
+    /// The topic for `event`, or why it has none.
+    pub fn render(&self, event: &OutboxEvent) -> Result<String, TopicError> {
+        let template = self
+            .per_table
+            .iter()
+            .find(|(name, _)| {
+                name.as_bytes() == &event.table[..]
+                    || name
+                        .rsplit_once('.')
+                        .is_some_and(|(_, t)| t.as_bytes() == &event.table[..])
+            })
+            .map(|(_, t)| t)
+            .unwrap_or(&self.default);
+        template.render(event)
+    }
+}
+
+impl fmt::Display for Router {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.default)?;
+        for (t, tpl) in &self.per_table {
+            write!(f, ", {t}: {tpl}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Kafka header names set on every record.
 pub mod header {
     /// The event id consumers deduplicate on.
@@ -338,6 +390,29 @@ mod tests {
         let t = TopicTemplate::parse("{event_type}").unwrap();
         e.event_type = Bytes::from_static(b"..");
         assert!(t.render(&e).is_err());
+    }
+
+    #[test]
+    fn tables_route_by_their_own_template() {
+        let router = Router::new(
+            TopicTemplate::parse("{aggregate_type}.{event_type}").unwrap(),
+            vec![
+                (
+                    "billing_outbox".into(),
+                    TopicTemplate::parse("billing.{event_type}").unwrap(),
+                ),
+                (
+                    "shop.orders_outbox".into(),
+                    TopicTemplate::parse("orders").unwrap(),
+                ),
+            ],
+        );
+        let mut e = sample_event();
+        assert_eq!(router.render(&e).unwrap(), "Order.OrderCreated");
+        e.table = Bytes::from_static(b"billing_outbox");
+        assert_eq!(router.render(&e).unwrap(), "billing.OrderCreated");
+        e.table = Bytes::from_static(b"orders_outbox");
+        assert_eq!(router.render(&e).unwrap(), "orders");
     }
 
     #[test]

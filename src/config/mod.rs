@@ -201,6 +201,26 @@ pub struct CdcConfig {
     pub max_backoff_ms: u64,
     /// Rows per `COMPLETED` / `DEAD_LETTER` update statement.
     pub mark_batch_size: usize,
+    /// Relay table-less events written with `pg_logical_emit_message`
+    /// (env `OUTBOX_MESSAGES`).
+    pub messages: bool,
+    /// The logical message prefix that marks an outbox event
+    /// (env `OUTBOX_MESSAGE_PREFIX`).
+    pub message_prefix: String,
+    /// Also relay non-transactional messages. Off by default: any role can
+    /// emit them, and they are sent even when the writer's transaction
+    /// rolls back.
+    pub non_transactional_messages: bool,
+    /// `any` relays changes from every origin; `none` (PostgreSQL 16+) only
+    /// changes made locally, not those applied by logical replication.
+    pub origin: String,
+    /// Ask the server to stream large in-progress transactions. Their changes
+    /// are held in memory until Stream Commit (dropped on Stream Abort) and
+    /// never published early; off by default.
+    pub streaming: bool,
+    /// Force a pgoutput protocol version (1-4); by default the highest the
+    /// server supports.
+    pub protocol_version: Option<u32>,
 }
 
 impl Default for CdcConfig {
@@ -213,6 +233,12 @@ impl Default for CdcConfig {
             shutdown_timeout_s: 30,
             max_backoff_ms: 30_000,
             mark_batch_size: 2000,
+            messages: true,
+            message_prefix: "outbox".into(),
+            non_transactional_messages: false,
+            origin: "any".into(),
+            streaming: false,
+            protocol_version: None,
         }
     }
 }
@@ -237,6 +263,10 @@ pub struct KafkaConfig {
     pub max_in_flight_events: usize,
     /// Bytes of payload sent but not yet acknowledged, at most.
     pub max_in_flight_bytes: usize,
+    /// Per-table topic templates (key: table name, or `schema.table`),
+    /// overriding `topic` for that table; logical messages use their prefix
+    /// as the table name.
+    pub table_topics: BTreeMap<String, String>,
     /// Any other librdkafka property, passed through unchanged.
     pub properties: BTreeMap<String, String>,
 }
@@ -251,6 +281,7 @@ impl Default for KafkaConfig {
             message_max_bytes: 1_000_000,
             max_in_flight_events: 50_000,
             max_in_flight_bytes: 64 << 20,
+            table_topics: BTreeMap::new(),
             properties: BTreeMap::new(),
         }
     }
@@ -289,6 +320,8 @@ pub const ENV_VARS: &[&str] = &[
     "OUTBOX_SLOT",
     "OUTBOX_PUBLICATION",
     "OUTBOX_TOPIC",
+    "OUTBOX_MESSAGES",
+    "OUTBOX_MESSAGE_PREFIX",
     "KAFKA_BROKERS",
     "KAFKA_COMPRESSION",
     "KAFKA_LINGER_MS",
@@ -389,6 +422,12 @@ impl Config {
         if let Some(v) = get("OUTBOX_TOPIC") {
             self.kafka.topic = v;
         }
+        if let Some(v) = get("OUTBOX_MESSAGES") {
+            self.cdc.messages = parse_bool("OUTBOX_MESSAGES", &v)?;
+        }
+        if let Some(v) = get("OUTBOX_MESSAGE_PREFIX") {
+            self.cdc.message_prefix = v;
+        }
         if let Some(v) = get("KAFKA_BROKERS") {
             self.kafka.brokers = v;
         }
@@ -484,6 +523,11 @@ impl Config {
         }
         TopicTemplate::parse(&self.kafka.topic)
             .map_err(|e| ConfigError::new("kafka.topic", e.to_string()))?;
+        for (table, template) in &self.kafka.table_topics {
+            TopicTemplate::parse(template).map_err(|e| {
+                ConfigError::new(format!("kafka.table_topics.{table}"), e.to_string())
+            })?;
+        }
         match self.kafka.compression.as_str() {
             "none" | "gzip" | "snappy" | "lz4" | "zstd" => {}
             other => {

@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "relay_state",
         include_str!("../../migrations/0004_relay_state.sql"),
     ),
+    (
+        5,
+        "table_less_outbox",
+        include_str!("../../migrations/0005_table_less_outbox.sql"),
+    ),
 ];
 
 /// Names a migration run applies to. All must already be validated
@@ -45,6 +50,8 @@ pub struct MigrationTarget {
     pub table: String,
     /// The publication over it.
     pub publication: String,
+    /// The logical message prefix `outbox_emit` writes.
+    pub message_prefix: String,
 }
 
 fn literal(s: &str) -> String {
@@ -63,6 +70,21 @@ impl MigrationTarget {
             .replace("{{schema_literal}}", &literal(&self.schema))
             .replace("{{table_literal}}", &literal(&self.table))
             .replace("{{publication_literal}}", &literal(&self.publication))
+            .replace("{{message_prefix_literal}}", &literal(&self.message_prefix))
+            .replace(
+                "{{publish_function}}",
+                &quote_ident(&self.publish_function()),
+            )
+    }
+
+    /// The SQL function that publishes into this table: `outbox_publish`
+    /// for a table named `outbox`, `<table>_publish` otherwise.
+    pub fn publish_function(&self) -> String {
+        if self.table == "outbox" {
+            "outbox_publish".to_owned()
+        } else {
+            format!("{}_publish", self.table)
+        }
     }
 
     fn key(&self) -> String {
@@ -128,6 +150,7 @@ mod tests {
             schema: "public".into(),
             table: "outbox".into(),
             publication: "outbox_pub".into(),
+            message_prefix: "outbox".into(),
         };
         for (_, name, sql) in MIGRATIONS {
             let out = t.render(sql);

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::config::quote_ident;
+use crate::Lsn;
 
 /// A row's primary key, as text.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,13 +28,25 @@ pub struct RowKey {
     pub created_at: Bytes,
 }
 
-/// What to write on a row.
+/// What to write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MarkKind {
-    /// Delivered: `status = 'COMPLETED', processed_at = now()`.
-    Completed,
-    /// Never publishable: `status = 'DEAD_LETTER', last_error = …`.
-    DeadLetter(String),
+    /// Delivered: `status = 'COMPLETED', processed_at = now()` on the row.
+    Completed(RowKey),
+    /// Never publishable: `status = 'DEAD_LETTER', last_error = …` on the row.
+    DeadLetter(RowKey, String),
+    /// A logical message that can never be published: recorded with its LSN
+    /// in `pgoutbox_dead_letters`.
+    DeadMessage {
+        /// The message's LSN.
+        lsn: Lsn,
+        /// Its prefix.
+        prefix: String,
+        /// Its content, as sent.
+        content: Bytes,
+        /// Why it cannot be published.
+        error: String,
+    },
 }
 
 /// One status update, identified by the relay's ticket.
@@ -41,8 +54,6 @@ pub enum MarkKind {
 pub struct Mark {
     /// Reported back once the update commits.
     pub ticket: u64,
-    /// The row.
-    pub key: RowKey,
     /// The update.
     pub kind: MarkKind,
 }
@@ -66,7 +77,8 @@ impl StatusWriter {
     ) -> StatusWriter {
         let (tx, rx) = mpsc::unbounded_channel();
         let target = format!("{}.{}", quote_ident(schema), quote_ident(table));
-        tokio::spawn(run(pg, target, batch_size.max(1), rx, done));
+        let dead = format!("{}.pgoutbox_dead_letters", quote_ident(schema));
+        tokio::spawn(run(pg, target, dead, batch_size.max(1), rx, done));
         StatusWriter { marks: tx }
     }
 
@@ -79,6 +91,7 @@ impl StatusWriter {
 async fn run(
     pg: tokio_postgres::Config,
     target: String,
+    dead_table: String,
     batch_size: usize,
     mut rx: mpsc::UnboundedReceiver<Mark>,
     done: mpsc::UnboundedSender<Result<u64, String>>,
@@ -95,6 +108,16 @@ async fn run(
          FROM unnest($1::text[], $2::text[], $3::text[]) AS k(id, created_at, err) \
          WHERE o.id = k.id::bigint AND o.created_at = k.created_at::timestamptz"
     );
+    let message_sql = format!(
+        "INSERT INTO {dead_table} (lsn, prefix, content, error) \
+         SELECT k.lsn::pg_lsn, k.prefix, k.content, k.err \
+           FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[]) AS k(lsn, prefix, content, err)"
+    );
+    let sql = Statements {
+        completed: completed_sql,
+        dead: dead_sql,
+        message: message_sql,
+    };
     let mut client: Option<tokio_postgres::Client> = None;
     let mut batch: Vec<Mark> = Vec::with_capacity(batch_size);
     let mut backoff = Duration::from_millis(100);
@@ -130,7 +153,7 @@ async fn run(
             }
         }
         let Some(c) = client.as_ref() else { continue };
-        match apply(c, &completed_sql, &dead_sql, &batch).await {
+        match apply(c, &sql, &batch).await {
             Ok(()) => {
                 backoff = Duration::from_millis(100);
                 for m in batch.drain(..) {
@@ -157,35 +180,62 @@ fn text(b: &Bytes) -> &str {
     std::str::from_utf8(b).unwrap_or("")
 }
 
+struct Statements {
+    completed: String,
+    dead: String,
+    message: String,
+}
+
 async fn apply(
     client: &tokio_postgres::Client,
-    completed_sql: &str,
-    dead_sql: &str,
+    sql: &Statements,
     batch: &[Mark],
 ) -> Result<(), tokio_postgres::Error> {
     let (mut ids, mut ats) = (Vec::new(), Vec::new());
     let (mut dead_ids, mut dead_ats, mut errs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut lsns, mut prefixes, mut contents, mut msg_errs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for m in batch {
         match &m.kind {
-            MarkKind::Completed => {
-                ids.push(text(&m.key.id));
-                ats.push(text(&m.key.created_at));
+            MarkKind::Completed(key) => {
+                ids.push(text(&key.id));
+                ats.push(text(&key.created_at));
             }
-            MarkKind::DeadLetter(err) => {
-                dead_ids.push(text(&m.key.id));
-                dead_ats.push(text(&m.key.created_at));
+            MarkKind::DeadLetter(key, err) => {
+                dead_ids.push(text(&key.id));
+                dead_ats.push(text(&key.created_at));
                 errs.push(err.as_str());
+            }
+            MarkKind::DeadMessage {
+                lsn,
+                prefix,
+                content,
+                error,
+            } => {
+                lsns.push(lsn.to_string());
+                prefixes.push(prefix.as_str());
+                contents.push(&content[..]);
+                msg_errs.push(error.as_str());
             }
         }
     }
     if !ids.is_empty() {
-        client.execute(completed_sql, &[&ids, &ats]).await?;
+        client.execute(&sql.completed, &[&ids, &ats]).await?;
     }
     if !dead_ids.is_empty() {
         let n = client
-            .execute(dead_sql, &[&dead_ids, &dead_ats, &errs])
+            .execute(&sql.dead, &[&dead_ids, &dead_ats, &errs])
             .await?;
         tracing::warn!(rows = n, "dead-lettered rows that can never be published");
+    }
+    if !lsns.is_empty() {
+        let n = client
+            .execute(&sql.message, &[&lsns, &prefixes, &contents, &msg_errs])
+            .await?;
+        tracing::warn!(
+            messages = n,
+            "recorded logical messages that can never be published in pgoutbox_dead_letters"
+        );
     }
     Ok(())
 }

@@ -9,10 +9,11 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tokio_postgres::IsolationLevel;
 
-use super::pipeline::Pipeline;
+use super::pipeline::{Pipeline, Source};
 use super::progress::Progress;
 use crate::config::{quote_ident, Config};
 use crate::error::Error;
+use crate::outbox::RowKey;
 use crate::route::OutboxEvent;
 use crate::Lsn;
 
@@ -44,19 +45,63 @@ pub(super) async fn run(
     ))
     .await
     .map_err(db)?;
-    let table = quote_ident(&config.outbox.table);
+    // Every outbox table of the publication (the configured one and any
+    // other table carrying the outbox columns).
+    let tables: Vec<(String, String)> = tx
+        .query(
+            "SELECT t.schemaname::text, t.tablename::text FROM pg_publication_tables t \
+              WHERE t.pubname = $1 AND (SELECT count(*) FROM information_schema.columns c \
+                     WHERE c.table_schema = t.schemaname AND c.table_name = t.tablename \
+                       AND c.column_name IN ('id', 'created_at', 'tracking_id', 'aggregate_id', \
+                           'aggregate_type', 'event_type', 'payload', 'metadata', 'status')) = 9 \
+              ORDER BY 1, 2",
+            &[&config.cdc.publication],
+        )
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let txid = progress.begin();
+    let mut rows_read = 0u64;
+    for (schema, table) in &tables {
+        rows_read += backfill_table(&tx, schema, table, txid, pipeline, progress, shutdown).await?;
+    }
+    tx.commit().await.map_err(db)?;
+    progress.commit(txid, consistent_point);
+    let far = tokio::time::Instant::now() + std::time::Duration::from_secs(365 * 24 * 3600);
+    tokio::select! {
+        settled = pipeline.settle(progress, far) => { settled?; }
+        _ = shutdown.changed() => {
+            return Err(Error::Transient("shutdown requested during the initial backfill; it restarts on the next run".into()));
+        }
+    }
+    Ok(rows_read)
+}
+
+/// Publishes the pending rows of one table, oldest first.
+async fn backfill_table(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    table: &str,
+    txid: super::progress::TxId,
+    pipeline: &mut Pipeline,
+    progress: &mut Progress,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<u64, Error> {
+    let db = |e: tokio_postgres::Error| Error::postgres("backfilling pending rows", &e);
     let sql = format!(
         "SELECT o.id::text, o.created_at::text, o.tracking_id::text, o.aggregate_id::text, \
                 o.aggregate_type, o.event_type, o.payload::text, o.metadata::text \
-           FROM {}.{table} AS o \
+           FROM {}.{} AS o \
           WHERE o.status IN ('PENDING', 'PROCESSING', 'FAILED') \
           ORDER BY o.created_at, o.id",
-        quote_ident(&config.outbox.schema)
+        quote_ident(schema),
+        quote_ident(table)
     );
     let stmt = tx.prepare(&sql).await.map_err(db)?;
     let portal = tx.bind(&stmt, &[]).await.map_err(db)?;
-    let txid = progress.begin();
-    let table_name = Bytes::copy_from_slice(config.outbox.table.as_bytes());
+    let table_name = Bytes::copy_from_slice(table.as_bytes());
     let mut rows_read = 0u64;
     loop {
         let rows = tx.query_portal(&portal, CHUNK).await.map_err(db)?;
@@ -86,7 +131,13 @@ pub(super) async fn run(
                 }
             }
             pipeline.drain(progress)?;
-            pipeline.offer(progress, txid, event).await?;
+            let key = RowKey {
+                id: event.id.clone(),
+                created_at: event.created_at.clone(),
+            };
+            pipeline
+                .offer(progress, txid, event, Source::Row(key))
+                .await?;
             rows_read += 1;
         }
         if *shutdown.borrow() {
@@ -94,15 +145,6 @@ pub(super) async fn run(
                 "shutdown requested during the initial backfill; it restarts on the next run"
                     .into(),
             ));
-        }
-    }
-    tx.commit().await.map_err(db)?;
-    progress.commit(txid, consistent_point);
-    let far = tokio::time::Instant::now() + std::time::Duration::from_secs(365 * 24 * 3600);
-    tokio::select! {
-        settled = pipeline.settle(progress, far) => { settled?; }
-        _ = shutdown.changed() => {
-            return Err(Error::Transient("shutdown requested during the initial backfill; it restarts on the next run".into()));
         }
     }
     Ok(rows_read)

@@ -11,6 +11,7 @@
 //! (credentials, configuration, a lost slot) stop the relay.
 
 mod backfill;
+mod changes;
 mod pipeline;
 pub mod progress;
 mod slot;
@@ -22,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::config::{quote_ident, Config};
 use crate::error::{Action, Error};
-use crate::route::TopicTemplate;
+use crate::route::Router;
 
 pub use slot::SlotState;
 
@@ -97,7 +98,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let pg = crate::database::settings(&config)?;
-    let router = TopicTemplate::parse(&config.kafka.topic)
+    let router = Router::from_config(&config.kafka)
         .map_err(|e| crate::config::ConfigError::new("kafka.topic", e.to_string()))?;
     let client = crate::database::connect(&pg)
         .await

@@ -9,18 +9,37 @@
 
 use std::collections::VecDeque;
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::progress::{Progress, TxId};
 use crate::error::Error;
 use crate::outbox::{Mark, MarkKind, RowKey, StatusWriter};
-use crate::route::{OutboxEvent, TopicTemplate};
+use crate::route::{OutboxEvent, Router};
 use crate::sink::{Delivery, Failure, SendError, Sink};
+use crate::Lsn;
+
+/// Where an event came from: what to mark once Kafka has its verdict.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// An outbox row: marked `COMPLETED` or `DEAD_LETTER`.
+    Row(RowKey),
+    /// A logical message: nothing to mark when delivered; recorded in
+    /// `pgoutbox_dead_letters` when it can never be.
+    Message {
+        /// Its LSN.
+        lsn: Lsn,
+        /// Its prefix.
+        prefix: String,
+        /// Its content as sent.
+        content: Bytes,
+    },
+}
 
 struct InFlight {
     tx: TxId,
     bytes: usize,
-    key: RowKey,
+    source: Source,
 }
 
 /// Counters for one session, logged periodically.
@@ -41,7 +60,7 @@ pub struct Pipeline {
     writer: StatusWriter,
     durable: mpsc::UnboundedReceiver<Result<u64, String>>,
     mark_completed: bool,
-    router: TopicTemplate,
+    router: Router,
     window: VecDeque<Option<InFlight>>,
     base: u64,
     events: usize,
@@ -59,7 +78,7 @@ impl Pipeline {
     /// count as durable; dead-lettered rows always go through the writer.
     pub fn new(
         sink: (Sink, mpsc::UnboundedReceiver<Delivery>),
-        router: TopicTemplate,
+        router: Router,
         max_events: usize,
         max_bytes: usize,
         writer_for: impl FnOnce(mpsc::UnboundedSender<Result<u64, String>>) -> StatusWriter,
@@ -106,14 +125,11 @@ impl Pipeline {
         progress: &mut Progress,
         tx: TxId,
         event: OutboxEvent,
+        source: Source,
     ) -> Result<(), Error> {
-        let key = RowKey {
-            id: event.id.clone(),
-            created_at: event.created_at.clone(),
-        };
         let bytes = event.wire_size();
         let ticket = self.base + self.window.len() as u64;
-        self.window.push_back(Some(InFlight { tx, bytes, key }));
+        self.window.push_back(Some(InFlight { tx, bytes, source }));
         self.events += 1;
         self.bytes += bytes;
         progress.add_event(tx);
@@ -144,10 +160,21 @@ impl Pipeline {
         }
     }
 
-    /// Dead-letters a row that never got a ticket (unreadable columns).
-    pub fn dead_letter_row(&mut self, progress: &mut Progress, tx: TxId, key: RowKey, why: String) {
+    /// Dead-letters an event that could not even be read (unreadable row
+    /// columns, a malformed message envelope).
+    pub fn dead_letter_unread(
+        &mut self,
+        progress: &mut Progress,
+        tx: TxId,
+        source: Source,
+        why: String,
+    ) {
         let ticket = self.base + self.window.len() as u64;
-        self.window.push_back(Some(InFlight { tx, bytes: 0, key }));
+        self.window.push_back(Some(InFlight {
+            tx,
+            bytes: 0,
+            source,
+        }));
         self.events += 1;
         progress.add_event(tx);
         self.dead_letter(ticket, why);
@@ -157,14 +184,27 @@ impl Pipeline {
         let Some(Some(f)) = self.slot(ticket) else {
             return;
         };
-        tracing::warn!(id = %String::from_utf8_lossy(&f.key.id), error = %why, "dead-lettering a row that can never be published");
-        let key = f.key.clone();
+        let kind = match &f.source {
+            Source::Row(key) => {
+                tracing::warn!(id = %String::from_utf8_lossy(&key.id), error = %why, "dead-lettering a row that can never be published");
+                MarkKind::DeadLetter(key.clone(), why)
+            }
+            Source::Message {
+                lsn,
+                prefix,
+                content,
+            } => {
+                tracing::warn!(%lsn, error = %why, "recording a logical message that can never be published");
+                MarkKind::DeadMessage {
+                    lsn: *lsn,
+                    prefix: prefix.clone(),
+                    content: content.clone(),
+                    error: why,
+                }
+            }
+        };
         self.counters.dead_lettered += 1;
-        self.mark(Mark {
-            ticket,
-            key,
-            kind: MarkKind::DeadLetter(why),
-        });
+        self.mark(Mark { ticket, kind });
     }
 
     fn mark(&mut self, mark: Mark) {
@@ -213,17 +253,21 @@ impl Pipeline {
         match d.result {
             Ok(()) => {
                 self.counters.acked += 1;
-                if self.mark_completed {
-                    if let Some(Some(f)) = self.slot(d.ticket) {
-                        let key = f.key.clone();
+                let row = match self.slot(d.ticket) {
+                    Some(Some(InFlight {
+                        source: Source::Row(key),
+                        ..
+                    })) => Some(key.clone()),
+                    _ => None,
+                };
+                match row {
+                    Some(key) if self.mark_completed => {
                         self.mark(Mark {
                             ticket: d.ticket,
-                            key,
-                            kind: MarkKind::Completed,
+                            kind: MarkKind::Completed(key),
                         });
                     }
-                } else {
-                    self.release(progress, d.ticket);
+                    _ => self.release(progress, d.ticket),
                 }
                 Ok(())
             }

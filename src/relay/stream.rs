@@ -2,34 +2,89 @@
 //! backfilling when needed), stream, and feed the pipeline until shutdown or
 //! an error.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use super::changes::{Changes, MessageFilter};
 use super::pipeline::Pipeline;
-use super::progress::{Progress, TxId};
+use super::progress::Progress;
 use super::slot::{self, SlotState};
 use crate::config::Config;
 use crate::error::Error;
-use crate::outbox::{OutboxColumns, StatusWriter};
-use crate::pgoutput::{Decoder, LogicalMessage};
+use crate::outbox::StatusWriter;
+use crate::pgoutput::Decoder;
 use crate::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, SnapshotAction, StandbyStatus,
 };
-use crate::route::TopicTemplate;
+use crate::route::Router;
 use crate::sink::Sink;
 use crate::Lsn;
 
-/// The pgoutput protocol version requested.
-const PROTO_VERSION: &str = "1";
+/// What the session asks the server for, from its version and the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Negotiated {
+    /// pgoutput protocol version.
+    pub proto: u32,
+    /// `START_REPLICATION` options.
+    pub options: Vec<(&'static str, String)>,
+}
+
+/// Chooses the protocol and options for a server of `version_num`
+/// (e.g. 150018): the highest protocol it speaks (2 on 14, 3 on 15, 4 on
+/// 16+) unless configured, `messages` for the table-less outbox, `streaming`
+/// only when enabled, and `origin` on 16+.
+pub(super) fn negotiate(config: &Config, version_num: u32) -> Result<Negotiated, Error> {
+    let major = version_num / 10_000;
+    if major < 14 {
+        return Err(Error::Fatal(format!(
+            "PostgreSQL {major} is not supported: pgoutbox needs PostgreSQL 14 or newer"
+        )));
+    }
+    let max = match major {
+        14 => 2,
+        15 => 3,
+        _ => 4,
+    };
+    let proto = config.cdc.protocol_version.unwrap_or(max);
+    if proto > max {
+        return Err(Error::Fatal(format!(
+            "cdc.protocol_version {proto} is not supported by PostgreSQL {major} (at most {max})"
+        )));
+    }
+    let publications = format!("\"{}\"", config.cdc.publication.replace('"', "\"\""));
+    let mut options = vec![
+        ("proto_version", proto.to_string()),
+        ("publication_names", publications),
+    ];
+    if config.cdc.messages {
+        options.push(("messages", "true".into()));
+    }
+    if config.cdc.streaming {
+        if proto < 2 {
+            return Err(Error::Fatal(
+                "cdc.streaming needs protocol version 2 or higher".into(),
+            ));
+        }
+        options.push(("streaming", "on".into()));
+    }
+    if major >= 16 {
+        options.push(("origin", config.cdc.origin.clone()));
+    } else if config.cdc.origin != "any" {
+        return Err(Error::Fatal(format!(
+            "cdc.origin = {:?} needs PostgreSQL 16 or newer (this is {major})",
+            config.cdc.origin
+        )));
+    }
+    Ok(Negotiated { proto, options })
+}
 
 /// Everything a session needs from the relay.
 pub(super) struct Session<'a> {
     pub config: &'a Config,
     pub pg: &'a tokio_postgres::Config,
-    pub router: TopicTemplate,
+    pub router: Router,
     pub status_interval: Duration,
 }
 
@@ -114,16 +169,20 @@ impl Session<'_> {
             SlotState::Busy { .. } => unreachable!("handled above"),
         }
         drop(client);
-        let publications = format!("\"{}\"", cfg.cdc.publication.replace('"', "\"\""));
-        let options = [
-            ("proto_version", PROTO_VERSION),
-            ("publication_names", publications.as_str()),
-        ];
+        let version = repl.server_version_num().unwrap_or(0);
+        let negotiated = negotiate(cfg, version)?;
+        tracing::info!(server_version = version, proto_version = negotiated.proto, options = ?negotiated.options, "negotiated pgoutput");
+        let options: Vec<(&str, &str)> = negotiated
+            .options
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
         let stream = repl
             .start_logical_replication(&cfg.cdc.slot, Lsn::ZERO, &options, cfg.cdc.read_buffer)
             .await
             .map_err(|e| replication_error("starting replication", e))?;
-        self.stream(stream, pipeline, progress, shutdown).await
+        self.stream(stream, negotiated.proto, pipeline, progress, shutdown)
+            .await
     }
 
     fn pipeline(&self) -> Result<Pipeline, Error> {
@@ -145,14 +204,18 @@ impl Session<'_> {
     async fn stream(
         &self,
         mut stream: crate::replication::ReplicationStream,
+        proto: u32,
         mut pipeline: Pipeline,
         mut progress: Progress,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), Error> {
         let feedback = stream.feedback();
-        let mut decoder = Decoder::new(1);
-        let mut relations: HashMap<u32, Option<OutboxColumns>> = HashMap::new();
-        let mut open_tx: Option<TxId> = None;
+        let mut decoder = Decoder::new(proto);
+        let filter = self.config.cdc.messages.then(|| MessageFilter {
+            prefix: self.config.cdc.message_prefix.clone(),
+            non_transactional: self.config.cdc.non_transactional_messages,
+        });
+        let mut changes = Changes::new(filter);
         let mut received = progress.flushed();
         let mut ticker = tokio::time::interval(self.status_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -184,7 +247,7 @@ impl Session<'_> {
                     if c.sent != last_report.sent || c.dead_lettered != last_report.dead_lettered {
                         tracing::info!(
                             sent = c.sent, acked = c.acked, dead_lettered = c.dead_lettered,
-                            in_flight = pipeline.in_flight(), flushed = %progress.flushed(),
+                            in_flight = pipeline.in_flight(), held = changes.held(), flushed = %progress.flushed(),
                             "relay progress"
                         );
                     }
@@ -202,7 +265,7 @@ impl Session<'_> {
                             let message = decoder.decode(data).map_err(|e| {
                                 Error::Fatal(format!("undecodable pgoutput message near {wal_end}: {e}"))
                             })?;
-                            self.apply(message, &mut relations, &mut open_tx, &mut pipeline, &mut progress).await?;
+                            changes.apply(message, &mut pipeline, &mut progress).await?;
                         }
                         ReplicationMessage::PrimaryKeepAlive { wal_end, reply_requested, .. } => {
                             received = received.max(wal_end);
@@ -250,81 +313,72 @@ impl Session<'_> {
         tracing::info!(flushed = %progress.flushed(), "stopped");
         Ok(())
     }
+}
 
-    async fn apply(
-        &self,
-        message: LogicalMessage,
-        relations: &mut HashMap<u32, Option<OutboxColumns>>,
-        open_tx: &mut Option<TxId>,
-        pipeline: &mut Pipeline,
-        progress: &mut Progress,
-    ) -> Result<(), Error> {
-        match message {
-            LogicalMessage::Begin(_) => {
-                *open_tx = Some(progress.begin());
-            }
-            LogicalMessage::Commit(c) => {
-                let tx = open_tx.take().ok_or_else(|| {
-                    Error::Fatal(format!("Commit at {} without Begin", c.end_lsn))
-                })?;
-                progress.commit(tx, c.end_lsn);
-            }
-            LogicalMessage::Relation(r) => {
-                let cols = match OutboxColumns::from_relation(&r) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "ignoring inserts into a published table that is not an outbox");
-                        None
-                    }
-                };
-                relations.insert(r.id, cols);
-            }
-            LogicalMessage::Insert(ins) => {
-                let tx =
-                    open_tx.ok_or_else(|| Error::Fatal("Insert outside a transaction".into()))?;
-                let cols = relations.get(&ins.relation_id).ok_or_else(|| {
-                    Error::Fatal(format!(
-                        "Insert for relation {} before its Relation message",
-                        ins.relation_id
-                    ))
-                })?;
-                let Some(cols) = cols else { return Ok(()) };
-                if !cols.is_pending(&ins.new) {
-                    return Ok(());
-                }
-                match cols.event(&ins.new) {
-                    Ok(event) => pipeline.offer(progress, tx, event).await?,
-                    Err(e) => match cols.row_key(&ins.new) {
-                        Some(key) => pipeline.dead_letter_row(progress, tx, key, e.to_string()),
-                        None => {
-                            return Err(Error::Fatal(format!(
-                                "an outbox row without id or created_at cannot be published or dead-lettered: {e}"
-                            )))
-                        }
-                    },
-                }
-            }
-            LogicalMessage::Update(_)
-            | LogicalMessage::Delete(_)
-            | LogicalMessage::Truncate(_)
-            | LogicalMessage::Origin(_)
-            | LogicalMessage::Type(_)
-            | LogicalMessage::Message(_) => {}
-            LogicalMessage::StreamStart(_)
-            | LogicalMessage::StreamStop
-            | LogicalMessage::StreamCommit(_)
-            | LogicalMessage::StreamAbort(_)
-            | LogicalMessage::BeginPrepare(_)
-            | LogicalMessage::Prepare(_)
-            | LogicalMessage::CommitPrepared(_)
-            | LogicalMessage::RollbackPrepared(_)
-            | LogicalMessage::StreamPrepare(_) => {
-                return Err(Error::Fatal(
-                    "the server sent streaming or two-phase messages that were not requested"
-                        .into(),
-                ));
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let mut c = Config::default();
+        c.cdc.publication = "outbox_pub".into();
+        c
+    }
+
+    fn option<'a>(n: &'a Negotiated, key: &str) -> Option<&'a str> {
+        n.options
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn protocol_follows_the_server_version() {
+        for (version, proto) in [(140011, 2), (150018, 3), (160004, 4), (180001, 4)] {
+            let n = negotiate(&config(), version).unwrap();
+            assert_eq!(n.proto, proto, "{version}");
+            assert_eq!(
+                option(&n, "proto_version"),
+                Some(proto.to_string().as_str())
+            );
+            assert_eq!(option(&n, "messages"), Some("true"));
+            assert_eq!(option(&n, "publication_names"), Some("\"outbox_pub\""));
+            assert_eq!(option(&n, "streaming"), None, "streaming is off by default");
         }
-        Ok(())
+        assert!(negotiate(&config(), 130000).is_err(), "13 is refused");
+    }
+
+    #[test]
+    fn origin_is_sent_from_16_and_refused_before() {
+        let mut c = config();
+        assert_eq!(
+            option(&negotiate(&c, 160000).unwrap(), "origin"),
+            Some("any")
+        );
+        assert_eq!(option(&negotiate(&c, 150000).unwrap(), "origin"), None);
+        c.cdc.origin = "none".into();
+        assert_eq!(
+            option(&negotiate(&c, 170000).unwrap(), "origin"),
+            Some("none")
+        );
+        assert!(negotiate(&c, 150000).is_err());
+    }
+
+    #[test]
+    fn streaming_and_forced_versions_are_checked() {
+        let mut c = config();
+        c.cdc.streaming = true;
+        assert_eq!(
+            option(&negotiate(&c, 150000).unwrap(), "streaming"),
+            Some("on")
+        );
+        c.cdc.protocol_version = Some(1);
+        assert!(negotiate(&c, 150000).is_err());
+        c.cdc.streaming = false;
+        c.cdc.protocol_version = Some(4);
+        assert!(negotiate(&c, 150000).is_err(), "15 speaks at most 3");
+        c.cdc.messages = false;
+        c.cdc.protocol_version = Some(1);
+        assert_eq!(option(&negotiate(&c, 150000).unwrap(), "messages"), None);
     }
 }

@@ -195,10 +195,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if let Some(frame) = wire::decode_frame(&mut self.read_buf)? {
                 return Ok(frame);
             }
-            if let Some(total) = wire::frame_len(&self.read_buf)? {
-                self.read_buf
-                    .reserve(total.saturating_sub(self.read_buf.len()));
-            }
+            wire::reserve_for_frame(&mut self.read_buf)?;
             self.read_buf.reserve(COMMAND_READ_CHUNK);
             let n = self
                 .stream

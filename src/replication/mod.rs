@@ -46,3 +46,34 @@ pub use command::SnapshotAction;
 pub use error::{ReplicationError, ServerError};
 pub use message::{ReplicationMessage, StandbyStatus};
 pub use stream::{FeedbackHandle, ReplicationStream};
+
+/// The pure framing and parsing behind the replication connection, for the
+/// fuzz targets in `fuzz/` only. Not part of the API: it may change at any
+/// time.
+#[doc(hidden)]
+pub mod fuzzing {
+    use bytes::{Bytes, BytesMut};
+
+    use super::{message, wire, ReplicationError, ReplicationMessage};
+
+    /// Splits one complete backend message (tag and body) off the front of
+    /// `buf`; `Ok(None)` while it is incomplete.
+    pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>, ReplicationError> {
+        Ok(wire::decode_frame(buf)?.map(|f| (f.tag, f.body)))
+    }
+
+    /// Grows `buf` before a read, as the connection's readers do.
+    pub fn reserve_for_frame(buf: &mut BytesMut) -> Result<(), ReplicationError> {
+        wire::reserve_for_frame(buf)
+    }
+
+    /// Interprets a backend message; returns its `Debug` text.
+    pub fn parse_message(tag: u8, body: Bytes) -> Result<String, ReplicationError> {
+        wire::parse_message(wire::Frame { tag, body }).map(|m| format!("{m:?}"))
+    }
+
+    /// Parses the payload of a CopyData message received while streaming.
+    pub fn parse_copy_data(payload: Bytes) -> Result<ReplicationMessage, ReplicationError> {
+        message::parse_copy_data(payload)
+    }
+}

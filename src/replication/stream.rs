@@ -380,9 +380,7 @@ async fn read_stream<R: AsyncRead + Unpin>(
                 },
             }
         }
-        if let Some(total) = wire::frame_len(buf)? {
-            buf.reserve(total.saturating_sub(buf.len()));
-        }
+        wire::reserve_for_frame(buf)?;
         if buf.capacity() - buf.len() < MIN_READ_SPACE {
             buf.reserve(READ_CHUNK);
         }

@@ -93,6 +93,15 @@ pub(crate) fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, Replicat
     Ok(Some(Frame { tag, body: frame }))
 }
 
+/// Makes room in `buf` for the rest of the frame whose header is at its
+/// front, so that a large frame is not read through many reallocations.
+pub(crate) fn reserve_for_frame(buf: &mut BytesMut) -> Result<(), ReplicationError> {
+    if let Some(total) = frame_len(buf)? {
+        buf.reserve(total.saturating_sub(buf.len()));
+    }
+    Ok(())
+}
+
 /// A bounds-checked reader over a message body. Strings and byte runs are
 /// zero-copy slices of the body.
 pub(crate) struct Cursor {

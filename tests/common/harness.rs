@@ -75,7 +75,7 @@ impl TestOutbox {
         client
             .batch_execute(&format!(
                 "DROP SCHEMA IF EXISTS {name} CASCADE; DROP PUBLICATION IF EXISTS {name}_pub; \
-                 DELETE FROM public.pgoutbox_migrations WHERE target = '{name}.outbox'"
+                 DELETE FROM public.pgoutbox_migrations WHERE target LIKE '{name}.%'"
             ))
             .await
             .or_else(|_| {
@@ -133,6 +133,7 @@ impl TestOutbox {
             .env("KAFKA_BROKERS", &s.kafka_brokers)
             .env("OUTBOX_SCHEMA", &self.name)
             .env("OUTBOX_SLOT", self.slot())
+            .env("OUTBOX_MESSAGE_PREFIX", &self.name)
             .env("OUTBOX_PUBLICATION", format!("{}_pub", self.name))
             .env(
                 "OUTBOX_TOPIC",
@@ -287,6 +288,22 @@ impl Relay {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident set size so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// True while the process runs.
@@ -505,4 +522,31 @@ impl CommitLog {
             .execute("SELECT pg_drop_replication_slot($1)", &[&self.slot])
             .await;
     }
+}
+
+/// Sum of the high watermarks of every partition of `topic` (0 when it does
+/// not exist yet): how many records it holds.
+pub fn topic_record_count(topic: &str) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &services().kafka_brokers)
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .expect("create consumer");
+    let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+        return 0;
+    };
+    let mut total = 0;
+    for t in md.topics() {
+        if t.error().is_some() {
+            continue;
+        }
+        for p in t.partitions() {
+            if let Ok((low, high)) =
+                consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))
+            {
+                total += high - low;
+            }
+        }
+    }
+    total
 }
