@@ -93,11 +93,21 @@ pub(crate) fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, Replicat
     Ok(Some(Frame { tag, body: frame }))
 }
 
-/// Makes room in `buf` for the rest of the frame whose header is at its
-/// front, so that a large frame is not read through many reallocations.
+/// The most [`reserve_for_frame`] reserves ahead of the bytes of a frame
+/// that have arrived.
+pub(crate) const MAX_FRAME_RESERVE: usize = 1 << 20;
+
+/// Makes room in `buf` for more of the frame whose header is at its front,
+/// so that a large frame is not read through many small reallocations.
+///
+/// The length word is not trusted with memory: at most
+/// [`MAX_FRAME_RESERVE`] bytes are reserved beyond what has arrived. A
+/// large frame still takes few reallocations, because `BytesMut` at least
+/// doubles its capacity whenever it grows, but a corrupt or hostile header
+/// of up to [`MAX_FRAME_LEN`] costs memory only as its bytes arrive.
 pub(crate) fn reserve_for_frame(buf: &mut BytesMut) -> Result<(), ReplicationError> {
     if let Some(total) = frame_len(buf)? {
-        buf.reserve(total.saturating_sub(buf.len()));
+        buf.reserve(total.saturating_sub(buf.len()).min(MAX_FRAME_RESERVE));
     }
     Ok(())
 }
@@ -524,6 +534,44 @@ mod tests {
         buf.put_i32(i32::try_from(MAX_FRAME_LEN - 1).unwrap());
         assert_eq!(frame_len(&buf).unwrap(), Some(MAX_FRAME_LEN));
         assert!(decode_frame(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_huge_length_word_reserves_memory_only_as_the_frame_arrives() {
+        // Found by the replication_framing fuzz target: a five-byte header
+        // claiming a frame of almost 1 GiB made the reader allocate it all.
+        let mut buf = BytesMut::new();
+        buf.put_u8(b'd');
+        buf.put_i32(i32::try_from(MAX_FRAME_LEN - 1).unwrap());
+        reserve_for_frame(&mut buf).unwrap();
+        assert!(
+            buf.capacity() <= 2 * MAX_FRAME_RESERVE,
+            "reserved {} bytes for a 5-byte header",
+            buf.capacity()
+        );
+
+        // A real 5 MiB frame, read in 64 KiB pieces with a reservation
+        // before each read, never holds more than twice what has arrived
+        // plus one reservation, and decodes whole.
+        let body = vec![7u8; 5 << 20];
+        let stream = frame(b'd', &body);
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        for read in stream.chunks(64 << 10) {
+            buf.extend_from_slice(read);
+            while let Some(f) = decode_frame(&mut buf).unwrap() {
+                frames.push(f);
+            }
+            reserve_for_frame(&mut buf).unwrap();
+            assert!(
+                frames.len() == 1 || buf.capacity() <= 2 * (buf.len() + MAX_FRAME_RESERVE),
+                "capacity {} for {} bytes received",
+                buf.capacity(),
+                buf.len()
+            );
+        }
+        assert_eq!(frames.len(), 1);
+        assert_eq!(&frames[0].body[..], &body[..]);
     }
 
     #[test]
