@@ -1,12 +1,11 @@
 //! Decoder throughput on captured pgoutput traffic (the outbox inserts in
 //! `tests/fixtures/pgoutput/pg15/insert.proto1.hex`, recorded from a real
-//! PostgreSQL 15). Reports Insert messages decoded per second on one core,
-//! plus the cost of mapping each row to an outbox event and rendering its
-//! topic. Run: `cargo bench --bench decode`.
-
-use std::time::{Duration, Instant};
+//! PostgreSQL 15), with criterion: Insert messages decoded per second on one
+//! core, and the same plus mapping the row to an outbox event and rendering
+//! its topic. Run: `cargo bench --bench decode`.
 
 use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pgoutbox::outbox::OutboxColumns;
 use pgoutbox::pgoutput::{Decoder, LogicalMessage};
 use pgoutbox::route::TopicTemplate;
@@ -18,7 +17,7 @@ fn hex(line: &str) -> Vec<u8> {
         .collect()
 }
 
-fn main() {
+fn captured() -> (Vec<Bytes>, OutboxColumns) {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/pgoutput/pg15/insert.proto1.hex"
@@ -41,47 +40,38 @@ fn main() {
         .filter(|m| m.first() == Some(&b'I'))
         .collect();
     assert!(!inserts.is_empty(), "fixture has Insert messages");
-    let columns = OutboxColumns::from_relation(&relation).expect("outbox relation");
-    let topic = TopicTemplate::parse("{aggregate_type}.{event_type}").expect("template");
+    (
+        inserts,
+        OutboxColumns::from_relation(&relation).expect("outbox relation"),
+    )
+}
 
-    // `cargo bench` passes --bench; `cargo test --all-targets` runs this as a
-    // quick smoke test.
-    let rounds = if std::env::args().any(|a| a == "--bench") {
-        7
-    } else {
-        1
-    };
-    let measure = |label: &str, full: bool| {
-        let mut rates = Vec::new();
-        for _ in 0..rounds {
-            let mut decoder = Decoder::new(1);
-            let start = Instant::now();
-            let mut n = 0u64;
-            while start.elapsed() < Duration::from_millis(300) {
-                for m in &inserts {
-                    let msg = decoder.decode(m.clone()).expect("decode");
-                    if full {
-                        if let LogicalMessage::Insert(ins) = msg {
-                            let event = columns.event(&ins.new).expect("event");
-                            std::hint::black_box(topic.render(&event).expect("topic"));
-                        }
-                    } else {
-                        std::hint::black_box(msg);
-                    }
-                    n += 1;
+fn decode(c: &mut Criterion) {
+    let (inserts, columns) = captured();
+    let topic = TopicTemplate::parse("{aggregate_type}.{event_type}").expect("template");
+    let mut group = c.benchmark_group("pgoutput");
+    group.throughput(Throughput::Elements(inserts.len() as u64));
+    group.bench_function("decode_insert", |b| {
+        let mut decoder = Decoder::new(1);
+        b.iter(|| {
+            for m in &inserts {
+                std::hint::black_box(decoder.decode(m.clone()).expect("decode"));
+            }
+        })
+    });
+    group.bench_function("decode_map_route_insert", |b| {
+        let mut decoder = Decoder::new(1);
+        b.iter(|| {
+            for m in &inserts {
+                if let LogicalMessage::Insert(ins) = decoder.decode(m.clone()).expect("decode") {
+                    let event = columns.event(&ins.new).expect("event");
+                    std::hint::black_box(topic.render(&event).expect("topic"));
                 }
             }
-            rates.push(n as f64 / start.elapsed().as_secs_f64());
-        }
-        rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        println!(
-            "{label:<34} median {:>10.0} msg/s  (min {:.0}, max {:.0}; {} bytes/insert)",
-            rates[rates.len() / 2],
-            rates[0],
-            rates[rates.len() - 1],
-            inserts[0].len()
-        );
-    };
-    measure("decode Insert", false);
-    measure("decode + map + route Insert", true);
+        })
+    });
+    group.finish();
 }
+
+criterion_group!(benches, decode);
+criterion_main!(benches);
