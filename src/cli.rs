@@ -70,7 +70,12 @@ pub async fn run(config: Config, recreate_slot: bool) -> Result<(), Error> {
         tracing::warn!("second signal: exiting at once");
         std::process::exit(130);
     });
-    relay::run(config, RunOptions { recreate_slot }, rx).await
+    // On a worker thread rather than the runtime's main thread: the
+    // replication reader hands messages to this task, and wake-ups between
+    // workers are cheaper than waking the thread blocked in `block_on`.
+    tokio::spawn(relay::run(config, RunOptions { recreate_slot }, rx))
+        .await
+        .map_err(|e| Error::Fatal(format!("the relay task failed: {e}")))?
 }
 
 async fn wait_for_signal() {

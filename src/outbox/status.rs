@@ -11,7 +11,11 @@
 //! connection open while unable to confirm would block PostgreSQL's own
 //! shutdown, which waits for the client to confirm everything sent.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a row the relay has delivered may stay invisible to the status
+/// writer (its commit not yet visible) before the writer gives up on it.
+const UNSEEN_PATIENCE: Duration = Duration::from_secs(30);
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -96,17 +100,25 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Mark>,
     done: mpsc::UnboundedSender<Result<u64, String>>,
 ) {
+    // Logical decoding can send a transaction a moment before its commit is
+    // visible to other sessions, so an update may not see a row yet. Each
+    // statement therefore also returns the keys it could not see at all;
+    // those are retried (see `run`), never silently counted as marked.
     let completed_sql = format!(
-        "UPDATE {target} AS o SET status = 'COMPLETED', processed_at = now() \
-         FROM unnest($1::text[], $2::text[]) AS k(id, created_at) \
-         WHERE o.id = k.id::bigint AND o.created_at = k.created_at::timestamptz \
-           AND o.status IN ('PENDING', 'PROCESSING', 'FAILED')"
+        "WITH k AS (SELECT * FROM unnest($1::text[], $2::text[]) AS k(id, created_at)), \
+              u AS (UPDATE {target} AS o SET status = 'COMPLETED', processed_at = now() FROM k \
+                     WHERE o.id = k.id::bigint AND o.created_at = k.created_at::timestamptz \
+                       AND o.status IN ('PENDING', 'PROCESSING', 'FAILED') RETURNING 1) \
+         SELECT k.id FROM k WHERE NOT EXISTS (SELECT 1 FROM {target} AS o \
+                WHERE o.id = k.id::bigint AND o.created_at = k.created_at::timestamptz)"
     );
     let dead_sql = format!(
-        "UPDATE {target} AS o SET status = 'DEAD_LETTER', processed_at = now(), last_error = k.err, \
-           locked_until = NULL, lock_token = NULL \
-         FROM unnest($1::text[], $2::text[], $3::text[]) AS k(id, created_at, err) \
-         WHERE o.id = k.id::bigint AND o.created_at = k.created_at::timestamptz"
+        "WITH k AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS k(id, created_at, err)), \
+              u AS (UPDATE {target} AS o SET status = 'DEAD_LETTER', processed_at = now(), last_error = k.err, \
+                       locked_until = NULL, lock_token = NULL FROM k \
+                     WHERE o.id = k.id::bigint AND o.created_at = k.created_at::timestamptz RETURNING 1) \
+         SELECT k.id FROM k WHERE NOT EXISTS (SELECT 1 FROM {target} AS o \
+                WHERE o.id = k.id::bigint AND o.created_at = k.created_at::timestamptz)"
     );
     let message_sql = format!(
         "INSERT INTO {dead_table} (lsn, prefix, content, error) \
@@ -118,9 +130,10 @@ async fn run(
         dead: dead_sql,
         message: message_sql,
     };
-    let mut client: Option<tokio_postgres::Client> = None;
+    let mut client: Option<(tokio_postgres::Client, Prepared)> = None;
     let mut batch: Vec<Mark> = Vec::with_capacity(batch_size);
     let mut backoff = Duration::from_millis(100);
+    let mut unseen_since: Option<Instant> = None;
     loop {
         if done.is_closed() {
             return;
@@ -137,8 +150,8 @@ async fn run(
                 }
             }
         }
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            match crate::database::connect(&pg).await {
+        if client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            match connect(&pg, &sql).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
                     let text = crate::error::postgres_text(&e);
@@ -152,12 +165,37 @@ async fn run(
                 }
             }
         }
-        let Some(c) = client.as_ref() else { continue };
-        match apply(c, &sql, &batch).await {
-            Ok(()) => {
+        let Some((c, prepared)) = client.as_ref() else {
+            continue;
+        };
+        match apply(c, prepared, &batch).await {
+            Ok(unseen) => {
                 backoff = Duration::from_millis(100);
+                let unseen: std::collections::HashSet<String> = unseen.into_iter().collect();
+                let gave_up = unseen_since.is_some_and(|t: Instant| t.elapsed() > UNSEEN_PATIENCE);
+                let mut retry = Vec::new();
                 for m in batch.drain(..) {
-                    let _ = done.send(Ok(m.ticket));
+                    let id = match &m.kind {
+                        MarkKind::Completed(k) | MarkKind::DeadLetter(k, _) => Some(text(&k.id)),
+                        MarkKind::DeadMessage { .. } => None,
+                    };
+                    match id {
+                        Some(id) if unseen.contains(id) && !gave_up => retry.push(m),
+                        Some(id) if unseen.contains(id) => {
+                            tracing::warn!(id, "outbox row not found after {UNSEEN_PATIENCE:?}; was it deleted? not marking it");
+                            let _ = done.send(Ok(m.ticket));
+                        }
+                        _ => {
+                            let _ = done.send(Ok(m.ticket));
+                        }
+                    }
+                }
+                if retry.is_empty() {
+                    unseen_since = None;
+                } else {
+                    unseen_since.get_or_insert_with(Instant::now);
+                    batch = retry;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
             Err(e) => {
@@ -186,11 +224,34 @@ struct Statements {
     message: String,
 }
 
+/// The statements, prepared once per connection.
+struct Prepared {
+    completed: tokio_postgres::Statement,
+    dead: tokio_postgres::Statement,
+    message: tokio_postgres::Statement,
+}
+
+async fn connect(
+    pg: &tokio_postgres::Config,
+    sql: &Statements,
+) -> Result<(tokio_postgres::Client, Prepared), tokio_postgres::Error> {
+    let client = crate::database::connect(pg).await?;
+    let prepared = Prepared {
+        completed: client.prepare(&sql.completed).await?,
+        dead: client.prepare(&sql.dead).await?,
+        message: client.prepare(&sql.message).await?,
+    };
+    Ok((client, prepared))
+}
+
+/// Applies a batch; returns the ids of rows the statements could not see
+/// yet (to retry).
 async fn apply(
     client: &tokio_postgres::Client,
-    sql: &Statements,
+    sql: &Prepared,
     batch: &[Mark],
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let mut unseen = Vec::new();
     let (mut ids, mut ats) = (Vec::new(), Vec::new());
     let (mut dead_ids, mut dead_ats, mut errs) = (Vec::new(), Vec::new(), Vec::new());
     let (mut lsns, mut prefixes, mut contents, mut msg_errs) =
@@ -220,13 +281,21 @@ async fn apply(
         }
     }
     if !ids.is_empty() {
-        client.execute(&sql.completed, &[&ids, &ats]).await?;
+        for row in client.query(&sql.completed, &[&ids, &ats]).await? {
+            unseen.push(row.get::<_, String>(0));
+        }
     }
     if !dead_ids.is_empty() {
-        let n = client
-            .execute(&sql.dead, &[&dead_ids, &dead_ats, &errs])
+        let rows = client
+            .query(&sql.dead, &[&dead_ids, &dead_ats, &errs])
             .await?;
-        tracing::warn!(rows = n, "dead-lettered rows that can never be published");
+        tracing::warn!(
+            rows = dead_ids.len() - rows.len(),
+            "dead-lettered rows that can never be published"
+        );
+        for row in rows {
+            unseen.push(row.get::<_, String>(0));
+        }
     }
     if !lsns.is_empty() {
         let n = client
@@ -237,5 +306,5 @@ async fn apply(
             "recorded logical messages that can never be published in pgoutbox_dead_letters"
         );
     }
-    Ok(())
+    Ok(unseen)
 }

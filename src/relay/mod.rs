@@ -79,6 +79,22 @@ async fn preflight(client: &tokio_postgres::Client, config: &Config) -> Result<D
             "the publication does not include the configured outbox table; only its own tables will be relayed"
         );
     }
+    let target = format!("{}.{}", config.outbox.schema, config.outbox.table);
+    let applied: Option<i32> = client
+        .query_one(
+            "SELECT max(version) FROM public.pgoutbox_migrations WHERE target = $1",
+            &[&target],
+        )
+        .await
+        .map_err(|e| Error::postgres("reading pgoutbox_migrations", &e))?
+        .get(0);
+    let latest = crate::outbox::MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+    if applied.unwrap_or(0) < latest {
+        return Err(Error::Fatal(format!(
+            "the schema of {target} is at migration {} but this pgoutbox needs {latest}: run `pgoutbox migrate`",
+            applied.unwrap_or(0)
+        )));
+    }
     let timeout_ms: i64 = client
         .query_one(
             "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
