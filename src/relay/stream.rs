@@ -22,6 +22,10 @@ use crate::route::Router;
 use crate::sink::Sink;
 use crate::Lsn;
 
+/// Replication messages taken from the reader per wake-up, at most. The
+/// in-flight window may overshoot its limit by this much.
+const READ_BATCH: usize = 256;
+
 /// What the session asks the server for, from its version and the config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Negotiated {
@@ -216,6 +220,7 @@ impl Session<'_> {
             non_transactional: self.config.cdc.non_transactional_messages,
         });
         let mut changes = Changes::new(filter);
+        let mut batch = Vec::with_capacity(READ_BATCH);
         let mut received = progress.flushed();
         let mut ticker = tokio::time::interval(self.status_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -253,28 +258,31 @@ impl Session<'_> {
                     }
                     last_report = c;
                 }
-                msg = stream.recv(), if pipeline.has_room() => {
-                    let msg = match msg {
-                        None => return Err(Error::Transient("the replication stream closed".into())),
-                        Some(Err(e)) => return Err(replication_error("reading the replication stream", e)),
-                        Some(Ok(m)) => m,
-                    };
-                    match msg {
-                        ReplicationMessage::XLogData { wal_end, data, .. } => {
-                            received = received.max(wal_end);
-                            let message = decoder.decode(data).map_err(|e| {
-                                Error::Fatal(format!("undecodable pgoutput message near {wal_end}: {e}"))
-                            })?;
-                            changes.apply(message, &mut pipeline, &mut progress).await?;
-                        }
-                        ReplicationMessage::PrimaryKeepAlive { wal_end, reply_requested, .. } => {
-                            received = received.max(wal_end);
-                            progress.keepalive(wal_end);
-                            if reply_requested {
-                                feedback
-                                    .send_status(status(received, &progress, false))
-                                    .await
-                                    .map_err(|e| replication_error("answering a keepalive", e))?;
+                n = stream.recv_many(&mut batch, READ_BATCH), if pipeline.has_room() => {
+                    if n == 0 {
+                        return Err(Error::Transient("the replication stream closed".into()));
+                    }
+                    // Everything already buffered, in one go: one wake-up
+                    // per socket read rather than per message.
+                    for msg in batch.drain(..) {
+                        let msg = msg.map_err(|e| replication_error("reading the replication stream", e))?;
+                        match msg {
+                            ReplicationMessage::XLogData { wal_end, data, .. } => {
+                                received = received.max(wal_end);
+                                let message = decoder.decode(data).map_err(|e| {
+                                    Error::Fatal(format!("undecodable pgoutput message near {wal_end}: {e}"))
+                                })?;
+                                changes.apply(message, &mut pipeline, &mut progress).await?;
+                            }
+                            ReplicationMessage::PrimaryKeepAlive { wal_end, reply_requested, .. } => {
+                                received = received.max(wal_end);
+                                progress.keepalive(wal_end);
+                                if reply_requested {
+                                    feedback
+                                        .send_status(status(received, &progress, false))
+                                        .await
+                                        .map_err(|e| replication_error("answering a keepalive", e))?;
+                                }
                             }
                         }
                     }
