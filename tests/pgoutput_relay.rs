@@ -449,3 +449,58 @@ async fn a_million_row_transaction_arrives_whole_in_bounded_memory() {
     );
     assert!(relay.terminate().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prepared_transaction_publishes_only_after_commit_prepared() {
+    let outbox = TestOutbox::new("prepared_tx").await;
+    let enabled: String = outbox
+        .client
+        .query_one("SHOW max_prepared_transactions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(
+        enabled, "0",
+        "scripts/services enables prepared transactions"
+    );
+    let relay = outbox.start_relay();
+    let warm = outbox
+        .publish("Order", Uuid::new_v4(), "Warm", &json!({}))
+        .await;
+    read_until_all(vec![outbox.topic("Order")], vec![warm], DEADLINE).await;
+    let gid = format!("{}_{}", outbox.name, Uuid::new_v4().simple());
+    let client = common::harness::connect().await;
+    client.batch_execute("BEGIN").await.unwrap();
+    let prepared: Uuid = client
+        .query_one(
+            &format!(
+                "SELECT {}.outbox_publish('Order', $1, 'Prepared', '{{}}')",
+                outbox.name
+            ),
+            &[&Uuid::new_v4()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))
+        .await
+        .unwrap();
+    // A later transaction commits and arrives; the prepared one must not.
+    let marker = outbox
+        .publish("Order", Uuid::new_v4(), "Marker", &json!({}))
+        .await;
+    let records = read_until_all(vec![outbox.topic("Order")], vec![marker], DEADLINE).await;
+    assert!(
+        records
+            .iter()
+            .all(|r| r.header("tracking_id") != prepared.to_string()),
+        "published before COMMIT PREPARED"
+    );
+    client
+        .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+        .await
+        .unwrap();
+    read_until_all(vec![outbox.topic("Order")], vec![prepared], DEADLINE).await;
+    drop(relay);
+}
