@@ -2,12 +2,12 @@
 """Writes the committed fuzz seeds in fuzz/seeds/<target>/.
 
 pgoutput_decode seeds come from the pgoutput messages captured from real
-servers in tests/fixtures/pgoutput/pg{15,18}/*.hex (18 for protocol 4):
-one seed per fixture
+servers in tests/fixtures/pgoutput/: every PostgreSQL 15 fixture, and the
+protocol 4 fixtures of PostgreSQL 17 (15 has no protocol 4). One seed per
+fixture
 (its messages in order, runs of more than two Inserts cut to two) and one
 per message type per fixture (inside a streamed block, after that block's
-Stream Start), plus a hand-made protocol 4 Stream Abort with its abort LSN
-and time, which no fixture has. replication_framing seeds are hand-made server byte streams
+Stream Start). replication_framing seeds are hand-made server byte streams
 built from the same messages. Input formats: see fuzz/README.md.
 
 Run from anywhere: python3 fuzz/make_seeds.py
@@ -83,7 +83,7 @@ def main():
         (SEEDS / target).mkdir(parents=True)
 
     fixtures = {}
-    paths = sorted(FIXTURES.glob("pg15/*.hex")) + sorted(FIXTURES.glob("pg18/*.hex"))
+    paths = sorted(FIXTURES.glob("pg15/*.hex")) + sorted(FIXTURES.glob("pg17/*.proto4.hex"))
     for path in paths:
         name = f"{path.parent.name}.{path.name.removesuffix('.hex')}"
         version, messages = read_fixture(path)
@@ -103,11 +103,6 @@ def main():
                 stream_start = m
             elif tag == "E":
                 stream_start = None
-
-    xid = struct.pack(">I", 1234)
-    write("pgoutput_decode", "handmade.stream_abort_parallel.proto4",
-          decode_input(4, [b"S" + xid + b"\x01", b"E",
-                           b"A" + xid + xid + struct.pack(">Qq", 0x16_B374_D848, 774_000_000_000_000)]))
 
     version, insert = fixtures["pg15.insert.proto1"]
     transaction = b"".join(xlog(m) for m in insert) + keepalive()
