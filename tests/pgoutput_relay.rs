@@ -19,11 +19,14 @@ async fn logical_messages_flow_like_rows_and_malformed_ones_are_dead_lettered() 
     let relay = outbox.start_relay();
     // Messages have no row to backfill: only those written after the slot
     // exists are in its stream, so wait until the relay streams.
+    // (An active slot is not enough: its walsender is active while it still
+    // builds the initial snapshot, waiting for running transactions.)
     wait_for("the relay streams", DEADLINE, || async {
         outbox
             .client
             .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                  WHERE s.slot_name = $1 AND r.state = 'streaming'",
                 &[&outbox.slot()],
             )
             .await

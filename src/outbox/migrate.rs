@@ -98,16 +98,24 @@ pub async fn migrate(
     client: &mut Client,
     target: &MigrationTarget,
 ) -> Result<Vec<i32>, tokio_postgres::Error> {
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS public.pgoutbox_migrations (
-               target     text NOT NULL,
-               version    int  NOT NULL,
-               name       text NOT NULL,
-               applied_at timestamptz NOT NULL DEFAULT now(),
-               PRIMARY KEY (target, version))",
-        )
-        .await?;
+    // Under the same advisory lock as the migrations: CREATE TABLE IF NOT
+    // EXISTS is not safe against a concurrent creator.
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('pgoutbox_migrations'))",
+        &[],
+    )
+    .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS public.pgoutbox_migrations (
+           target     text NOT NULL,
+           version    int  NOT NULL,
+           name       text NOT NULL,
+           applied_at timestamptz NOT NULL DEFAULT now(),
+           PRIMARY KEY (target, version))",
+    )
+    .await?;
+    tx.commit().await?;
     let mut applied = Vec::new();
     for (version, name, template) in MIGRATIONS {
         let tx = client.transaction().await?;
