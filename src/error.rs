@@ -43,19 +43,7 @@ impl Error {
     /// Classifies an error from an ordinary PostgreSQL connection; `doing`
     /// says what was being attempted.
     pub fn postgres(doing: &str, e: &tokio_postgres::Error) -> Error {
-        let text = e
-            .as_db_error()
-            .map(|d| d.message().to_owned())
-            .unwrap_or_else(|| {
-                let mut s = e.to_string();
-                let mut src = std::error::Error::source(e);
-                while let Some(inner) = src {
-                    s.push_str(": ");
-                    s.push_str(&inner.to_string());
-                    src = inner.source();
-                }
-                s
-            });
+        let text = postgres_text(e);
         match e.code().map(|c| c.code()) {
             Some("28P01" | "28000") => Error::Fatal(format!(
                 "{doing}: authentication failed ({text}); check the user and password in DATABASE_URL"

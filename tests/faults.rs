@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -195,14 +195,8 @@ async fn postgres_restart_mid_stream(mode: &str) {
     services("pg-restart", Some(mode));
     let ids = writer.await.unwrap();
     let records = read_until_all(vec![outbox.topic("Order")], ids.clone(), DEADLINE).await;
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for r in &records {
-        *counts.entry(r.header("tracking_id")).or_default() += 1;
-    }
-    let missing = ids
-        .iter()
-        .filter(|id| !counts.contains_key(id.to_string().as_str()))
-        .count();
+    let counts = common::harness::delivery_counts(&records);
+    let missing = common::harness::missing(&ids, &counts);
     assert_eq!(missing, 0, "no event lost across a {mode} restart");
     let dups = counts.values().filter(|&&n| n > 1).count();
     eprintln!("pg restart {mode}: {} events, {dups} re-sent", ids.len());

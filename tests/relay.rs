@@ -419,14 +419,8 @@ async fn sigkill_mid_stream_loses_nothing_and_resends_only_unconfirmed_events() 
     let commit_ends = probe.commit_ends(&outbox.client).await;
     probe.stop(&outbox.client).await;
 
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for r in &records {
-        *counts.entry(r.header("tracking_id")).or_default() += 1;
-    }
-    let missing = expected
-        .iter()
-        .filter(|id| !counts.contains_key(id.to_string().as_str()))
-        .count();
+    let counts = common::harness::delivery_counts(&records);
+    let missing = common::harness::missing(&expected, &counts);
     assert_eq!(missing, 0, "no event is missing");
     let mut dup_events = 0;
     for (xid, ids) in &by_xid {

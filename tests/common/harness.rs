@@ -550,3 +550,22 @@ pub fn topic_record_count(topic: &str) -> i64 {
     }
     total
 }
+
+/// How many times each tracking id was delivered.
+pub fn delivery_counts(records: &[Record]) -> HashMap<String, usize> {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for r in records {
+        *counts
+            .entry(r.header("tracking_id").to_owned())
+            .or_default() += 1;
+    }
+    counts
+}
+
+/// How many of `expected` were never delivered.
+pub fn missing(expected: &[uuid::Uuid], counts: &HashMap<String, usize>) -> usize {
+    expected
+        .iter()
+        .filter(|id| !counts.contains_key(&id.to_string()))
+        .count()
+}
