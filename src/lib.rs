@@ -14,6 +14,10 @@
 //! - [`route`]: turning an outbox row into a Kafka record (topic, key, headers);
 //! - [`sink`]: the Kafka producer;
 //! - [`relay`]: the CDC pipeline and its progress (LSN) tracking;
+//! - [`poll`]: poll mode (leases, reaper, retries) for servers without
+//!   logical replication;
+//! - [`serving`]: the lock that lets only one mode serve a table;
+//! - [`idempotency`]: the consumer side, applying each event once;
 //! - [`config`]: configuration from file and environment, validated.
 #![deny(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
@@ -22,13 +26,16 @@ pub mod cli;
 pub mod config;
 pub mod database;
 pub mod error;
+pub mod idempotency;
 pub mod lsn;
 pub mod outbox;
 pub mod pgoutput;
+pub mod poll;
 pub mod redact;
 pub mod relay;
 pub mod replication;
 pub mod route;
+pub mod serving;
 pub mod sink;
 
 pub use lsn::Lsn;

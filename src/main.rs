@@ -2,10 +2,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
+use uuid::Uuid;
 
 use pgoutbox::cli;
+use pgoutbox::outbox::dead_letter;
 
 /// PostgreSQL transactional-outbox relay: outbox rows to Apache Kafka, at
 /// least once, in per-aggregate order.
@@ -29,18 +32,144 @@ enum Command {
         /// earlier was lost; rows still PENDING are backfilled first.
         #[arg(long)]
         recreate_slot: bool,
+        /// `cdc` (logical replication), `poll` (leases on the table) or
+        /// `auto` (CDC when the server allows it); overrides `mode` and
+        /// OUTBOX_MODE.
+        #[arg(long, value_parser = ["cdc", "poll", "auto"])]
+        mode: Option<String>,
     },
+    /// Dead letters: list, show, redrive or skip rows in status DEAD_LETTER
+    /// (see docs/dead-letters.md).
+    Dle {
+        #[command(subcommand)]
+        command: DleCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DleCommand {
+    /// The newest dead-lettered rows, and how many share each error.
+    List {
+        /// Only this aggregate type.
+        #[arg(long)]
+        aggregate_type: Option<String>,
+        /// Only this event type.
+        #[arg(long)]
+        event_type: Option<String>,
+        /// Only rows created longer ago than this (e.g. 30m, 2h, 7d).
+        #[arg(long, value_name = "AGE", value_parser = dead_letter::parse_duration)]
+        older_than: Option<Duration>,
+        /// At most this many rows, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead-lettered row in full: payload, metadata, attempts, last error.
+    Show {
+        /// The event's tracking id.
+        tracking_id: Uuid,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Back to PENDING with retry_count = 0, so the relay publishes them
+    /// again. Requires --reason; recorded in the audit table.
+    Redrive(ActionArgs),
+    /// Mark COMPLETED without publishing (processed_at stays NULL), which
+    /// unblocks the aggregate. Requires --reason; recorded in the audit table.
+    Skip(ActionArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(ArgGroup::new("selection").required(true).args(["tracking_ids", "condition"])))]
+struct ActionArgs {
+    /// Tracking ids of the dead-lettered rows.
+    #[arg(value_name = "TRACKING_ID")]
+    tracking_ids: Vec<Uuid>,
+    /// Instead of ids: an SQL condition over the outbox columns, e.g.
+    /// "event_type = 'OrderShipped' AND last_error LIKE '%too large%'".
+    /// Raw SQL, run as you; only DEAD_LETTER rows are ever touched.
+    #[arg(long = "where", value_name = "SQL")]
+    condition: Option<String>,
+    /// The root cause and its fix (required: no blind redrive).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only show which rows would change.
+    #[arg(long)]
+    dry_run: bool,
+    /// statement_timeout for the transaction (e.g. 30s, 5m).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = dead_letter::parse_duration)]
+    statement_timeout: Duration,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ActionArgs {
+    fn into_request(self) -> (dead_letter::ActionRequest, bool) {
+        let selection = match self.condition {
+            Some(w) => dead_letter::Selection::Where(w),
+            None => dead_letter::Selection::Ids(self.tracking_ids),
+        };
+        let request = dead_letter::ActionRequest {
+            selection,
+            reason: self.reason,
+            dry_run: self.dry_run,
+            statement_timeout: self.statement_timeout,
+        };
+        (request, self.json)
+    }
+}
+
+impl From<DleCommand> for cli::DleCommand {
+    fn from(c: DleCommand) -> cli::DleCommand {
+        match c {
+            DleCommand::List {
+                aggregate_type,
+                event_type,
+                older_than,
+                limit,
+                json,
+            } => cli::DleCommand::List {
+                filter: dead_letter::ListFilter {
+                    aggregate_type,
+                    event_type,
+                    older_than,
+                    limit,
+                },
+                json,
+            },
+            DleCommand::Show { tracking_id, json } => cli::DleCommand::Show { tracking_id, json },
+            DleCommand::Redrive(args) => {
+                let (request, json) = args.into_request();
+                cli::DleCommand::Redrive { request, json }
+            }
+            DleCommand::Skip(args) => {
+                let (request, json) = args.into_request();
+                cli::DleCommand::Skip { request, json }
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match pgoutbox::config::Config::load(args.config.as_deref()) {
+    let mut config = match pgoutbox::config::Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
+    if let Command::Run {
+        mode: Some(mode), ..
+    } = &args.command
+    {
+        // Already restricted by clap to a valid name.
+        config.mode = mode.parse().unwrap_or(config.mode);
+    }
     cli::init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -55,7 +184,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match args.command {
             Command::Migrate => cli::migrate(&config).await,
-            Command::Run { recreate_slot } => cli::run(config, recreate_slot).await,
+            Command::Run { recreate_slot, .. } => cli::run(config, recreate_slot).await,
+            Command::Dle { command } => cli::dle(&config, command.into()).await,
         }
     });
     match result {

@@ -95,6 +95,27 @@ pub enum Mode {
     /// Logical replication (pgoutput) from a replication slot.
     #[default]
     Cdc,
+    /// Claim rows from the table with leases (`FOR UPDATE SKIP LOCKED`).
+    Poll,
+    /// CDC when the server allows it, poll otherwise (decided at start).
+    Auto,
+}
+
+impl Mode {
+    /// The name used in config, logs and the `--mode` flag.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Cdc => "cdc",
+            Mode::Poll => "poll",
+            Mode::Auto => "auto",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl FromStr for Mode {
@@ -102,7 +123,59 @@ impl FromStr for Mode {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "cdc" => Ok(Mode::Cdc),
-            other => Err(format!("unknown mode {other:?}; expected \"cdc\"")),
+            "poll" => Ok(Mode::Poll),
+            "auto" => Ok(Mode::Auto),
+            other => Err(format!(
+                "unknown mode {other:?}; expected \"cdc\", \"poll\" or \"auto\""
+            )),
+        }
+    }
+}
+
+/// Per-aggregate ordering in poll mode.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PollOrdering {
+    /// The seed's behaviour: with more than one worker, or after a retry,
+    /// events of one aggregate may be published out of order.
+    #[default]
+    None,
+    /// An event is claimed only when every older event of its aggregate is
+    /// `COMPLETED`: order holds across workers, relays and retries, and a
+    /// dead-lettered event blocks its aggregate until redriven or skipped.
+    Aggregate,
+}
+
+/// Poll mode settings beyond the seed's (`outbox.batch_size`,
+/// `outbox.lease_seconds`, `outbox.poll_interval_ms`, `outbox.max_retries`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PollConfig {
+    /// Concurrent workers, each claiming its own batches
+    /// (env `OUTBOX_CONCURRENCY`).
+    pub concurrency: u32,
+    /// `none` (the seed's) or `aggregate` (env `OUTBOX_ORDERING`).
+    pub ordering: PollOrdering,
+    /// Install the AFTER INSERT trigger that wakes idle pollers through
+    /// `LISTEN/NOTIFY` (applied by `pgoutbox migrate`; env `OUTBOX_NOTIFY`).
+    /// Each inserting transaction then takes PostgreSQL's notification
+    /// queue lock at commit, which serialises those commits.
+    pub notify: bool,
+    /// First retry delay after a failed send, in milliseconds; doubled per
+    /// attempt, with jitter.
+    pub backoff_base_ms: u64,
+    /// Upper bound of the retry delay, in milliseconds.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for PollConfig {
+    fn default() -> Self {
+        PollConfig {
+            concurrency: 1,
+            ordering: PollOrdering::None,
+            notify: false,
+            backoff_base_ms: 1000,
+            backoff_max_ms: 300_000,
         }
     }
 }
@@ -119,6 +192,8 @@ pub struct Config {
     pub outbox: OutboxConfig,
     /// Logical replication settings.
     pub cdc: CdcConfig,
+    /// Poll mode settings.
+    pub poll: PollConfig,
     /// The Kafka producer.
     pub kafka: KafkaConfig,
     /// Logging.
@@ -317,6 +392,10 @@ pub const ENV_VARS: &[&str] = &[
     "OUTBOX_POLL_INTERVAL_MS",
     "OUTBOX_MAX_RETRIES",
     "OUTBOX_MARK_COMPLETED",
+    "OUTBOX_MODE",
+    "OUTBOX_CONCURRENCY",
+    "OUTBOX_ORDERING",
+    "OUTBOX_NOTIFY",
     "OUTBOX_SLOT",
     "OUTBOX_PUBLICATION",
     "OUTBOX_TOPIC",
@@ -413,6 +492,30 @@ impl Config {
         if let Some(v) = get("OUTBOX_MARK_COMPLETED") {
             self.outbox.mark_completed = parse_bool("OUTBOX_MARK_COMPLETED", &v)?;
         }
+        if let Some(v) = get("OUTBOX_MODE") {
+            self.mode = v
+                .trim()
+                .parse()
+                .map_err(|e: String| ConfigError::new("OUTBOX_MODE", e))?;
+        }
+        if let Some(v) = get("OUTBOX_CONCURRENCY") {
+            self.poll.concurrency = parse_env("OUTBOX_CONCURRENCY", &v, "a whole number")?;
+        }
+        if let Some(v) = get("OUTBOX_ORDERING") {
+            self.poll.ordering = match v.trim() {
+                "none" => PollOrdering::None,
+                "aggregate" => PollOrdering::Aggregate,
+                other => {
+                    return Err(ConfigError::new(
+                        "OUTBOX_ORDERING",
+                        format!("{other:?} is not \"none\" or \"aggregate\""),
+                    ))
+                }
+            };
+        }
+        if let Some(v) = get("OUTBOX_NOTIFY") {
+            self.poll.notify = parse_bool("OUTBOX_NOTIFY", &v)?;
+        }
         if let Some(v) = get("OUTBOX_SLOT") {
             self.cdc.slot = v;
         }
@@ -482,6 +585,19 @@ impl Config {
             self.outbox.max_retries as u64,
             1,
             1_000_000,
+        )?;
+        range("poll.concurrency", self.poll.concurrency as u64, 1, 256)?;
+        range(
+            "poll.backoff_base_ms",
+            self.poll.backoff_base_ms,
+            1,
+            3_600_000,
+        )?;
+        range(
+            "poll.backoff_max_ms",
+            self.poll.backoff_max_ms,
+            self.poll.backoff_base_ms,
+            86_400_000,
         )?;
         range(
             "cdc.status_interval_ms",

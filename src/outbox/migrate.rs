@@ -38,6 +38,21 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "table_less_outbox",
         include_str!("../../migrations/0005_table_less_outbox.sql"),
     ),
+    (
+        6,
+        "poll_mode",
+        include_str!("../../migrations/0006_poll_mode.sql"),
+    ),
+    (
+        7,
+        "dead_letter_audit",
+        include_str!("../../migrations/0007_dead_letter_audit.sql"),
+    ),
+    (
+        8,
+        "processed_events",
+        include_str!("../../migrations/0008_processed_events.sql"),
+    ),
 ];
 
 /// Names a migration run applies to. All must already be validated
@@ -66,6 +81,14 @@ impl MigrationTarget {
             .replace(
                 "{{pending_index}}",
                 &quote_ident(&format!("{}_pending_idx", self.table)),
+            )
+            .replace(
+                "{{processing_index}}",
+                &quote_ident(&format!("{}_processing_idx", self.table)),
+            )
+            .replace(
+                "{{dead_letter_index}}",
+                &quote_ident(&format!("{}_dead_letter_idx", self.table)),
             )
             .replace("{{schema_literal}}", &literal(&self.schema))
             .replace("{{table_literal}}", &literal(&self.table))

@@ -7,6 +7,7 @@
 //! over from the other (invariant 8).
 
 mod columns;
+pub mod dead_letter;
 pub mod envelope;
 mod migrate;
 mod status;

@@ -21,9 +21,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::config::{quote_ident, Config};
+use crate::config::{quote_ident, Config, Mode};
 use crate::error::{Action, Error};
 use crate::route::Router;
+use crate::serving::ServingLock;
 
 pub use slot::SlotState;
 
@@ -79,6 +80,24 @@ async fn preflight(client: &tokio_postgres::Client, config: &Config) -> Result<D
             "the publication does not include the configured outbox table; only its own tables will be relayed"
         );
     }
+    check_migrations(client, config).await?;
+    let timeout_ms: i64 = client
+        .query_one(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::postgres("reading wal_sender_timeout", &e))?
+        .get(0);
+    Ok(Duration::from_millis(timeout_ms.max(0) as u64))
+}
+
+/// Stops with a clear message when the table's schema is behind this
+/// binary's migrations.
+pub(crate) async fn check_migrations(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<(), Error> {
     let target = format!("{}.{}", config.outbox.schema, config.outbox.table);
     let applied: Option<i32> = client
         .query_one(
@@ -95,20 +114,77 @@ async fn preflight(client: &tokio_postgres::Client, config: &Config) -> Result<D
             applied.unwrap_or(0)
         )));
     }
-    let timeout_ms: i64 = client
+    Ok(())
+}
+
+/// Why `auto` chose a mode, for the log.
+async fn choose_mode(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<(Mode, String), Error> {
+    let row = client
         .query_one(
-            "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
-            &[],
+            "SELECT current_setting('wal_level'), \
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), \
+                    EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
+            &[&config.cdc.publication, &config.outbox.schema, &config.outbox.table],
         )
         .await
-        .map_err(|e| Error::postgres("reading wal_sender_timeout", &e))?
-        .get(0);
-    Ok(Duration::from_millis(timeout_ms.max(0) as u64))
+        .map_err(|e| Error::postgres("checking whether CDC is possible", &e))?;
+    let (wal_level, replication, published): (String, Option<bool>, bool) =
+        (row.get(0), row.get(1), row.get(2));
+    if wal_level != "logical" {
+        return Ok((
+            Mode::Poll,
+            format!("wal_level is {wal_level:?}, not \"logical\""),
+        ));
+    }
+    if replication != Some(true) {
+        return Ok((Mode::Poll, "the role has no REPLICATION privilege".into()));
+    }
+    if !published {
+        return Ok((
+            Mode::Poll,
+            format!(
+                "publication {:?} does not include {}.{}",
+                config.cdc.publication, config.outbox.schema, config.outbox.table
+            ),
+        ));
+    }
+    Ok((
+        Mode::Cdc,
+        "wal_level is logical, the role may replicate and the publication covers the table".into(),
+    ))
+}
+
+/// Runs the relay in the configured mode (resolving `auto` first) until
+/// `shutdown` turns true or a definite error occurs.
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let mode = match config.mode {
+        Mode::Auto => {
+            let pg = crate::database::settings(&config)?;
+            let client = crate::database::connect(&pg)
+                .await
+                .map_err(|e| fatal_at_start(Error::postgres("connecting to PostgreSQL", &e)))?;
+            let (mode, why) = choose_mode(&client, &config).await?;
+            tracing::info!(%mode, reason = %why, "mode auto");
+            mode
+        }
+        m => m,
+    };
+    match mode {
+        Mode::Poll => crate::poll::run(config, shutdown).await,
+        Mode::Cdc | Mode::Auto => run_cdc(config, options, shutdown).await,
+    }
 }
 
 /// Runs the CDC relay until `shutdown` turns true (exit 0 after a graceful
 /// drain) or a definite error occurs.
-pub async fn run(
+async fn run_cdc(
     config: Config,
     options: RunOptions,
     mut shutdown: watch::Receiver<bool>,
@@ -136,7 +212,26 @@ pub async fn run(
     let mut recreate = options.recreate_slot;
     let max_backoff = Duration::from_millis(config.cdc.max_backoff_ms);
     let mut backoff = Duration::from_millis(100);
+    let mut lock: Option<ServingLock> = None;
     loop {
+        if lock.is_none() {
+            // Waits while pollers (or another CDC relay: a standby) serve
+            // the table.
+            match ServingLock::acquire(&pg, &config, Mode::Cdc, &mut shutdown).await {
+                Ok(Some(l)) => lock = Some(l),
+                Ok(None) => return Ok(()),
+                Err(e) if e.action() == Action::Stop => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take the serving lock; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(max_backoff);
+                    continue;
+                }
+            }
+        }
         let started = tokio::time::Instant::now();
         let ctx = stream::Session {
             config: &config,
@@ -144,7 +239,20 @@ pub async fn run(
             router: router.clone(),
             status_interval,
         };
-        match ctx.run(&mut recreate, &mut shutdown).await {
+        let outcome = {
+            let held = lock.as_mut().expect("taken above");
+            tokio::select! {
+                r = ctx.run(&mut recreate, &mut shutdown) => Some(r),
+                _ = held.lost() => None,
+            }
+        };
+        let outcome = outcome.unwrap_or_else(|| {
+            lock = None;
+            Err(Error::Transient(
+                "the serving lock was lost (its connection ended); stopped delivering until it is taken again".into(),
+            ))
+        });
+        match outcome {
             Ok(()) => return Ok(()),
             Err(e) => match e.action() {
                 Action::Stop => return Err(e),
@@ -174,7 +282,7 @@ pub async fn run(
 
 /// At start-up every error is reported and the relay exits: an unreachable
 /// host or a wrong password is for the operator to fix, not to retry forever.
-fn fatal_at_start(e: Error) -> Error {
+pub(crate) fn fatal_at_start(e: Error) -> Error {
     match e {
         Error::Transient(msg) => Error::Fatal(format!(
             "{msg}; check that PostgreSQL is running and reachable at the host and port in DATABASE_URL"
@@ -185,7 +293,7 @@ fn fatal_at_start(e: Error) -> Error {
 
 /// Creates next months' partitions if the helper function is installed.
 /// Failing here must not stop delivery, so problems are logged.
-async fn ensure_partitions(client: &tokio_postgres::Client, config: &Config) {
+pub(crate) async fn ensure_partitions(client: &tokio_postgres::Client, config: &Config) {
     let table = format!(
         "{}.{}",
         quote_ident(&config.outbox.schema),
