@@ -143,6 +143,10 @@ pub async fn dle(config: &Config, command: DleCommand) -> Result<(), Error> {
     let table = OutboxTable {
         schema: config.outbox.schema.clone(),
         table: config.outbox.table.clone(),
+        announce_prefix: config
+            .cdc
+            .messages
+            .then(|| config.cdc.message_prefix.clone()),
     };
     // Refuse what can be refused before connecting.
     let action = match &command {

@@ -54,6 +54,12 @@ pub struct OutboxTable {
     pub schema: String,
     /// The outbox table.
     pub table: String,
+    /// The logical message prefix a CDC relay of this table reads events
+    /// under (`cdc.message_prefix`), or `None` when it relays no messages.
+    /// A redrive announces each row under it, so a CDC relay publishes the
+    /// row again (its publication carries inserts only, not the redrive's
+    /// update).
+    pub announce_prefix: Option<String>,
 }
 
 impl OutboxTable {
@@ -752,6 +758,9 @@ async fn act(
     }
     .map_err(db("updating the dead-lettered rows"))?;
     let changed: Vec<Uuid> = updated.iter().map(|r| r.get(0)).collect();
+    if let (Action::Redrive, Some(prefix)) = (action, &table.announce_prefix) {
+        announce(&tx, table, prefix, &ids, &created).await?;
+    }
 
     // 3. The audit entry, in the same transaction.
     let audit_sql = format!(
@@ -794,6 +803,40 @@ async fn act(
         not_dead_letter,
         audit: Some(audit),
     })
+}
+
+/// Writes each redriven row as a transactional logical message in the
+/// redrive's transaction, in the table-less envelope plus the row's key
+/// (see [`crate::outbox::envelope`]): a CDC relay publishes it and marks the
+/// row `COMPLETED`. Only when the server decodes logically and a logical
+/// slot exists on this database; a poller delivers the `PENDING` row itself.
+async fn announce(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &OutboxTable,
+    prefix: &str,
+    ids: &[i64],
+    created: &[SystemTime],
+) -> Result<(), DeadLetterError> {
+    let t = table.qualified();
+    let sql = format!(
+        "SELECT count(pg_logical_emit_message(true, $1, jsonb_build_object( \
+                  'tracking_id', o.tracking_id, 'aggregate_type', o.aggregate_type, \
+                  'aggregate_id', o.aggregate_id, 'event_type', o.event_type, \
+                  'payload', o.payload, 'metadata', o.metadata, \
+                  'created_at', o.created_at::text, \
+                  'row', jsonb_build_object('table', $2::text, 'id', o.id::text, \
+                         'created_at', to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00') \
+                )::text)) \
+           FROM {t} AS o JOIN unnest($3::bigint[], $4::timestamptz[]) AS k(id, created_at) \
+             ON o.id = k.id AND o.created_at = k.created_at \
+          WHERE current_setting('wal_level') = 'logical' \
+            AND EXISTS (SELECT 1 FROM pg_replication_slots \
+                         WHERE slot_type = 'logical' AND database = current_database())"
+    );
+    tx.query_one(&sql, &[&prefix, &table.table, &ids, &created])
+        .await
+        .map_err(db("announcing the redriven rows to CDC relays"))?;
+    Ok(())
 }
 
 #[cfg(test)]

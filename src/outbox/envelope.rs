@@ -21,6 +21,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::outbox::RowKey;
 use crate::route::OutboxEvent;
 
 /// Why a logical message is not a valid outbox envelope.
@@ -45,6 +46,20 @@ struct Envelope<'a> {
     metadata: Option<&'a RawValue>,
     #[serde(borrow, default)]
     created_at: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    row: Option<RowRef<'a>>,
+}
+
+/// The outbox row an envelope stands for, when a redrive announced a row.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RowRef<'a> {
+    #[serde(borrow)]
+    table: Cow<'a, str>,
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    created_at: Cow<'a, str>,
 }
 
 /// `s` as bytes: a zero-copy slice when it lies inside `content` (the usual
@@ -62,6 +77,17 @@ fn slice(content: &Bytes, s: &str) -> Bytes {
 /// Reads an outbox event from a logical message's content. `prefix` becomes
 /// the event's table name (for `{table}` routing).
 pub fn parse(prefix: &str, content: &Bytes) -> Result<OutboxEvent, EnvelopeError> {
+    parse_with_row(prefix, content).map(|(event, _)| event)
+}
+
+/// Like [`parse`], and also the key of the outbox row the message stands
+/// for when it carries one (`"row": {"table", "id", "created_at"}`, written
+/// by `pgoutbox dle redrive`): the relay marks that row once delivered, and
+/// the event's table is the row's.
+pub fn parse_with_row(
+    prefix: &str,
+    content: &Bytes,
+) -> Result<(OutboxEvent, Option<RowKey>), EnvelopeError> {
     let env: Envelope<'_> =
         serde_json::from_slice(content).map_err(|e| EnvelopeError(e.to_string()))?;
     for (field, value) in [
@@ -80,9 +106,19 @@ pub fn parse(prefix: &str, content: &Bytes) -> Result<OutboxEvent, EnvelopeError
             return Err(EnvelopeError(format!("{field} is empty")));
         }
     }
-    Ok(OutboxEvent {
-        table: Bytes::copy_from_slice(prefix.as_bytes()),
-        id: Bytes::new(),
+    let key = env.row.as_ref().map(|r| RowKey {
+        id: slice(content, &r.id),
+        created_at: slice(content, &r.created_at),
+    });
+    if let Some(r) = &env.row {
+        if r.id.parse::<i64>().is_err() {
+            return Err(EnvelopeError(format!("row id {:?} is not a number", r.id)));
+        }
+    }
+    let table = env.row.as_ref().map_or(prefix, |r| &r.table);
+    let event = OutboxEvent {
+        table: Bytes::copy_from_slice(table.as_bytes()),
+        id: key.as_ref().map(|k| k.id.clone()).unwrap_or_default(),
         created_at: env
             .created_at
             .as_ref()
@@ -94,7 +130,8 @@ pub fn parse(prefix: &str, content: &Bytes) -> Result<OutboxEvent, EnvelopeError
         event_type: slice(content, &env.event_type),
         payload: content.slice_ref(env.payload.get().as_bytes()),
         metadata: env.metadata.map(|m| content.slice_ref(m.get().as_bytes())),
-    })
+    };
+    Ok((event, key))
 }
 
 #[cfg(test)]
@@ -112,6 +149,31 @@ mod tests {
         assert_eq!(&e.table[..], b"outbox");
         assert_eq!(e.trace_context().traceparent.as_deref(), Some("00-a-b-01"));
         assert_eq!(&e.created_at[..], b"2026-11-27 10:00:00+00");
+    }
+
+    #[test]
+    fn a_redrive_announcement_names_its_row() {
+        let text = GOOD.replace(
+            "\"created_at\"",
+            "\"row\": {\"table\": \"outbox\", \"id\": \"42\", \"created_at\": \"2026-11-27 10:00:00.000000+00\"}, \"created_at\"",
+        );
+        let (e, key) = parse_with_row("events", &Bytes::from(text)).unwrap();
+        let key = key.expect("row key");
+        assert_eq!(&key.id[..], b"42");
+        assert_eq!(&key.created_at[..], b"2026-11-27 10:00:00.000000+00");
+        assert_eq!(&e.table[..], b"outbox");
+        assert_eq!(&e.id[..], b"42");
+        assert!(
+            parse_with_row("events", &Bytes::from_static(GOOD.as_bytes()))
+                .unwrap()
+                .1
+                .is_none()
+        );
+        let bad = GOOD.replace(
+            "\"created_at\"",
+            "\"row\": {\"table\": \"outbox\", \"id\": \"x\", \"created_at\": \"c\"}, \"created_at\"",
+        );
+        assert!(parse_with_row("events", &Bytes::from(bad)).is_err());
     }
 
     #[test]

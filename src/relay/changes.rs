@@ -242,8 +242,10 @@ fn message_item(m: &Message) -> Item {
         prefix: m.prefix.clone(),
         content: m.content.clone(),
     };
-    match envelope::parse(&m.prefix, &m.content) {
-        Ok(event) => Item::Event(event, source),
+    match envelope::parse_with_row(&m.prefix, &m.content) {
+        // A redriven row: delivered like any row, then marked.
+        Ok((event, Some(key))) => Item::Event(event, Source::Row(key)),
+        Ok((event, None)) => Item::Event(event, source),
         Err(e) => Item::Unreadable(source, e.to_string()),
     }
 }
