@@ -446,3 +446,97 @@ async fn aggregate_ordering_holds_across_workers_relays_and_a_killed_relay() {
     );
     b.terminate();
 }
+
+#[tokio::test]
+async fn an_idle_poller_is_woken_by_the_insert_trigger() {
+    let mut outbox = TestOutbox::new("poll_notify").await;
+    // A poll interval far longer than the deadline below: only the
+    // LISTEN/NOTIFY wake-up can deliver in time.
+    outbox.extra_config = "[outbox]\npoll_interval_ms = 600000\n\n[poll]\nnotify = true\n".into();
+    let out = outbox.command_with_args(&["migrate"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let relay = poll_relay(&outbox, "r");
+    wait_for(
+        "the poller idle after its first claim",
+        Duration::from_secs(30),
+        || async {
+            relay
+                .log_text()
+                .contains("serving lock taken")
+                .then_some(())
+        },
+    )
+    .await;
+    // Let the first (empty) claim pass, so the worker sleeps on the interval.
+    let waiting = || async {
+        let n: i64 = outbox
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgoutbox' AND query LIKE 'LISTEN%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0).then_some(())
+    };
+    wait_for("the listener connected", Duration::from_secs(30), waiting).await;
+    for round in 0..3 {
+        let id = outbox
+            .publish(
+                "Order",
+                Uuid::new_v4(),
+                "Placed",
+                &serde_json::json!({ "round": round }),
+            )
+            .await;
+        let records = read_until_all(
+            vec![outbox.topic("Order")],
+            vec![id],
+            Duration::from_secs(20),
+        )
+        .await;
+        assert_eq!(missing(&[id], &delivery_counts(&records)), 0);
+    }
+    relay.terminate();
+}
+
+#[tokio::test]
+async fn the_heartbeat_keeps_a_lease_shorter_than_the_send_alive() {
+    let mut outbox = TestOutbox::new("poll_heartbeat").await;
+    // Sends take 5 s to fail (missing topic) but the lease is 2 s: without
+    // renewals the reaper (every second) would hand the row to the second
+    // worker while the first still waits, counting a second attempt.
+    outbox.extra_config = "[outbox]\nlease_seconds = 2\n\n[poll]\nconcurrency = 2\nbackoff_base_ms = 60000\n\n[kafka.properties]\n\"message.timeout.ms\" = \"5000\"\n\"allow.auto.create.topics\" = \"false\"\n".into();
+    let id = outbox
+        .publish("Missing", Uuid::new_v4(), "Placed", &serde_json::json!({}))
+        .await;
+    let relay = poll_relay(&outbox, "r");
+    let (status, attempts, error): (String, i32, Option<String>) =
+        wait_for("the first attempt to fail", Duration::from_secs(60), || async {
+            let r = outbox
+                .client
+                .query_one(
+                    &format!("SELECT status, retry_count, last_error FROM {}.outbox WHERE tracking_id = $1", outbox.name),
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            let error: Option<String> = r.get(2);
+            error.is_some().then(|| (r.get(0), r.get(1), error))
+        })
+        .await;
+    let log = relay.log_text();
+    relay.terminate();
+    assert_eq!(
+        status, "PENDING",
+        "retriable: back to PENDING with a backoff"
+    );
+    assert_eq!(attempts, 1, "the lease held for the whole send: {log}");
+    assert!(!log.contains("leases expired"), "{log}");
+    assert!(error.unwrap().len() > 3);
+}
