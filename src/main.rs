@@ -163,12 +163,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Command::Run {
-        mode: Some(mode), ..
-    } = &args.command
-    {
-        // Already restricted by clap to a valid name.
-        config.mode = mode.parse().unwrap_or(config.mode);
+    if let Command::Run { mode, .. } = &args.command {
+        if let Some(mode) = mode {
+            // Already restricted by clap to a valid name.
+            config.mode = mode.parse().unwrap_or(config.mode);
+        }
+        if let Err(e) = config.require_kafka() {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
     }
     cli::init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -86,7 +86,11 @@ async fn four_workers_deliver_everything_after_one_relay_is_killed_mid_batch() {
         "[outbox]\nlease_seconds = 3\nbatch_size = 200\n\n[poll]\nconcurrency = 2\n".into();
     let aggregates: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
     let ids = insert_events(&outbox, "Order", &aggregates, 20_000, 0).await;
-    let a = poll_relay(&outbox, "a");
+    // Relay A lingers 500 ms before each send, so it is all but always
+    // holding a leased batch when it is killed.
+    let mut cmd_a = outbox.command_with_args(&["run", "--mode", "poll"]);
+    cmd_a.env("KAFKA_LINGER_MS", "500");
+    let a = Relay::spawn(cmd_a, "poll_kill-a");
     let b = poll_relay(&outbox, "b");
     // Kill relay A while both are delivering.
     wait_for("a quarter delivered", Duration::from_secs(120), || async {
@@ -130,7 +134,22 @@ async fn four_workers_deliver_everything_after_one_relay_is_killed_mid_batch() {
         .unwrap()
         .get(0);
     assert_eq!(still_leased, 0, "completed rows keep no lease");
-    assert!(log.contains("starting poll relay"), "{log}");
+    // The killed relay's leased rows came back through the reaper and were
+    // claimed again (a second attempt).
+    let reclaimed: i64 = outbox
+        .client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {}.outbox WHERE retry_count >= 2",
+                outbox.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reclaimed > 0, "no row was reaped and claimed again: {log}");
+    assert!(log.contains("reaper: leases expired"), "{log}");
 }
 
 #[tokio::test]
