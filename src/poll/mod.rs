@@ -131,9 +131,19 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let stats = Arc::new(Stats::default());
     let mut backoff = Duration::from_millis(200);
     loop {
-        let Some(mut lock) = ServingLock::acquire(&pg, &config, Mode::Poll, &mut shutdown).await?
-        else {
-            return Ok(());
+        let mut lock = match ServingLock::acquire(&pg, &config, Mode::Poll, &mut shutdown).await {
+            Ok(Some(lock)) => lock,
+            Ok(None) => return Ok(()),
+            Err(e @ (Error::Fatal(_) | Error::Config(_))) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot take the serving lock; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
         };
         let (sink, deliveries) =
             Sink::new(&config.kafka).map_err(|e| Error::Fatal(e.to_string()))?;

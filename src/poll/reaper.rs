@@ -57,3 +57,16 @@ pub(super) async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reaper_runs_every_half_lease() {
+        assert_eq!(period(30), Duration::from_secs(15));
+        assert_eq!(period(3), Duration::from_millis(1500));
+        // Never a busy loop, whatever the lease.
+        assert_eq!(period(0), Duration::from_millis(500));
+    }
+}
