@@ -9,7 +9,9 @@ use crate::outbox::dead_letter::{
     self, ActionOutcome, ActionRequest, DeadLetterError, DeadLetterRow, ListFilter, Listing,
     OutboxTable, Selection,
 };
-use crate::outbox::{migrate as apply_migrations, MigrationTarget};
+use crate::outbox::{
+    grant_relay_role, migrate as apply_migrations, MigrationTarget, PrivilegeError, RelayRole,
+};
 use crate::relay::{self, RunOptions};
 
 /// The version string: crate version and the git revision it was built from.
@@ -36,6 +38,13 @@ pub fn init_logging(config: &Config) {
 
 /// `pgoutbox migrate`.
 pub async fn migrate(config: &Config) -> Result<(), Error> {
+    migrate_with(config, None).await
+}
+
+/// `pgoutbox migrate [--relay-role <name>]`: the migrations, then (with a
+/// relay role) the least-privilege role the relay runs as, created if
+/// missing and granted what the relay needs (see docs/least-privilege.md).
+pub async fn migrate_with(config: &Config, relay_role: Option<&RelayRole>) -> Result<(), Error> {
     let pg = crate::database::settings(config)?;
     let mut client = crate::database::connect(&pg)
         .await
@@ -66,6 +75,51 @@ pub async fn migrate(config: &Config) -> Result<(), Error> {
     for change in changed {
         tracing::info!("{change}");
     }
+    if let Some(role) = relay_role {
+        relay_role_grants(&mut client, &target, role).await?;
+    }
+    Ok(())
+}
+
+/// Creates (if missing) and grants the relay role; says what was done and,
+/// for a role created without a password, how to set one. Never prints the
+/// password.
+async fn relay_role_grants(
+    client: &mut tokio_postgres::Client,
+    target: &MigrationTarget,
+    role: &RelayRole,
+) -> Result<(), Error> {
+    let report = grant_relay_role(client, target, role)
+        .await
+        .map_err(|e| match e {
+            PrivilegeError::Database { context, source } => Error::postgres(&context, &source),
+            refused @ PrivilegeError::Refused(_) => Error::Fatal(refused.to_string()),
+        })?;
+    let name = &role.name;
+    let table = format!("{}.{}", target.schema, target.table);
+    match (&role.password, report.created) {
+        (Some((_, source)), true) => {
+            tracing::info!(role = %name, password_from = %source, "created the relay role (LOGIN REPLICATION, no superuser)")
+        }
+        (None, true) => tracing::warn!(
+            role = %name,
+            "created the relay role without a password: set one with psql's \\password {name} \
+             (or ALTER ROLE), or run migrate again with {} or --relay-password-file",
+            crate::outbox::RELAY_PASSWORD_ENV
+        ),
+        (Some((_, source)), false) => {
+            tracing::info!(role = %name, password_from = %source, "relay role exists; password updated")
+        }
+        (None, false) => tracing::info!(role = %name, "relay role exists; password unchanged"),
+    }
+    for warning in &report.warnings {
+        tracing::warn!("{warning}");
+    }
+    tracing::info!(
+        role = %name,
+        table = %table,
+        "granted the relay role what the relay needs on the table; run the relay with DATABASE_URL=postgres://{name}:<password>@<host>:<port>/<db> (see docs/least-privilege.md)"
+    );
     Ok(())
 }
 

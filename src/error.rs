@@ -28,6 +28,11 @@ pub enum Error {
     /// A connection or service failed; retrying may succeed.
     #[error("{0}")]
     Transient(String),
+    /// The replication slot pgoutbox created is gone (dropped, or
+    /// invalidated by `max_slot_wal_keep_size`): events may be missing from
+    /// any new slot, so only an operator decides what happens next.
+    #[error("{0}")]
+    SlotLost(String),
 }
 
 impl Error {
@@ -36,6 +41,7 @@ impl Error {
         match self {
             Error::Config(_) => Action::Stop,
             Error::Fatal(_) => Action::Stop,
+            Error::SlotLost(_) => Action::Stop,
             Error::Transient(_) => Action::Reconnect,
         }
     }
@@ -43,7 +49,26 @@ impl Error {
     /// Classifies an error from an ordinary PostgreSQL connection; `doing`
     /// says what was being attempted.
     pub fn postgres(doing: &str, e: &tokio_postgres::Error) -> Error {
+        // A certificate or TLS-mode problem is for an operator; its text
+        // already says what to fix.
+        if let Some(tls) =
+            std::error::Error::source(e).and_then(|s| s.downcast_ref::<crate::database::TlsError>())
+        {
+            return if tls.is_transient() {
+                Error::Transient(format!("{doing}: {tls}"))
+            } else {
+                Error::Fatal(format!("{doing}: {tls}"))
+            };
+        }
         let text = postgres_text(e);
+        // tokio-postgres's own authentication failures (no password, no
+        // common SASL mechanism, channel binding refused) need an operator.
+        if e.as_db_error().is_none() && e.to_string() == "authentication error" {
+            return Error::Fatal(format!(
+                "{doing}: {text}; check the password and channel_binding in DATABASE_URL against \
+                 pg_hba.conf (channel binding needs scram-sha-256 over TLS)"
+            ));
+        }
         match e.code().map(|c| c.code()) {
             Some("28P01" | "28000") => Error::Fatal(format!(
                 "{doing}: authentication failed ({text}); check the user and password in DATABASE_URL"

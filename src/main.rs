@@ -25,7 +25,20 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Apply the SQL migrations (outbox table, publication, outbox_publish).
-    Migrate,
+    Migrate {
+        /// Also create this least-privilege role for the relay if missing
+        /// (LOGIN REPLICATION, no superuser) and grant it exactly what the
+        /// relay needs on the outbox table (see docs/least-privilege.md).
+        /// Its password comes from PGOUTBOX_RELAY_PASSWORD or
+        /// --relay-password-file; without one it is created without a
+        /// password.
+        #[arg(long, value_name = "ROLE")]
+        relay_role: Option<String>,
+        /// A file whose first line is the relay role's password (wins over
+        /// PGOUTBOX_RELAY_PASSWORD).
+        #[arg(long, value_name = "PATH", requires = "relay_role")]
+        relay_password_file: Option<PathBuf>,
+    },
     /// Run the relay until SIGTERM or SIGINT.
     Run {
         /// Create a new replication slot even though the one pgoutbox created
@@ -173,6 +186,24 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    // The relay role is checked (and its password read) before connecting.
+    let relay_role = match &args.command {
+        Command::Migrate {
+            relay_role: Some(name),
+            relay_password_file,
+        } => match pgoutbox::outbox::RelayRole::new(
+            name,
+            relay_password_file.as_deref(),
+            std::env::var(pgoutbox::outbox::RELAY_PASSWORD_ENV).ok(),
+        ) {
+            Ok(role) => Some(role),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
     cli::init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -186,7 +217,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match args.command {
-            Command::Migrate => cli::migrate(&config).await,
+            Command::Migrate { .. } => cli::migrate_with(&config, relay_role.as_ref()).await,
             Command::Run { recreate_slot, .. } => cli::run(config, recreate_slot).await,
             Command::Dle { command } => cli::dle(&config, command.into()).await,
         }

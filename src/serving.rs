@@ -15,9 +15,9 @@
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
-use tokio_postgres::NoTls;
 
 use crate::config::{Config, Mode};
+use crate::database::Settings;
 use crate::error::Error;
 
 /// First key of pgoutbox's two-key advisory locks ("pgob").
@@ -42,15 +42,15 @@ impl ServingLock {
     /// waiting as long as another relay holds it in a conflicting way.
     /// Returns `None` when `shutdown` turned true while waiting.
     pub async fn acquire(
-        pg: &tokio_postgres::Config,
+        pg: &Settings,
         config: &Config,
         mode: Mode,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<ServingLock>, Error> {
         let mut pg = pg.clone();
-        pg.application_name(format!("pgoutbox-{mode}"));
+        pg.pg_mut().application_name(format!("pgoutbox-{mode}"));
         let db = |e: tokio_postgres::Error| Error::postgres("taking the serving lock", &e);
-        let (client, connection) = pg.connect(NoTls).await.map_err(db)?;
+        let (client, connection) = crate::database::connect_raw(&pg).await.map_err(db)?;
         let (lost_tx, lost) = oneshot::channel();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -111,7 +111,7 @@ impl ServingLock {
 }
 
 /// Who holds the lock now, for the waiting message (best effort).
-async fn holders(pg: &tokio_postgres::Config, name: &str) -> String {
+async fn holders(pg: &Settings, name: &str) -> String {
     let Ok(client) = crate::database::connect(pg).await else {
         return "unknown".into();
     };

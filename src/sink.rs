@@ -12,6 +12,12 @@
 //!   large, invalid topic): the relay dead-letters the row and moves on;
 //! - [`Failure::Transient`] means the session must be restarted and the
 //!   unconfirmed tail re-read from the slot.
+//!
+//! Security (SSL, SASL/SCRAM, mTLS) is configured with librdkafka properties
+//! in `kafka.properties`, passed through as they are; the SASL password may
+//! come from `kafka.sasl_password_file` instead (docs/security-kafka.md).
+//! Secret values never reach logs or errors: authentication and TLS failures
+//! are logged with librdkafka's reason, which never contains them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -87,11 +93,31 @@ struct Context {
 
 impl ClientContext for Context {
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
-            self.fatal.store(true, Ordering::SeqCst);
-            tracing::error!(%reason, "kafka producer hit a fatal error; it will be rebuilt");
-        } else {
-            tracing::warn!(error = %error, %reason, "kafka client error");
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Fatal) => {
+                self.fatal.store(true, Ordering::SeqCst);
+                tracing::error!(%reason, "kafka producer hit a fatal error; it will be rebuilt");
+            }
+            // The producer keeps retrying (the credentials or the broker may
+            // be fixed), but nothing is delivered until then: say what to
+            // check.
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+                tracing::error!(
+                    %reason,
+                    "kafka authentication failed: check sasl.mechanisms, sasl.username and the \
+                     password (kafka.sasl_password_file, KAFKA_SASL_PASSWORD or \
+                     kafka.properties \"sasl.password\"); nothing is delivered until it succeeds"
+                );
+            }
+            Some(RDKafkaErrorCode::SSL) => {
+                tracing::error!(
+                    %reason,
+                    "kafka TLS connection failed: check ssl.ca.location (the CA that signed the \
+                     broker's certificate), the broker's host name, and the client certificate \
+                     if the broker requires one; nothing is delivered until it succeeds"
+                );
+            }
+            _ => tracing::warn!(error = %error, %reason, "kafka client error"),
         }
     }
 }
@@ -130,6 +156,24 @@ pub fn classify(error: &KafkaError) -> Failure {
     }
 }
 
+/// The first line of `kafka.sasl_password_file`.
+fn read_password_file(path: &str) -> Result<String, SinkError> {
+    let field = "kafka.sasl_password_file";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| SinkError(format!("{field}: cannot read {path}: {e}")))?;
+    let password = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('\r');
+    if password.is_empty() {
+        return Err(SinkError(format!(
+            "{field}: {path} has an empty first line"
+        )));
+    }
+    Ok(password.to_owned())
+}
+
 /// An idempotent Kafka producer.
 pub struct Sink {
     producer: ThreadedProducer<Context>,
@@ -143,8 +187,18 @@ impl Sink {
         let (tx, rx) = mpsc::unbounded_channel();
         let fatal = Arc::new(AtomicBool::new(false));
         let mut client = ClientConfig::new();
+        // Secret values, to be kept out of any error text.
+        let mut secrets: Vec<String> = Vec::new();
         for (k, v) in &cfg.properties {
             client.set(k, v);
+            if KafkaConfig::is_secret_property(k) && !v.is_empty() {
+                secrets.push(v.clone());
+            }
+        }
+        if let Some(path) = &cfg.sasl_password_file {
+            let password = read_password_file(path)?;
+            client.set("sasl.password", &password);
+            secrets.push(password);
         }
         let queue_messages = (cfg.max_in_flight_events * 2).max(100_000);
         client
@@ -162,9 +216,14 @@ impl Sink {
             deliveries: tx,
             fatal: fatal.clone(),
         };
-        let producer: ThreadedProducer<Context> = client
-            .create_with_context(context)
-            .map_err(|e| SinkError(e.to_string()))?;
+        let producer: ThreadedProducer<Context> =
+            client.create_with_context(context).map_err(|e| {
+                let mut text = e.to_string();
+                for secret in &secrets {
+                    text = text.replace(secret.as_str(), "***");
+                }
+                SinkError(text)
+            })?;
         Ok((
             Sink {
                 producer,
@@ -235,8 +294,30 @@ impl Sink {
 
     /// True once librdkafka reported a fatal error (e.g. the idempotent
     /// producer lost its sequence state); the producer must be rebuilt.
+    ///
+    /// Asks librdkafka itself: with the event API rdkafka uses, the error
+    /// callback receives a fatal error under its underlying code (e.g.
+    /// `OutOfOrderSequenceNumber`), not `Fatal`, so the callback alone
+    /// cannot tell.
     pub fn is_fatal(&self) -> bool {
-        self.fatal.load(Ordering::SeqCst)
+        if self.fatal.load(Ordering::SeqCst) {
+            return true;
+        }
+        let Some((code, reason)) = self.producer.client().fatal_error() else {
+            return false;
+        };
+        if !self.fatal.swap(true, Ordering::SeqCst) {
+            tracing::error!(error = ?code, %reason, "kafka producer hit a fatal error; it will be rebuilt");
+        }
+        true
+    }
+
+    /// Whether the cluster answers a metadata request within `timeout`
+    /// (blocking; call it off the async threads). Tells a failure of one
+    /// record (its topic) from Kafka being unreachable for everything
+    /// (brokers down, credentials refused).
+    pub fn cluster_reachable(&self, timeout: Duration) -> bool {
+        self.producer.client().fetch_metadata(None, timeout).is_ok()
     }
 
     /// Waits up to `timeout` for every enqueued record to be delivered.
@@ -278,6 +359,83 @@ mod tests {
                 Failure::Transient(_)
             ));
         }
+    }
+
+    #[test]
+    fn a_fatal_error_is_seen_whatever_code_the_callback_got() {
+        let cfg = KafkaConfig {
+            brokers: "127.0.0.1:1".into(),
+            ..KafkaConfig::default()
+        };
+        let (sink, _rx) = Sink::new(&cfg).unwrap();
+        assert!(!sink.is_fatal());
+        let reason = std::ffi::CString::new("test").unwrap();
+        // SAFETY: the producer's own handle, alive for the call.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                sink.producer.client().native_ptr(),
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            )
+        };
+        assert_eq!(
+            err,
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+        );
+        assert!(sink.is_fatal());
+    }
+
+    #[test]
+    fn sasl_password_file_is_read_and_its_errors_name_the_field() {
+        let dir = std::env::temp_dir().join(format!("pgoutbox-sink-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kafka-password");
+        std::fs::write(&file, "s3cret\nignored\n").unwrap();
+        let path = file.to_str().unwrap().to_owned();
+        assert_eq!(read_password_file(&path).unwrap(), "s3cret");
+        let mut cfg = KafkaConfig {
+            brokers: "127.0.0.1:1".into(),
+            sasl_password_file: Some(path.clone()),
+            ..KafkaConfig::default()
+        };
+        cfg.properties
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        cfg.properties
+            .insert("sasl.mechanisms".into(), "SCRAM-SHA-256".into());
+        cfg.properties.insert("sasl.username".into(), "u".into());
+        assert!(Sink::new(&cfg).is_ok());
+        std::fs::write(&file, "\n").unwrap();
+        let e = read_password_file(&path).unwrap_err().to_string();
+        assert!(e.contains("kafka.sasl_password_file"), "{e}");
+        let missing = dir.join("missing").to_str().unwrap().to_owned();
+        cfg.sasl_password_file = Some(missing);
+        let e = Sink::new(&cfg).err().unwrap().to_string();
+        assert!(e.contains("kafka.sasl_password_file: cannot read"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn producer_errors_never_repeat_a_secret() {
+        let mut cfg = KafkaConfig {
+            brokers: "127.0.0.1:1".into(),
+            ..KafkaConfig::default()
+        };
+        // librdkafka's error names the key file, whose name here holds the
+        // secret: it must not show.
+        for (k, v) in [
+            ("security.protocol", "SSL"),
+            ("ssl.key.password", "hunter2"),
+            ("ssl.certificate.location", "/nonexistent/hunter2.crt"),
+            ("ssl.key.location", "/nonexistent/hunter2.key"),
+        ] {
+            cfg.properties.insert(k.into(), v.into());
+        }
+        let e = Sink::new(&cfg)
+            .err()
+            .expect("missing key files are refused")
+            .to_string();
+        assert!(e.contains("ssl"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]

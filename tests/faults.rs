@@ -5,49 +5,15 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::control::{services, walsender as slot_walsender, KafkaBack};
 use common::harness::{read_until_all, wait_for, CommitLog, TestOutbox};
 use serde_json::json;
 use uuid::Uuid;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const DEADLINE: Duration = Duration::from_secs(180);
-
-fn services(cmd: &str, arg: Option<&str>) {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let mut c = Command::new("bash");
-    c.arg(format!("{root}/scripts/services")).arg(cmd);
-    if let Some(a) = arg {
-        c.arg(a);
-    }
-    let status = c.status().expect("run scripts/services");
-    assert!(status.success(), "scripts/services {cmd} failed");
-}
-
-/// Starts Kafka again even if the test panics half-way.
-struct KafkaBack;
-impl Drop for KafkaBack {
-    fn drop(&mut self) {
-        services("kafka-start", None);
-    }
-}
-
-async fn walsender(outbox: &TestOutbox) -> Option<(i32, String)> {
-    outbox
-        .client
-        .query_opt(
-            "SELECT s.active_pid, coalesce(r.reply_time::text, '') FROM pg_replication_slots s \
-               LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
-              WHERE s.slot_name = $1 AND s.active_pid IS NOT NULL",
-            &[&outbox.slot()],
-        )
-        .await
-        .ok()
-        .flatten()
-        .map(|r| (r.get(0), r.get(1)))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_down_for_30s_backpressure_keeps_feedback_and_never_confirms_unacked_events() {
@@ -68,7 +34,11 @@ async fn kafka_down_for_30s_backpressure_keeps_feedback_and_never_confirms_unack
         .publish("Order", Uuid::new_v4(), "Warm", &json!({}))
         .await;
     read_until_all(vec![outbox.topic("Order")], vec![warm], DEADLINE).await;
-    let (pid, _) = wait_for("walsender", DEADLINE, || walsender(&outbox)).await;
+    let slot = outbox.slot();
+    let (pid, _) = wait_for("walsender", DEADLINE, || {
+        slot_walsender(&outbox.client, &slot)
+    })
+    .await;
 
     services("kafka-stop", None);
     let back = KafkaBack;
@@ -107,7 +77,9 @@ async fn kafka_down_for_30s_backpressure_keeps_feedback_and_never_confirms_unack
     let started = Instant::now();
     let mut replies = HashSet::new();
     while started.elapsed() < Duration::from_secs(30) {
-        let (now_pid, reply) = walsender(&outbox).await.expect("walsender still connected");
+        let (now_pid, reply) = slot_walsender(&outbox.client, &slot)
+            .await
+            .expect("walsender still connected");
         assert_eq!(
             now_pid, pid,
             "replication connection was not dropped during the outage"

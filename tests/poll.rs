@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use common::harness::{
-    delivery_counts, missing, read_until_all, wait_for, Record, Relay, TestOutbox,
-};
+use common::harness::{delivery_counts, missing, read_until_all, wait_for, Relay, TestOutbox};
+use common::ledger::reorders;
 use uuid::Uuid;
 
 /// Inserts `n` events (one statement) for aggregates chosen round-robin from
@@ -45,30 +43,6 @@ fn poll_relay(outbox: &TestOutbox, label: &str) -> Relay {
         outbox.command_with_args(&["run", "--mode", "poll"]),
         &format!("{}-{label}", outbox.name),
     )
-}
-
-/// Per aggregate (the record key), the payload sequence numbers in log
-/// order; a duplicate repeats a number, a reorder goes back below the
-/// highest seen so far.
-fn reorders(records: &[Record]) -> usize {
-    let mut by_key: HashMap<&str, Vec<&Record>> = HashMap::new();
-    for r in records {
-        by_key.entry(r.key.as_str()).or_default().push(r);
-    }
-    let mut bad = 0;
-    for recs in by_key.values_mut() {
-        recs.sort_by_key(|r| (r.partition, r.offset));
-        let mut highest = -1i64;
-        for r in recs.iter() {
-            let v: serde_json::Value = serde_json::from_str(&r.value).expect("json payload");
-            let seq = v["seq"].as_i64().expect("seq");
-            if seq < highest {
-                bad += 1;
-            }
-            highest = highest.max(seq);
-        }
-    }
-    bad
 }
 
 async fn wait_all_completed(outbox: &TestOutbox, n: i64, timeout: Duration) {

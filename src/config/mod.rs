@@ -11,6 +11,7 @@
 //! the `OUTBOX_*` settings listed in [`ENV_VARS`].
 
 mod identifier;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use identifier::{quote_ident, validate_identifier, validate_slot_name};
+pub use tls::{split_tls_params, RootCerts, Sourced, TlsMode, TlsSettings, UrlTls};
 
 use crate::route::TopicTemplate;
 
@@ -61,18 +63,29 @@ impl DatabaseUrl {
         &self.0
     }
 
-    /// Parses into a tokio-postgres configuration. The error never repeats
-    /// the URL.
+    /// Parses into a tokio-postgres configuration, without the TLS
+    /// parameters (see [`DatabaseUrl::parse_with_tls`]). The error never
+    /// repeats the URL.
     pub fn parse(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        tokio_postgres::Config::from_str(&self.0).map_err(|e| {
+        self.parse_with_tls().map(|(pg, _)| pg)
+    }
+
+    /// Parses into a tokio-postgres configuration and libpq's TLS
+    /// parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`), which
+    /// tokio-postgres does not fully understand and are taken out first.
+    pub fn parse_with_tls(&self) -> Result<(tokio_postgres::Config, UrlTls), ConfigError> {
+        let (rest, tls) =
+            split_tls_params(&self.0).map_err(|e| ConfigError::new("database.url", e))?;
+        let pg = tokio_postgres::Config::from_str(&rest).map_err(|e| {
             ConfigError::new(
                 "database.url",
                 format!(
                     "not a valid PostgreSQL URL or key=value string ({}); expected postgres://user:password@host:port/dbname",
-                    crate::redact::error_text(&e, &self.0)
+                    crate::redact::error_text(&crate::error::postgres_text(&e), &self.0)
                 ),
             )
-        })
+        })?;
+        Ok((pg, tls))
     }
 }
 
@@ -211,6 +224,32 @@ pub struct DatabaseConfig {
     pub password_file: Option<String>,
     /// Seconds to wait for a connection before giving up on one attempt.
     pub connect_timeout_s: u64,
+    /// TLS mode when the URL has no `sslmode`: `disable`, `allow`,
+    /// `prefer`, `require`, `verify-ca` or `verify-full` (env
+    /// `DATABASE_TLS_MODE`). Unset: `prefer` for loopback hosts and Unix
+    /// sockets, `verify-full` for any other host.
+    pub tls_mode: Option<TlsMode>,
+    /// PEM file of the CA certificates that may sign the server's
+    /// certificate, or `system`, when the URL has no `sslrootcert` (env
+    /// `DATABASE_TLS_ROOT_CERT`). Unset: the system's trust store.
+    pub tls_root_cert: Option<String>,
+    /// PEM client certificate chain, when the URL has no `sslcert` (env
+    /// `DATABASE_TLS_CLIENT_CERT`).
+    pub tls_client_cert: Option<String>,
+    /// PEM private key of the client certificate, when the URL has no
+    /// `sslkey` (env `DATABASE_TLS_CLIENT_KEY`).
+    pub tls_client_key: Option<String>,
+}
+
+impl DatabaseConfig {
+    /// The URL's connection settings and the TLS settings in force (the
+    /// URL's parameters win over `tls_*`), checked: certificate files
+    /// exist, a client certificate has its key.
+    pub fn connection(&self) -> Result<(tokio_postgres::Config, TlsSettings), ConfigError> {
+        let (pg, url_tls) = self.url.parse_with_tls()?;
+        let tls = tls::resolve(self, url_tls, &pg)?;
+        Ok((pg, tls))
+    }
 }
 
 impl Default for DatabaseConfig {
@@ -219,6 +258,10 @@ impl Default for DatabaseConfig {
             url: DatabaseUrl::default(),
             password_file: None,
             connect_timeout_s: 10,
+            tls_mode: None,
+            tls_root_cert: None,
+            tls_client_cert: None,
+            tls_client_key: None,
         }
     }
 }
@@ -296,6 +339,11 @@ pub struct CdcConfig {
     /// Force a pgoutput protocol version (1-4); by default the highest the
     /// server supports.
     pub protocol_version: Option<u32>,
+    /// With `mode = "auto"`: when the replication slot is lost (dropped or
+    /// invalidated), keep delivering by polling instead of stopping
+    /// (env `OUTBOX_FALLBACK_TO_POLL`). Off by default: a lost slot is for
+    /// an operator to look at.
+    pub fallback_to_poll: bool,
 }
 
 impl Default for CdcConfig {
@@ -314,12 +362,14 @@ impl Default for CdcConfig {
             origin: "any".into(),
             streaming: false,
             protocol_version: None,
+            fallback_to_poll: false,
         }
     }
 }
 
-/// The Kafka producer.
-#[derive(Clone, Debug, Deserialize)]
+/// The Kafka producer. Its `Debug` output hides secret-looking
+/// `properties` values (see [`KafkaConfig::is_secret_property`]).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// Bootstrap servers, `host:port[,host:port…]` (env `KAFKA_BROKERS`).
@@ -342,8 +392,57 @@ pub struct KafkaConfig {
     /// overriding `topic` for that table; logical messages use their prefix
     /// as the table name.
     pub table_topics: BTreeMap<String, String>,
-    /// Any other librdkafka property, passed through unchanged.
+    /// Any other librdkafka property, passed through unchanged (security:
+    /// `security.protocol`, `sasl.*`, `ssl.*`; see docs/security-kafka.md).
+    /// env `KAFKA_SASL_PASSWORD` sets `sasl.password`.
     pub properties: BTreeMap<String, String>,
+    /// A file whose first line is the SASL password (librdkafka
+    /// `sasl.password`), read whenever the producer is built, so that the
+    /// password need not sit in the config file (env
+    /// `KAFKA_SASL_PASSWORD_FILE`). Not together with `sasl.password`.
+    pub sasl_password_file: Option<String>,
+}
+
+impl KafkaConfig {
+    /// True for librdkafka properties whose value is a secret (passwords,
+    /// client secrets, private keys): never logged or printed.
+    pub fn is_secret_property(key: &str) -> bool {
+        let key = key.to_ascii_lowercase();
+        ["password", "secret", "passphrase", "key.pem", "private.key"]
+            .iter()
+            .any(|word| key.contains(word))
+            || key == "sasl.oauthbearer.config"
+            || key == "ssl_key"
+    }
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let v = if Self::is_secret_property(k) {
+                    "***"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), v)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("compression", &self.compression)
+            .field("linger_ms", &self.linger_ms)
+            .field("message_max_bytes", &self.message_max_bytes)
+            .field("max_in_flight_events", &self.max_in_flight_events)
+            .field("max_in_flight_bytes", &self.max_in_flight_bytes)
+            .field("table_topics", &self.table_topics)
+            .field("properties", &properties)
+            .field("sasl_password_file", &self.sasl_password_file)
+            .finish()
+    }
 }
 
 impl Default for KafkaConfig {
@@ -358,6 +457,7 @@ impl Default for KafkaConfig {
             max_in_flight_bytes: 64 << 20,
             table_topics: BTreeMap::new(),
             properties: BTreeMap::new(),
+            sasl_password_file: None,
         }
     }
 }
@@ -385,6 +485,10 @@ impl Default for LogConfig {
 pub const ENV_VARS: &[&str] = &[
     "DATABASE_URL",
     "DATABASE_PASSWORD_FILE",
+    "DATABASE_TLS_MODE",
+    "DATABASE_TLS_ROOT_CERT",
+    "DATABASE_TLS_CLIENT_CERT",
+    "DATABASE_TLS_CLIENT_KEY",
     "OUTBOX_SCHEMA",
     "OUTBOX_TABLE",
     "OUTBOX_BATCH_SIZE",
@@ -396,6 +500,7 @@ pub const ENV_VARS: &[&str] = &[
     "OUTBOX_CONCURRENCY",
     "OUTBOX_ORDERING",
     "OUTBOX_NOTIFY",
+    "OUTBOX_FALLBACK_TO_POLL",
     "OUTBOX_SLOT",
     "OUTBOX_PUBLICATION",
     "OUTBOX_TOPIC",
@@ -404,6 +509,8 @@ pub const ENV_VARS: &[&str] = &[
     "KAFKA_BROKERS",
     "KAFKA_COMPRESSION",
     "KAFKA_LINGER_MS",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_SASL_PASSWORD_FILE",
 ];
 
 fn parse_env<T: FromStr>(name: &str, value: &str, what: &str) -> Result<T, ConfigError> {
@@ -470,6 +577,21 @@ impl Config {
         if let Some(v) = get("DATABASE_PASSWORD_FILE") {
             self.database.password_file = Some(v);
         }
+        if let Some(v) = get("DATABASE_TLS_MODE") {
+            self.database.tls_mode = Some(
+                v.parse()
+                    .map_err(|e: String| ConfigError::new("DATABASE_TLS_MODE", e))?,
+            );
+        }
+        if let Some(v) = get("DATABASE_TLS_ROOT_CERT") {
+            self.database.tls_root_cert = Some(v);
+        }
+        if let Some(v) = get("DATABASE_TLS_CLIENT_CERT") {
+            self.database.tls_client_cert = Some(v);
+        }
+        if let Some(v) = get("DATABASE_TLS_CLIENT_KEY") {
+            self.database.tls_client_key = Some(v);
+        }
         if let Some(v) = get("OUTBOX_SCHEMA") {
             self.outbox.schema = v;
         }
@@ -516,6 +638,9 @@ impl Config {
         if let Some(v) = get("OUTBOX_NOTIFY") {
             self.poll.notify = parse_bool("OUTBOX_NOTIFY", &v)?;
         }
+        if let Some(v) = get("OUTBOX_FALLBACK_TO_POLL") {
+            self.cdc.fallback_to_poll = parse_bool("OUTBOX_FALLBACK_TO_POLL", &v)?;
+        }
         if let Some(v) = get("OUTBOX_SLOT") {
             self.cdc.slot = v;
         }
@@ -540,6 +665,12 @@ impl Config {
         if let Some(v) = get("KAFKA_LINGER_MS") {
             self.kafka.linger_ms = parse_env("KAFKA_LINGER_MS", &v, "a whole number")?;
         }
+        if let Some(v) = get("KAFKA_SASL_PASSWORD") {
+            self.kafka.properties.insert("sasl.password".into(), v);
+        }
+        if let Some(v) = get("KAFKA_SASL_PASSWORD_FILE") {
+            self.kafka.sasl_password_file = Some(v);
+        }
         Ok(())
     }
 
@@ -551,7 +682,7 @@ impl Config {
                 "is required: set DATABASE_URL or database.url (postgres://user:password@host:port/dbname)",
             ));
         }
-        self.database.url.parse()?;
+        self.database.connection()?;
         if self.database.connect_timeout_s == 0 {
             return Err(ConfigError::new(
                 "database.connect_timeout_s",
@@ -676,6 +807,26 @@ impl Config {
                 return Err(ConfigError::new(
                     format!("kafka.properties.{key}"),
                     "is set by pgoutbox for delivery guarantees and cannot be overridden",
+                ));
+            }
+        }
+        if self.kafka.sasl_password_file.is_some() {
+            if self.kafka.properties.contains_key("sasl.password") {
+                return Err(ConfigError::new(
+                    "kafka.sasl_password_file",
+                    "cannot be combined with kafka.properties.\"sasl.password\" or KAFKA_SASL_PASSWORD; set one of them",
+                ));
+            }
+            let protocol = self
+                .kafka
+                .properties
+                .get("security.protocol")
+                .map(|p| p.to_ascii_lowercase())
+                .unwrap_or_else(|| "plaintext".into());
+            if protocol != "sasl_ssl" && protocol != "sasl_plaintext" {
+                return Err(ConfigError::new(
+                    "kafka.sasl_password_file",
+                    format!("is set but kafka.properties.\"security.protocol\" is {protocol:?}; the password is used only with SASL_SSL or SASL_PLAINTEXT"),
                 ));
             }
         }
@@ -840,6 +991,50 @@ mod tests {
     }
 
     #[test]
+    fn kafka_secrets_are_hidden_in_debug_output() {
+        let mut c = valid();
+        for (k, v) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.username", "relay"),
+            ("sasl.password", "pw-one"),
+            ("ssl.key.password", "pw-two"),
+            ("sasl.oauthbearer.client.secret", "pw-three"),
+            ("ssl.key.pem", "pw-four"),
+        ] {
+            c.kafka.properties.insert(k.into(), v.into());
+        }
+        let text = format!("{c:?}");
+        assert!(!text.contains("pw-"), "{text}");
+        assert!(
+            text.contains("SASL_SSL") && text.contains("relay"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn sasl_password_from_env_or_file() {
+        let mut c = valid();
+        c.kafka
+            .properties
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        c.apply_env(env(&[("KAFKA_SASL_PASSWORD", "s3")])).unwrap();
+        assert_eq!(c.kafka.properties["sasl.password"], "s3");
+        c.validate().unwrap();
+        c.apply_env(env(&[("KAFKA_SASL_PASSWORD_FILE", "/run/secrets/kafka")]))
+            .unwrap();
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "kafka.sasl_password_file",
+            "both sources"
+        );
+        c.kafka.properties.remove("sasl.password");
+        c.validate().unwrap();
+        c.kafka.properties.remove("security.protocol");
+        let e = c.validate().unwrap_err();
+        assert!(e.problem.contains("SASL_SSL"), "{e}");
+    }
+
+    #[test]
     fn missing_brokers_say_what_to_set() {
         let mut c = valid();
         c.kafka.brokers.clear();
@@ -861,6 +1056,38 @@ mod tests {
             c.status_interval(Duration::from_secs(4)),
             Duration::from_secs(2)
         );
+    }
+
+    #[test]
+    fn database_tls_keys_come_from_toml_and_env() {
+        let mut c =
+            Config::from_toml("[database]\ntls_mode = \"verify-ca\"\ntls_root_cert = \"system\"\n")
+                .unwrap();
+        assert_eq!(c.database.tls_mode, Some(TlsMode::VerifyCa));
+        c.apply_env(env(&[("DATABASE_TLS_MODE", "verify-full")]))
+            .unwrap();
+        assert_eq!(c.database.tls_mode, Some(TlsMode::VerifyFull));
+        let e = c
+            .apply_env(env(&[("DATABASE_TLS_MODE", "on")]))
+            .unwrap_err();
+        assert_eq!(e.field, "DATABASE_TLS_MODE");
+        let e = Config::from_toml("[database]\ntls_mode = \"verify_full\"\n").unwrap_err();
+        assert!(e.to_string().contains("verify-full"), "{e}");
+    }
+
+    #[test]
+    fn a_url_with_libpq_tls_parameters_validates() {
+        let mut c = valid();
+        c.database.url = DatabaseUrl::new(
+            "postgres://u:secret@db.example.com/db?sslmode=verify-full&sslrootcert=system",
+        );
+        c.validate().unwrap();
+        c.database.url = DatabaseUrl::new(
+            "postgres://u:secret@h/db?sslmode=verify-full&sslrootcert=/nonexistent.pem",
+        );
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "sslrootcert in database.url");
+        assert!(!e.to_string().contains("secret"));
     }
 
     #[test]

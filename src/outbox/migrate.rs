@@ -53,6 +53,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "processed_events",
         include_str!("../../migrations/0008_processed_events.sql"),
     ),
+    (
+        9,
+        "relay_privileges",
+        include_str!("../../migrations/0009_relay_privileges.sql"),
+    ),
 ];
 
 /// Names a migration run applies to. All must already be validated

@@ -10,10 +10,15 @@ mod columns;
 pub mod dead_letter;
 pub mod envelope;
 mod migrate;
+mod privileges;
 mod status;
 
 pub use columns::{ColumnError, OutboxColumns};
 pub use migrate::{migrate, MigrationTarget, MIGRATIONS};
+pub use privileges::{
+    grant_relay_role, grant_statements, Password, PasswordSource, PrivilegeError, RelayRole,
+    RelayRoleReport, RELAY_PASSWORD_ENV, STATUS_COLUMNS,
+};
 pub use status::{Mark, MarkKind, RowKey, StatusWriter};
 
 use tokio_postgres::GenericClient;

@@ -73,7 +73,7 @@ impl StatusWriter {
     /// `done` as `Ok`, a lost database as `Err`; the task ends when every
     /// handle is dropped or `done` is closed.
     pub fn spawn(
-        pg: tokio_postgres::Config,
+        pg: crate::database::Settings,
         schema: &str,
         table: &str,
         batch_size: usize,
@@ -93,7 +93,7 @@ impl StatusWriter {
 }
 
 async fn run(
-    pg: tokio_postgres::Config,
+    pg: crate::database::Settings,
     target: String,
     dead_table: String,
     batch_size: usize,
@@ -232,7 +232,7 @@ struct Prepared {
 }
 
 async fn connect(
-    pg: &tokio_postgres::Config,
+    pg: &crate::database::Settings,
     sql: &Statements,
 ) -> Result<(tokio_postgres::Client, Prepared), tokio_postgres::Error> {
     let client = crate::database::connect(pg).await?;

@@ -156,7 +156,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             stats: stats.clone(),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
+        let served_since = tokio::time::Instant::now();
         let outcome = serve(&shared, deliveries, stop_rx, &mut lock, &mut shutdown).await;
+        if served_since.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_millis(200);
+        }
         let _ = stop_tx.send(true);
         shared.sink.flush(Duration::from_secs(5));
         match outcome {

@@ -19,7 +19,7 @@ pub fn period(lease_seconds: u32) -> Duration {
 /// Runs the reaper until shutdown. Database errors are logged and retried
 /// at the next period.
 pub(super) async fn run(
-    pg: tokio_postgres::Config,
+    pg: crate::database::Settings,
     sql: String,
     every: Duration,
     stats: Arc<Stats>,

@@ -37,6 +37,11 @@ pub struct Statements {
     /// `$1` token, `$2` ids, `$3` created_ats: hands unsent rows back
     /// (`PENDING`, attempt not counted); returns the count.
     pub release: String,
+    /// `$1` token, `$2` ids, `$3` created_ats, `$4` delay (ms), `$5` error:
+    /// back to `PENDING` after the delay without counting the attempt (Kafka
+    /// was unreachable for every record, not failing this one); returns the
+    /// count.
+    pub defer: String,
     /// Returns expired leases to `PENDING` (or `DEAD_LETTER` when the row
     /// used its attempts); returns `(pending, dead)`.
     pub reap: String,
@@ -127,6 +132,13 @@ impl Statements {
                FROM {KEYS} WHERE {MATCH} AND o.lock_token = $1 AND o.status = 'PROCESSING' \
              RETURNING 1) SELECT count(*) FROM u"
         );
+        let defer = format!(
+            "WITH u AS (UPDATE {t} AS o SET status = 'PENDING', lock_token = NULL, \
+                    locked_until = now() + make_interval(secs => $4::int8 / 1000.0), \
+                    retry_count = greatest(o.retry_count - 1, 0), last_error = $5::text \
+               FROM {KEYS} WHERE {MATCH} AND o.lock_token = $1 AND o.status = 'PROCESSING' \
+             RETURNING 1) SELECT count(*) FROM u"
+        );
         let reap = format!(
             "WITH u AS (UPDATE {t} AS o SET \
                     status = CASE WHEN o.retry_count >= o.max_retries THEN 'DEAD_LETTER' ELSE 'PENDING' END, \
@@ -150,6 +162,7 @@ impl Statements {
             retry,
             dead_letter,
             release,
+            defer,
             reap,
             adopt_failed,
         }
@@ -188,7 +201,14 @@ mod tests {
     #[test]
     fn every_update_of_a_claimed_row_requires_its_token() {
         let s = Statements::new(&config(PollOrdering::None));
-        for sql in [&s.complete, &s.renew, &s.retry, &s.dead_letter, &s.release] {
+        for sql in [
+            &s.complete,
+            &s.renew,
+            &s.retry,
+            &s.dead_letter,
+            &s.release,
+            &s.defer,
+        ] {
             assert!(sql.contains("o.lock_token = $1"), "{sql}");
             assert!(sql.contains("o.status = 'PROCESSING'"), "{sql}");
         }

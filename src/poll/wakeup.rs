@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::watch;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use crate::config::{quote_ident, Config};
+use crate::database::Settings;
 
 /// The notification channel of the configured table (at most 63 bytes, the
 /// server's limit).
@@ -25,7 +26,7 @@ pub fn channel(config: &Config) -> String {
 /// Listens until shutdown, bumping `wake` on every notification; reconnects
 /// with a backoff when the connection drops.
 pub(super) async fn run(
-    pg: tokio_postgres::Config,
+    pg: Settings,
     channel: String,
     wake: watch::Sender<u64>,
     mut shutdown: watch::Receiver<bool>,
@@ -49,12 +50,10 @@ pub(super) async fn run(
     }
 }
 
-async fn listen(
-    pg: &tokio_postgres::Config,
-    channel: &str,
-    wake: &watch::Sender<u64>,
-) -> Result<(), String> {
-    let (client, mut connection) = pg.connect(NoTls).await.map_err(|e| e.to_string())?;
+async fn listen(pg: &Settings, channel: &str, wake: &watch::Sender<u64>) -> Result<(), String> {
+    let (client, mut connection) = crate::database::connect_raw(pg)
+        .await
+        .map_err(|e| e.to_string())?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -45,7 +45,7 @@ pub fn retry_delay(attempt: i32, base: Duration, max: Duration, unit_random: f64
 /// What the worker needs, shared by all workers of a relay.
 pub(super) struct Shared {
     pub config: Config,
-    pub pg: tokio_postgres::Config,
+    pub pg: crate::database::Settings,
     pub statements: Statements,
     pub router: Router,
     pub sink: Arc<Sink>,
@@ -59,6 +59,7 @@ struct Prepared {
     retry: Statement,
     dead_letter: Statement,
     release: Statement,
+    defer: Statement,
 }
 
 async fn prepare(shared: &Shared) -> Result<(Client, Prepared), tokio_postgres::Error> {
@@ -71,6 +72,7 @@ async fn prepare(shared: &Shared) -> Result<(Client, Prepared), tokio_postgres::
         retry: client.prepare(&s.retry).await?,
         dead_letter: client.prepare(&s.dead_letter).await?,
         release: client.prepare(&s.release).await?,
+        defer: client.prepare(&s.defer).await?,
     };
     Ok((client, prepared))
 }
@@ -359,6 +361,14 @@ impl Worker {
         }
     }
 
+    /// Whether Kafka answers at all (asked only after failed sends).
+    async fn kafka_reachable(&self) -> bool {
+        let sink = self.shared.sink.clone();
+        tokio::task::spawn_blocking(move || sink.cluster_reachable(Duration::from_secs(5)))
+            .await
+            .unwrap_or(false)
+    }
+
     /// Writes the verdicts with the claim's token.
     async fn settle(
         &self,
@@ -396,7 +406,35 @@ impl Worker {
                 );
             }
         }
-        if !verdicts.retry.is_empty() {
+        if !verdicts.retry.is_empty() && !self.kafka_reachable().await {
+            // Kafka is down or refusing us: the rows are not at fault, so
+            // their attempt is not counted (an outage must not dead-letter
+            // them). They wait one backoff step, and so does the worker.
+            let cfg = &self.shared.config.poll;
+            let idx: Vec<usize> = verdicts.retry.iter().map(|(i, _)| *i).collect();
+            let (ids, created) = keys(&idx);
+            let delay = retry_delay(
+                1,
+                Duration::from_millis(cfg.backoff_base_ms),
+                Duration::from_millis(cfg.backoff_max_ms),
+                rand::random::<f64>(),
+            );
+            let error = format!("Kafka unreachable: {}", verdicts.retry[0].1);
+            let deferred: i64 = client
+                .query_one(
+                    &prepared.defer,
+                    &[&token, &ids, &created, &(delay.as_millis() as i64), &error],
+                )
+                .await?
+                .get(0);
+            tracing::warn!(
+                worker = self.index,
+                deferred,
+                error = %verdicts.retry[0].1,
+                "Kafka is unreachable; rows returned without counting an attempt"
+            );
+            tokio::time::sleep(delay).await;
+        } else if !verdicts.retry.is_empty() {
             let cfg = &self.shared.config.poll;
             let idx: Vec<usize> = verdicts.retry.iter().map(|(i, _)| *i).collect();
             let (ids, created) = keys(&idx);

@@ -23,7 +23,7 @@ const CHUNK: i32 = 1000;
 /// durable. Returns the number of rows.
 pub(super) async fn run(
     config: &Config,
-    pg: &tokio_postgres::Config,
+    pg: &crate::database::Settings,
     snapshot: &str,
     consistent_point: Lsn,
     pipeline: &mut Pipeline,

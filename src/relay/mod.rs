@@ -178,7 +178,20 @@ pub async fn run(
     };
     match mode {
         Mode::Poll => crate::poll::run(config, shutdown).await,
-        Mode::Cdc | Mode::Auto => run_cdc(config, options, shutdown).await,
+        Mode::Cdc | Mode::Auto => {
+            let fallback = config.mode == Mode::Auto && config.cdc.fallback_to_poll;
+            match run_cdc(config.clone(), options, shutdown.clone()).await {
+                Err(Error::SlotLost(why)) if fallback => {
+                    tracing::error!(
+                        reason = %why,
+                        "the replication slot was lost; falling back to poll mode (cdc.fallback_to_poll = true): \
+                         every row not COMPLETED is delivered by polling"
+                    );
+                    crate::poll::run(config, shutdown).await
+                }
+                other => other,
+            }
+        }
     }
 }
 

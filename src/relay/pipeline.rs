@@ -154,9 +154,21 @@ impl Pipeline {
                     return Ok(());
                 }
                 Err(SendError::Failed(Failure::Transient(why))) => {
-                    return Err(Error::Transient(format!("kafka refused an event: {why}")));
+                    return Err(self.kafka_failed("kafka refused an event", why));
                 }
             }
+        }
+    }
+
+    /// The session-ending error for a transient Kafka failure, naming a
+    /// fatal producer error (the next session builds a new producer).
+    fn kafka_failed(&self, what: &str, why: String) -> Error {
+        if self.sink.is_fatal() {
+            Error::Transient(format!(
+                "the Kafka producer failed fatally ({what}: {why}); rebuilding it"
+            ))
+        } else {
+            Error::Transient(format!("{what}: {why}"))
         }
     }
 
@@ -275,9 +287,7 @@ impl Pipeline {
                 self.dead_letter(d.ticket, why);
                 Ok(())
             }
-            Err(Failure::Transient(why)) => {
-                Err(Error::Transient(format!("kafka delivery failed: {why}")))
-            }
+            Err(Failure::Transient(why)) => Err(self.kafka_failed("kafka delivery failed", why)),
         }
     }
 

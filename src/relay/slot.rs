@@ -64,7 +64,7 @@ pub async fn inspect(
         .map_err(|e| Error::postgres("reading pg_replication_slots", &e))?;
     let Some(row) = row else {
         return match recorded {
-            Some(true) if !recreate => Err(Error::Fatal(format!(
+            Some(true) if !recreate => Err(Error::SlotLost(format!(
                 "replication slot {slot:?} was created by pgoutbox but no longer exists (dropped or invalidated); \
                  events committed meanwhile may be missing from it. Check for rows still PENDING, then run \
                  `pgoutbox run --recreate-slot` to create a new slot and backfill them"
@@ -92,7 +92,7 @@ pub async fn inspect(
         )));
     }
     if wal_status.as_deref() == Some("lost") {
-        return Err(Error::Fatal(format!(
+        return Err(Error::SlotLost(format!(
             "replication slot {slot:?} was invalidated by PostgreSQL (wal_status = lost, max_slot_wal_keep_size \
              exceeded); events may be missing from it. Drop it, then run `pgoutbox run --recreate-slot` to backfill \
              rows still PENDING"

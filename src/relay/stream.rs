@@ -87,7 +87,7 @@ pub(super) fn negotiate(config: &Config, version_num: u32) -> Result<Negotiated,
 /// Everything a session needs from the relay.
 pub(super) struct Session<'a> {
     pub config: &'a Config,
-    pub pg: &'a tokio_postgres::Config,
+    pub pg: &'a crate::database::Settings,
     pub router: Router,
     pub status_interval: Duration,
 }

@@ -2,7 +2,7 @@
 //! replication commands, then hand the socket to a [`ReplicationStream`].
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_postgres::Config;
+use tokio_postgres::config::Host;
 
 use postgres_protocol::message::frontend;
 
@@ -11,6 +11,8 @@ use super::connection::{self, BoxedSocket, Connection, StartupParams};
 use super::error::{ReplicationError, ServerError};
 use super::stream::ReplicationStream;
 use super::wire::BackendMessage;
+use crate::config::TlsMode;
+use crate::database::{MaybeTls, Settings, Tls};
 use crate::lsn::Lsn;
 
 /// The answer to `IDENTIFY_SYSTEM`.
@@ -59,23 +61,49 @@ pub struct ReplicationClient {
 
 impl ReplicationClient {
     /// Connects to the first host of `config` (TCP host and port, or a Unix
-    /// socket directory), starts a logical walsender session and
-    /// authenticates (trust, cleartext password, md5 or SCRAM-SHA-256).
+    /// socket directory), negotiates TLS, starts a logical walsender session
+    /// and authenticates (trust, cleartext password, md5, SCRAM-SHA-256, and
+    /// SCRAM-SHA-256-PLUS over TLS).
+    ///
+    /// `config` is pgoutbox's [`Settings`] (every libpq `sslmode`, with
+    /// certificate verification; see `crate::database::settings`), or a bare
+    /// `tokio_postgres::Config`, whose `sslmode` is read as libpq reads it
+    /// without a root certificate: `prefer` and `require` encrypt without
+    /// verifying the server. `prefer` goes on unencrypted when the server
+    /// does not offer TLS; `require` and stricter modes fail with
+    /// [`ReplicationError::Tls`]. Unix sockets never use TLS.
     ///
     /// The whole exchange is bounded by the configuration's
-    /// `connect_timeout`, 10 seconds when unset. TLS is not supported yet:
-    /// `sslmode=require` is refused, `prefer` connects without TLS.
-    pub async fn connect(config: &Config) -> Result<ReplicationClient, ReplicationError> {
-        let params = StartupParams::from_config(config)?;
-        let timeout = config
+    /// `connect_timeout`, 10 seconds when unset.
+    pub async fn connect(
+        config: impl Into<Settings>,
+    ) -> Result<ReplicationClient, ReplicationError> {
+        let settings: Settings = config.into();
+        let pg = settings.pg();
+        let params = StartupParams::from_config(pg)?;
+        let timeout = pg
             .get_connect_timeout()
             .copied()
             .unwrap_or(connection::DEFAULT_CONNECT_TIMEOUT);
-        let attempt = async {
-            let socket = connection::open_socket(config).await?;
-            Self::handshake(socket, &params).await
+        let attempt = |tls: Tls| {
+            let params = &params;
+            async move {
+                let (socket, host) = connection::open_socket(pg).await?;
+                Self::handshake(socket, host.as_deref(), &tls, params).await
+            }
         };
-        tokio::time::timeout(timeout, attempt)
+        let tls = settings.tls();
+        let connect = async {
+            match tls.mode() {
+                // libpq's `allow`: unencrypted first, TLS when refused.
+                TlsMode::Allow => match attempt(tls.clone()).await {
+                    Err(e) if e.sqlstate() == Some("28000") => attempt(tls.upgraded()).await,
+                    other => other,
+                },
+                _ => attempt(tls.clone()).await,
+            }
+        };
+        tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| ReplicationError::Timeout {
                 what: "connecting and authenticating",
@@ -83,28 +111,46 @@ impl ReplicationClient {
             })?
     }
 
-    /// Runs startup and authentication over an already connected stream,
-    /// for example a TLS stream, using the user, password, database and
-    /// application name of `config` (its hosts and timeouts are not used).
+    /// Runs TLS negotiation (as [`ReplicationClient::connect`] does), startup
+    /// and authentication over an already connected, unencrypted `stream`
+    /// (a TCP or Unix socket, or a test double), using the user, password,
+    /// database, application name and TLS policy of `config`; the
+    /// certificate is checked against its first host. Its hosts are not
+    /// connected to and its timeouts are not applied. With `allow`, no TLS.
     pub async fn connect_with_stream<S>(
         stream: S,
-        config: &Config,
+        config: impl Into<Settings>,
     ) -> Result<ReplicationClient, ReplicationError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let params = StartupParams::from_config(config)?;
-        Self::handshake(Box::new(stream), &params).await
+        let settings: Settings = config.into();
+        let params = StartupParams::from_config(settings.pg())?;
+        let host = match settings.pg().get_hosts().first() {
+            Some(Host::Tcp(name)) => Some(name.as_str()),
+            Some(Host::Unix(_)) => None,
+            None => Some("localhost"),
+        };
+        Self::handshake(Box::new(stream), host, settings.tls(), &params).await
     }
 
     async fn handshake(
         socket: BoxedSocket,
+        host: Option<&str>,
+        tls: &Tls,
         params: &StartupParams,
     ) -> Result<ReplicationClient, ReplicationError> {
-        let mut conn = Connection::new(socket);
+        let stream = match host {
+            Some(host) => tls.negotiate(socket, host).await?,
+            None => MaybeTls::Plain(socket),
+        };
+        let encrypted = stream.is_tls();
+        let end_point = stream.tls_server_end_point();
+        let mut conn = Connection::with_channel_binding(Box::new(stream) as BoxedSocket, end_point);
         conn.startup(params).await?;
         tracing::debug!(
             user = %params.user,
+            tls = encrypted,
             server_version = conn.parameters.get("server_version").map(String::as_str),
             "replication connection ready"
         );

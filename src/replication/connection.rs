@@ -13,10 +13,12 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_postgres::config::{ChannelBinding as ChannelBindingMode, Host, SslMode};
+use tokio_postgres::config::{ChannelBinding as ChannelBindingMode, Host};
 use tokio_postgres::Config;
 
 use super::error::{ReplicationError, ServerError};
@@ -41,28 +43,18 @@ pub(crate) struct StartupParams {
     dbname: String,
     application_name: String,
     options: Option<String>,
+    channel_binding: ChannelBindingMode,
 }
 
 impl StartupParams {
-    /// Takes what we need from `config`, rejecting what we cannot honour.
+    /// Takes what we need from `config` (TLS is the caller's business).
     pub(crate) fn from_config(config: &Config) -> Result<Self, ReplicationError> {
         let user = config
             .get_user()
             .ok_or_else(|| ReplicationError::Config("no user configured".into()))?
             .to_owned();
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(ReplicationError::Config(
-                "sslmode=require, but the replication client does not support TLS yet".into(),
-            ));
-        }
-        if config.get_channel_binding() == ChannelBindingMode::Require {
-            return Err(ReplicationError::Config(
-                "channel_binding=require needs TLS, which the replication client does not \
-                 support yet"
-                    .into(),
-            ));
-        }
         Ok(StartupParams {
+            channel_binding: config.get_channel_binding(),
             dbname: config.get_dbname().unwrap_or(&user).to_owned(),
             password: config.get_password().map(<[u8]>::to_vec),
             application_name: config
@@ -76,8 +68,12 @@ impl StartupParams {
 }
 
 /// Opens a socket to the first host of `config`: TCP (trying each resolved
-/// address in turn) or a Unix socket in the given directory.
-pub(crate) async fn open_socket(config: &Config) -> Result<BoxedSocket, ReplicationError> {
+/// address in turn) or a Unix socket in the given directory. Returns the
+/// TCP host name too, which TLS checks the certificate against (`None` for
+/// a Unix socket, where TLS does not apply).
+pub(crate) async fn open_socket(
+    config: &Config,
+) -> Result<(BoxedSocket, Option<String>), ReplicationError> {
     let host = config
         .get_hosts()
         .first()
@@ -98,7 +94,7 @@ pub(crate) async fn open_socket(config: &Config) -> Result<BoxedSocket, Replicat
             let mut last_err = None;
             for addr in addrs {
                 match connect_tcp(addr, config.get_keepalives()).await {
-                    Ok(s) => return Ok(Box::new(s)),
+                    Ok(s) => return Ok((Box::new(s), Some(name.clone()))),
                     Err(e) => {
                         last_err = Some(ReplicationError::io(format!("connecting to {addr}"), e))
                     }
@@ -111,7 +107,7 @@ pub(crate) async fn open_socket(config: &Config) -> Result<BoxedSocket, Replicat
                 )
             }))
         }
-        Host::Unix(dir) => connect_unix(dir, port).await,
+        Host::Unix(dir) => Ok((connect_unix(dir, port).await?, None)),
     }
 }
 
@@ -151,6 +147,8 @@ pub(crate) struct Connection<S> {
     write_buf: BytesMut,
     /// Parameters reported by the server (`ParameterStatus`).
     pub(crate) parameters: HashMap<String, String>,
+    /// The `tls-server-end-point` channel binding data of a TLS stream.
+    tls_server_end_point: Option<Vec<u8>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -161,6 +159,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             read_buf: BytesMut::with_capacity(COMMAND_READ_CHUNK),
             write_buf: BytesMut::with_capacity(1024),
             parameters: HashMap::new(),
+            tls_server_end_point: None,
+        }
+    }
+
+    /// Wraps a stream that runs TLS, whose server certificate hashes to
+    /// `end_point` (RFC 5929), for SCRAM-SHA-256-PLUS.
+    pub(crate) fn with_channel_binding(stream: S, end_point: Option<Vec<u8>>) -> Self {
+        Connection {
+            tls_server_end_point: end_point,
+            ..Connection::new(stream)
         }
     }
 
@@ -272,7 +280,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 auth_err("the server asked for a password, but none is configured".into())
             })
         };
+        // As libpq: channel_binding=require refuses any exchange that does
+        // not bind the TLS channel (trust, cert, password, md5, plain SCRAM).
+        let unbound = |method: &str| {
+            if params.channel_binding == ChannelBindingMode::Require {
+                Err(auth_err(format!(
+                    "channel_binding=require, but the server authenticated with {method}, which \
+                     does not bind the TLS channel; use scram-sha-256 in pg_hba.conf over TLS, \
+                     or set channel_binding=prefer"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        let end_point = self
+            .tls_server_end_point
+            .clone()
+            .filter(|_| params.channel_binding != ChannelBindingMode::Disable);
         let mut scram: Option<ScramSha256> = None;
+        let mut bound = false;
         loop {
             let request = match self.read_message().await? {
                 BackendMessage::Authentication(request) => request,
@@ -285,31 +311,57 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
             };
             match request {
-                AuthRequest::Ok => return Ok(()),
+                AuthRequest::Ok => {
+                    if !bound {
+                        unbound(if scram.is_some() {
+                            "SCRAM-SHA-256"
+                        } else {
+                            "no password exchange (trust or cert)"
+                        })?;
+                    }
+                    return Ok(());
+                }
                 AuthRequest::Cleartext => {
+                    unbound("password")?;
                     frontend::password_message(password()?, &mut self.write_buf)
                         .map_err(|_| auth_err("the password contains a NUL byte".into()))?;
                 }
                 AuthRequest::Md5 { salt } => {
+                    unbound("md5")?;
                     let hash = md5_hash(user.as_bytes(), password()?, salt);
                     frontend::password_message(hash.as_bytes(), &mut self.write_buf)
                         .map_err(|e| ReplicationError::protocol(format!("md5 response: {e}")))?;
                 }
                 AuthRequest::Sasl { mechanisms } => {
-                    if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
-                        return Err(auth_err(format!(
-                            "the server offers only SASL mechanisms {mechanisms:?}; without \
-                             TLS this client supports only {SCRAM_SHA_256}"
-                        )));
+                    let offers = |m: &str| mechanisms.iter().any(|o| o == m);
+                    // The gs2 header: "p=tls-server-end-point" when binding,
+                    // "y" when we could but the server cannot, "n" without TLS.
+                    let (binding, mechanism) = match &end_point {
+                        Some(hash) if offers(SCRAM_SHA_256_PLUS) => (
+                            ChannelBinding::tls_server_end_point(hash.clone()),
+                            SCRAM_SHA_256_PLUS,
+                        ),
+                        Some(_) if offers(SCRAM_SHA_256) => {
+                            (ChannelBinding::unrequested(), SCRAM_SHA_256)
+                        }
+                        None if offers(SCRAM_SHA_256) => {
+                            (ChannelBinding::unsupported(), SCRAM_SHA_256)
+                        }
+                        _ => {
+                            return Err(auth_err(format!(
+                                "the server offers only SASL mechanisms {mechanisms:?}; this \
+                                 client supports {SCRAM_SHA_256} and, over TLS, \
+                                 {SCRAM_SHA_256_PLUS}"
+                            )))
+                        }
+                    };
+                    bound = mechanism == SCRAM_SHA_256_PLUS;
+                    if !bound {
+                        unbound("SCRAM-SHA-256 without channel binding (the server offers no SCRAM-SHA-256-PLUS)")?;
                     }
-                    // No TLS, so no channel binding: the gs2 header says "n".
-                    let s = ScramSha256::new(password()?, ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(
-                        SCRAM_SHA_256,
-                        s.message(),
-                        &mut self.write_buf,
-                    )
-                    .map_err(|e| ReplicationError::protocol(format!("SASL response: {e}")))?;
+                    let s = ScramSha256::new(password()?, binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.write_buf)
+                        .map_err(|e| ReplicationError::protocol(format!("SASL response: {e}")))?;
                     scram = Some(s);
                 }
                 AuthRequest::SaslContinue(data) => {
@@ -462,6 +514,7 @@ mod tests {
             dbname: "db".into(),
             application_name: "test-app".into(),
             options: None,
+            channel_binding: ChannelBindingMode::Prefer,
         }
     }
 
@@ -636,7 +689,7 @@ mod tests {
     }
 
     #[test]
-    fn startup_params_reject_tls_requirements_and_need_a_user() {
+    fn startup_params_need_a_user_and_keep_channel_binding() {
         let mut c = Config::new();
         c.host("localhost");
         assert!(matches!(
@@ -644,15 +697,78 @@ mod tests {
             Err(ReplicationError::Config(_))
         ));
         c.user("u");
+        c.channel_binding(ChannelBindingMode::Require);
         let p = StartupParams::from_config(&c).unwrap();
         assert_eq!(
             (p.dbname.as_str(), p.application_name.as_str()),
             ("u", "pgoutbox")
         );
-        c.ssl_mode(SslMode::Require);
-        assert!(matches!(
-            StartupParams::from_config(&c),
-            Err(ReplicationError::Config(_))
-        ));
+        assert_eq!(p.channel_binding, ChannelBindingMode::Require);
+    }
+
+    /// The client's first SCRAM message (mechanism, then client-first) when
+    /// the server offers `offered` over a stream with `end_point`.
+    async fn scram_first_message(offered: &'static [u8], end_point: Option<Vec<u8>>) -> String {
+        let (client, mut server) = duplex(4096);
+        let srv = tokio::spawn(async move {
+            read_startup(&mut server).await;
+            server.write_all(&auth(10, offered)).await.unwrap();
+            let (tag, body) = read_frontend(&mut server).await;
+            assert_eq!(tag, b'p');
+            let mech_end = body.iter().position(|&b| b == 0).unwrap();
+            let mech = String::from_utf8(body[..mech_end].to_vec()).unwrap();
+            let first = String::from_utf8(body[mech_end + 5..].to_vec()).unwrap();
+            format!("{mech} {first}")
+        });
+        let mut conn = Connection::with_channel_binding(client, end_point);
+        let _ = conn.startup(&params(Some("pw"))).await;
+        srv.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn over_tls_scram_binds_the_channel_when_the_server_offers_plus() {
+        let first = scram_first_message(
+            b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0",
+            Some(vec![1, 2, 3]),
+        )
+        .await;
+        assert!(
+            first.starts_with("SCRAM-SHA-256-PLUS p=tls-server-end-point,,n=,r="),
+            "{first}"
+        );
+        // TLS, but the server cannot bind: "y", so a downgrade is detectable.
+        let first = scram_first_message(b"SCRAM-SHA-256\0\0", Some(vec![1])).await;
+        assert!(first.starts_with("SCRAM-SHA-256 y,,n=,r="), "{first}");
+        // No TLS: "n".
+        let first = scram_first_message(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0", None).await;
+        assert!(first.starts_with("SCRAM-SHA-256 n,,n=,r="), "{first}");
+    }
+
+    #[tokio::test]
+    async fn channel_binding_require_refuses_md5_trust_and_unbound_scram() {
+        for (code, extra) in [
+            (5, &[1u8, 2, 3, 4][..]),
+            (0, &[][..]),
+            (3, &[][..]),
+            (10, &b"SCRAM-SHA-256\0\0"[..]),
+        ] {
+            let (client, mut server) = duplex(4096);
+            tokio::spawn(async move {
+                read_startup(&mut server).await;
+                server.write_all(&auth(code, extra)).await.unwrap();
+                let _ = server.read_u8().await;
+            });
+            let mut conn = Connection::with_channel_binding(client, Some(vec![1]));
+            let mut p = params(Some("hunter2"));
+            p.channel_binding = ChannelBindingMode::Require;
+            let err = conn.startup(&p).await.unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, ReplicationError::Auth { .. })
+                    && text.contains("channel_binding=require"),
+                "method {code}: {text}"
+            );
+            assert!(!text.contains("hunter2"));
+        }
     }
 }

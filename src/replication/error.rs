@@ -91,10 +91,15 @@ pub enum ReplicationError {
         after: Duration,
     },
     /// The configuration or an argument cannot be used as given (for example
-    /// no host, TLS required, a slot name containing a NUL byte). Not
-    /// transient: an operator must fix the configuration.
+    /// no host, a slot name containing a NUL byte). Not transient: an
+    /// operator must fix the configuration.
     #[error("invalid replication configuration: {0}")]
     Config(String),
+    /// TLS could not be set up: the server does not offer it but the mode
+    /// requires it, or its certificate failed verification (not transient),
+    /// or the socket failed during the handshake (transient).
+    #[error(transparent)]
+    Tls(#[from] crate::database::TlsError),
 }
 
 impl ReplicationError {
@@ -107,7 +112,8 @@ impl ReplicationError {
             | ReplicationError::Protocol(_)
             | ReplicationError::Closed(_)
             | ReplicationError::Timeout { .. }
-            | ReplicationError::Config(_) => None,
+            | ReplicationError::Config(_)
+            | ReplicationError::Tls(_) => None,
         }
     }
 
@@ -124,6 +130,7 @@ impl ReplicationError {
             | ReplicationError::Closed(_)
             | ReplicationError::Timeout { .. } => true,
             ReplicationError::Server(e) => sqlstate_is_transient(&e.code),
+            ReplicationError::Tls(e) => e.is_transient(),
             ReplicationError::Auth { .. }
             | ReplicationError::Protocol(_)
             | ReplicationError::Config(_) => false,

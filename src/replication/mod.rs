@@ -3,11 +3,13 @@
 //!
 //! tokio-postgres has no replication protocol support, so this module speaks
 //! it itself on top of `postgres-protocol` (frontend encoding and the md5 and
-//! SCRAM-SHA-256 computations). See the PostgreSQL documentation, "Streaming
-//! Replication Protocol" and "Message Formats".
+//! SCRAM-SHA-256 computations). TLS (the `SSLRequest` negotiation, rustls,
+//! and the `tls-server-end-point` data for SCRAM-SHA-256-PLUS) is shared
+//! with the ordinary connections, in `crate::database`. See the PostgreSQL
+//! documentation, "Streaming Replication Protocol" and "Message Formats".
 //!
 //! ```text
-//! ReplicationClient::connect      startup (replication=database) + auth
+//! ReplicationClient::connect      TLS + startup (replication=database) + auth
 //!   .identify_system()            IDENTIFY_SYSTEM
 //!   .create_logical_slot(..)      CREATE_REPLICATION_SLOT … LOGICAL pgoutput
 //!   .start_logical_replication()  START_REPLICATION SLOT … LOGICAL X/Y (…)

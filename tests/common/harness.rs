@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -23,6 +23,138 @@ pub async fn connect() -> Client {
         let _ = conn.await;
     });
     client
+}
+
+/// The least-privilege role every relay started through the harness runs
+/// as (created and granted by `pgoutbox migrate --relay-role`, which the
+/// harness runs as the admin role of `services().database_url`).
+pub const RELAY_ROLE: &str = "pgoutbox_relay";
+
+/// The relay role's password: distinctive, so a leak is found by a plain
+/// search of every log and captured output (`PGOUTBOX_TEST_RELAY_PASSWORD`
+/// overrides it).
+pub fn relay_password() -> String {
+    std::env::var("PGOUTBOX_TEST_RELAY_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "relay-Secr3t-9f4c".to_owned())
+}
+
+/// Splits a URL into (`scheme://`, userinfo, `@host...`); `None` for a
+/// libpq key/value string or a URL without userinfo.
+fn split_userinfo(url: &str) -> Option<(&str, &str, &str)> {
+    let scheme_end = url.find("://")? + 3;
+    let rest = &url[scheme_end..];
+    let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let at = rest[..auth_end].rfind('@')?;
+    Some((&url[..scheme_end], &rest[..at], &rest[at..]))
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// `url` (the admin's) with the relay role's name and password instead of
+/// the admin's.
+pub fn relay_url_of(url: &str) -> String {
+    url_as_relay(url, Some(&relay_password()))
+}
+
+/// `url` with the relay role's name and `password` (none: no password).
+pub fn url_as_relay(url: &str, password: Option<&str>) -> String {
+    let userinfo = match password {
+        Some(pw) => format!("{RELAY_ROLE}:{}", percent_encode(pw)),
+        None => RELAY_ROLE.to_owned(),
+    };
+    match split_userinfo(url) {
+        Some((scheme, _, host)) => format!("{scheme}{userinfo}{host}"),
+        None => match url.find("://") {
+            Some(i) => format!("{}{userinfo}@{}", &url[..i + 3], &url[i + 3..]),
+            None => match password {
+                Some(pw) => format!("{url} user={RELAY_ROLE} password='{pw}'"),
+                None => format!("{url} user={RELAY_ROLE} password=''"),
+            },
+        },
+    }
+}
+
+/// The test database as the relay role.
+pub fn relay_database_url() -> String {
+    relay_url_of(&services().database_url)
+}
+
+/// The test database as the relay role with `password` instead of the
+/// right one (none: no password in the URL).
+pub fn relay_database_url_with(password: Option<&str>) -> String {
+    url_as_relay(&services().database_url, password)
+}
+
+/// A `DATABASE_URL` a test set for a relay: if it carries the admin's
+/// credentials (the test only added options or changed the port), the relay
+/// role's instead; any other URL (another user, a wrong password, another
+/// server) unchanged.
+fn as_relay(url: &str) -> String {
+    match (
+        split_userinfo(url),
+        split_userinfo(&services().database_url),
+    ) {
+        (Some((_, info, _)), Some((_, admin, _))) if info == admin => relay_url_of(url),
+        _ => url.to_owned(),
+    }
+}
+
+/// The secrets no log or output may contain: the relay role's password, and
+/// the admin's when it is distinctive (not the user or database name, at
+/// least 8 characters).
+pub fn secrets() -> Vec<String> {
+    let mut out = vec![relay_password()];
+    if let Ok(pg) = services().database_url.parse::<tokio_postgres::Config>() {
+        if let Some(pw) = pg.get_password() {
+            let pw = String::from_utf8_lossy(pw).into_owned();
+            let user = pg.get_user().unwrap_or_default();
+            let db = pg.get_dbname().unwrap_or_default();
+            if pw.len() >= 8 && pw != user && pw != db {
+                out.push(pw);
+            }
+        }
+    }
+    out
+}
+
+/// Panics (unless already panicking) if `text` contains a secret; `what`
+/// names where it came from.
+pub fn assert_no_secrets(what: &str, text: &str) {
+    for secret in secrets() {
+        if text.contains(&secret) && !std::thread::panicking() {
+            panic!(
+                "a password leaked into {what}:\n{}",
+                text.replace(&secret, "<<SECRET>>")
+            );
+        }
+    }
+}
+
+/// Runs `cmd` to completion, capturing stdout and stderr, and checks both
+/// for secrets.
+pub fn output_checked(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run pgoutbox");
+    assert_no_secrets(
+        &format!("the output of {cmd:?}"),
+        &format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    );
+    out
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
@@ -94,11 +226,8 @@ impl TestOutbox {
             env: vec![],
             topic_prefix: format!("{name}-{unique}"),
         };
-        let out = outbox
-            .command()
-            .arg("migrate")
-            .output()
-            .expect("run pgoutbox migrate");
+        // As the admin; creates (once) and grants the relay's role.
+        let out = output_checked(&mut outbox.command_with_args(&["migrate"]));
         assert!(
             out.status.success(),
             "pgoutbox migrate failed: {}",
@@ -118,9 +247,25 @@ impl TestOutbox {
         format!("{}.{aggregate_type}", self.topic_prefix)
     }
 
-    /// A `pgoutbox` command configured for this outbox.
+    /// A `pgoutbox` command configured for this outbox, connecting as the
+    /// relay's least-privilege role ([`RELAY_ROLE`]): for `run`.
     pub fn command(&self) -> Command {
+        self.command_as(true)
+    }
+
+    /// A `pgoutbox` command connecting as the admin role (for `migrate`,
+    /// `dle` and anything else an operator runs).
+    pub fn admin_command(&self) -> Command {
+        self.command_as(false)
+    }
+
+    fn command_as(&self, relay: bool) -> Command {
         let s = services();
+        let database_url = if relay {
+            relay_url_of(&s.database_url)
+        } else {
+            s.database_url.clone()
+        };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgoutbox"));
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let config = dir.join(format!("{}.toml", self.name));
@@ -129,7 +274,7 @@ impl TestOutbox {
             .arg(&config)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", &s.database_url)
+            .env("DATABASE_URL", &database_url)
             .env("KAFKA_BROKERS", &s.kafka_brokers)
             .env("OUTBOX_SCHEMA", &self.name)
             .env("OUTBOX_SLOT", self.slot())
@@ -141,7 +286,11 @@ impl TestOutbox {
             )
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn");
         for (k, v) in &self.env {
-            cmd.env(k, v);
+            if relay && k == "DATABASE_URL" {
+                cmd.env(k, as_relay(v));
+            } else {
+                cmd.env(k, v);
+            }
         }
         cmd
     }
@@ -151,11 +300,32 @@ impl TestOutbox {
         Relay::spawn(self.command_with_args(&["run"]), &self.name)
     }
 
-    /// A `pgoutbox` command with these arguments.
+    /// A `pgoutbox` command with these arguments. `migrate` and `dle` run
+    /// as the admin role, `migrate` with `--relay-role` (so every table a
+    /// test migrates is granted to the relay's role); anything else (`run`)
+    /// as the relay's role.
     pub fn command_with_args(&self, args: &[&str]) -> Command {
-        let mut cmd = self.command();
-        cmd.args(args);
-        cmd
+        match args.first().copied() {
+            Some("migrate") => {
+                let mut cmd = self.admin_command();
+                cmd.args(args);
+                if !args.contains(&"--relay-role") {
+                    cmd.args(["--relay-role", RELAY_ROLE])
+                        .env("PGOUTBOX_RELAY_PASSWORD", relay_password());
+                }
+                cmd
+            }
+            Some("dle") => {
+                let mut cmd = self.admin_command();
+                cmd.args(args);
+                cmd
+            }
+            _ => {
+                let mut cmd = self.command();
+                cmd.args(args);
+                cmd
+            }
+        }
     }
 
     /// Publishes one event through `outbox_publish`; returns its tracking id.
@@ -227,7 +397,8 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Spawns `cmd`, its stderr going to a log file named after `name`.
+    /// Spawns `cmd`, its stderr (and stdout) going to a log file named
+    /// after `name`.
     pub fn spawn(mut cmd: Command, name: &str) -> Relay {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let n = std::time::SystemTime::now()
@@ -236,8 +407,10 @@ impl Relay {
             .as_nanos();
         let log = dir.join(format!("{name}-{n}.log"));
         let file = std::fs::File::create(&log).expect("create relay log");
+        // stdout too, so it is searched for secrets with the log.
+        let stdout = file.try_clone().expect("clone relay log handle");
         let child = cmd
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(file)
             .spawn()
             .expect("spawn pgoutbox");
@@ -312,10 +485,16 @@ impl Relay {
     }
 }
 
+/// Every relay's log is searched for secrets when it ends (killed,
+/// terminated, waited for or dropped), unless the test already failed.
 impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        assert_no_secrets(
+            &format!("the relay log {}", self.log.display()),
+            &self.log_text(),
+        );
     }
 }
 

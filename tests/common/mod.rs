@@ -59,4 +59,6 @@ pub fn services() -> &'static Services {
     })
 }
 
+pub mod control;
 pub mod harness;
+pub mod ledger;
