@@ -178,6 +178,23 @@ impl TopicTemplate {
         if parts.is_empty() {
             return Err(bad("is empty".into()));
         }
+        // The literal text alone must leave room in Kafka's name limit, and a
+        // fixed name must be one Kafka accepts.
+        let literal_len: usize = parts
+            .iter()
+            .map(|p| match p {
+                Part::Literal(s) => s.len(),
+                Part::Field(_) => 0,
+            })
+            .sum();
+        if literal_len > MAX_TOPIC_LEN {
+            return Err(bad(format!(
+                "its fixed text is {literal_len} characters; Kafka topic names are at most {MAX_TOPIC_LEN}"
+            )));
+        }
+        if template == "." || template == ".." {
+            return Err(bad("'.' and '..' are reserved topic names".into()));
+        }
         Ok(TopicTemplate { parts })
     }
 
@@ -332,6 +349,15 @@ pub(crate) fn sample_event() -> OutboxEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixed_names_longer_than_kafka_allows_are_refused_at_parse_time() {
+        assert!(TopicTemplate::parse(&"t".repeat(249)).is_ok());
+        let e = TopicTemplate::parse(&"t".repeat(250)).unwrap_err();
+        assert!(e.to_string().contains("at most 249"), "{e}");
+        assert!(TopicTemplate::parse(&format!("{}.{{event_type}}", "t".repeat(250))).is_err());
+        assert!(TopicTemplate::parse("..").is_err());
+    }
 
     #[test]
     fn default_template_routes_by_type_and_event() {
