@@ -373,6 +373,7 @@ async fn an_invalidated_slot_stops_cdc_and_auto_falls_back_to_polling_only_when_
                     "-c",
                     "SELECT pg_reload_conf()",
                 ])
+                .stdout(std::process::Stdio::null())
                 .status();
         }
     }
