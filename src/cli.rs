@@ -75,6 +75,18 @@ pub async fn migrate_with(config: &Config, relay_role: Option<&RelayRole>) -> Re
     for change in changed {
         tracing::info!("{change}");
     }
+    // The opt-in status audit (migrate --audit / --no-audit, ENABLE_AUDIT).
+    let changed = crate::outbox::audit::apply(
+        &mut client,
+        &config.outbox.schema,
+        &config.outbox.table,
+        config.outbox.audit,
+    )
+    .await
+    .map_err(|e| Error::postgres("applying the status audit setting", &e))?;
+    for change in changed {
+        tracing::info!("{change}");
+    }
     if let Some(role) = relay_role {
         relay_role_grants(&mut client, &target, role).await?;
     }
@@ -134,6 +146,9 @@ pub async fn run(config: Config, recreate_slot: bool) -> Result<(), Error> {
         tracing::warn!("second signal: exiting at once");
         std::process::exit(130);
     });
+    // /metrics, /healthz, /readyz from the start (a standby answers too);
+    // served until this function returns.
+    let _metrics = crate::metrics::serve(&config.metrics, rx.clone()).await?;
     // On a worker thread rather than the runtime's main thread: the
     // replication reader hands messages to this task, and wake-ups between
     // workers are cheaper than waking the thread blocked in `block_on`.
@@ -497,4 +512,322 @@ fn print_outcome(outcome: &ActionOutcome, json: bool) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Connects for an operator's command: a connection failure is final.
+async fn connect_for_command(config: &Config) -> Result<tokio_postgres::Client, Error> {
+    let pg = crate::database::settings(config)?;
+    crate::database::connect(&pg)
+        .await
+        .map_err(|e| crate::relay::fatal_at_start(Error::postgres("connecting to PostgreSQL", &e)))
+}
+
+/// `pgoutbox status [--json]`: mode, slot, rows and partitions of the
+/// configured outbox, on one screen (see docs/status.md). Needs PostgreSQL
+/// only.
+pub async fn status(config: &Config, json: bool) -> Result<(), Error> {
+    let client = connect_for_command(config).await?;
+    let overview = crate::overview::read(&client, config).await?;
+    if json {
+        println!("{}", to_json(&overview)?);
+    } else {
+        print!("{}", format_overview(&overview));
+    }
+    Ok(())
+}
+
+/// `1.5 MiB`-style sizes.
+fn bytes(n: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v.abs() >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// `3d 4h`, `5m 2s`, `12s`.
+fn age(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    let (d, h, m, sec) = (s / 86_400, s % 86_400 / 3600, s % 3600 / 60, s % 60);
+    if d > 0 {
+        format!("{d}d {h}h")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {sec}s")
+    } else {
+        format!("{sec}s")
+    }
+}
+
+/// The text form of `pgoutbox status`.
+pub fn format_overview(o: &crate::overview::Overview) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let dash = "-";
+    let _ = writeln!(out, "outbox      {}  (at {})", o.table, o.generated_at);
+    let serving = match o.mode.serving.as_str() {
+        "none" => "no relay serves the table".to_owned(),
+        m => format!("served by {m}"),
+    };
+    let _ = writeln!(
+        out,
+        "mode        configured {}; {serving}",
+        o.mode.configured
+    );
+    for h in &o.mode.holders {
+        let _ = writeln!(
+            out,
+            "            {} {} pid {} {}{}{} ({}{})",
+            if h.granted { "holder " } else { "waiting" },
+            h.relay_mode,
+            h.pid,
+            h.application_name.as_deref().unwrap_or(dash),
+            h.client_addr
+                .as_deref()
+                .map(|a| format!(" from {a}"))
+                .unwrap_or_default(),
+            h.user
+                .as_deref()
+                .map(|u| format!(" as {u}"))
+                .unwrap_or_default(),
+            h.lock_mode,
+            h.backend_start
+                .as_deref()
+                .map(|t| format!(", since {t}"))
+                .unwrap_or_default(),
+        );
+    }
+    let s = &o.slot;
+    if s.exists {
+        let state = match (s.active, s.active_pid) {
+            (Some(true), Some(pid)) => format!("active (pid {pid})"),
+            (Some(true), None) => "active".to_owned(),
+            _ => "inactive".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "slot        {} {state}; confirmed {} of {} (lag {}); retains {} of WAL; wal_status {}; safe_wal_size {}",
+            s.name,
+            s.confirmed_flush_lsn.as_deref().unwrap_or(dash),
+            s.server_wal_lsn,
+            s.lag_bytes.map(bytes).unwrap_or_else(|| dash.into()),
+            s.retained_wal_bytes.map(bytes).unwrap_or_else(|| dash.into()),
+            s.wal_status.as_deref().unwrap_or(dash),
+            s.safe_wal_size_bytes
+                .map(bytes)
+                .unwrap_or_else(|| "unlimited".into()),
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "slot        {} does not exist (server WAL at {})",
+            s.name, s.server_wal_lsn
+        );
+    }
+    let r = &o.rows;
+    let oldest = match (&r.oldest_pending_created_at, r.oldest_pending_age_s) {
+        (Some(at), Some(secs)) => format!(" (oldest {} old, created {at})", age(secs)),
+        _ => String::new(),
+    };
+    let _ = writeln!(out, "pending     {}{oldest}", r.pending);
+    let _ = writeln!(out, "processing  {}", r.processing);
+    if r.failed > 0 {
+        let _ = writeln!(out, "failed      {}", r.failed);
+    }
+    let _ = writeln!(out, "dead letter {}", r.dead_letter);
+    let p = &o.partitions;
+    let _ = writeln!(
+        out,
+        "partitions  {} ({}), {}, ~{} rows (row counts are estimates from pg_class.reltuples)",
+        p.count,
+        p.interval,
+        bytes(p.total_bytes),
+        p.estimated_rows
+    );
+    let header = ["NAME", "FROM", "TO", "ROWS~", "SIZE"];
+    let cells: Vec<[String; 5]> = p
+        .list
+        .iter()
+        .map(|x| {
+            let bound = |b: &Option<String>, open: &str| {
+                if x.is_default {
+                    "DEFAULT".to_owned()
+                } else {
+                    b.clone().unwrap_or_else(|| open.to_owned())
+                }
+            };
+            [
+                x.name.clone(),
+                bound(&x.range_start, "MINVALUE"),
+                bound(&x.range_end, "MAXVALUE"),
+                x.estimated_rows
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                bytes(x.total_bytes),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut line = |cols: [&str; 5]| {
+        let l = format!(
+            "  {:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {:>w4$}",
+            cols[0],
+            cols[1],
+            cols[2],
+            cols[3],
+            cols[4],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3],
+            w4 = widths[4]
+        );
+        let _ = writeln!(out, "{}", l.trim_end());
+    };
+    line(header);
+    for row in &cells {
+        line([&row[0], &row[1], &row[2], &row[3], &row[4]]);
+    }
+    out
+}
+
+/// `pgoutbox partitions maintain`'s options.
+#[derive(Clone, Debug, Default)]
+pub struct MaintainArgs {
+    /// Archive retired partitions here (gzip JSON lines) before dropping.
+    pub archive_dir: Option<std::path::PathBuf>,
+    /// Change nothing; say what would be done.
+    pub dry_run: bool,
+    /// How long to wait for the outbox's lock per partition.
+    pub lock_timeout: std::time::Duration,
+    /// JSON output.
+    pub json: bool,
+    /// A fake clock (any timestamptz PostgreSQL reads, e.g.
+    /// `2031-05-30T12:00:00Z`); the server's `now()` when unset.
+    pub now: Option<String>,
+}
+
+/// `pgoutbox partitions maintain`: partitions ahead, then retention (see
+/// docs/partitioning.md). An error stops it with a non-zero exit; what was
+/// done before stays done and is printed.
+pub async fn partitions_maintain(config: &Config, args: MaintainArgs) -> Result<(), Error> {
+    let mut client = connect_for_command(config).await?;
+    let clock = match &args.now {
+        None => crate::partitions::Clock::Server,
+        Some(text) => {
+            let at: std::time::SystemTime = client
+                .query_one("SELECT $1::text::timestamptz", &[text])
+                .await
+                .map_err(|e| {
+                    Error::Fatal(format!(
+                        "--now {text:?}: {}",
+                        crate::error::postgres_text(&e)
+                    ))
+                })?
+                .get(0);
+            crate::partitions::Clock::Fixed(at)
+        }
+    };
+    let options = crate::partitions::MaintainOptions {
+        archive_dir: args.archive_dir,
+        dry_run: args.dry_run,
+        lock_timeout: args.lock_timeout,
+        clock,
+    };
+    let report = crate::partitions::maintain(&mut client, config, &options).await?;
+    if args.json {
+        println!("{}", to_json(&report)?);
+    } else {
+        print!("{}", format_maintain(&report));
+    }
+    match &report.error {
+        Some(e) => Err(Error::Fatal(e.clone())),
+        None => Ok(()),
+    }
+}
+
+/// The text form of `pgoutbox partitions maintain`.
+pub fn format_maintain(r: &crate::partitions::MaintainReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let (would, created, retired) = if r.dry_run {
+        ("dry run, nothing changed: ", "would create", "would retire")
+    } else {
+        ("", "created", "retired")
+    };
+    let _ = writeln!(
+        out,
+        "{would}{} at {}: {} partitions, {} ahead",
+        r.table, r.now, r.interval, r.ahead
+    );
+    for c in &r.created {
+        let _ = writeln!(
+            out,
+            "  {created} {} [{}, {})",
+            c.name, c.range_start, c.range_end
+        );
+    }
+    if r.created.is_empty() {
+        let _ = writeln!(out, "  partitions ahead: all present");
+    }
+    let range = |a: &Option<String>, b: &Option<String>| {
+        format!(
+            "[{}, {})",
+            a.as_deref().unwrap_or("MINVALUE"),
+            b.as_deref().unwrap_or("MAXVALUE")
+        )
+    };
+    match (&r.retain, &r.cutoff) {
+        (Some(retain), Some(cutoff)) => {
+            let _ = writeln!(
+                out,
+                "retention {retain}: partitions ending at or before {cutoff}"
+            );
+            for p in &r.retired {
+                let archive = match (&p.archive, p.archived_rows) {
+                    (Some(a), Some(n)) => format!(", {n} rows archived to {a}"),
+                    (Some(a), None) => format!(", archived to {a}"),
+                    _ => String::new(),
+                };
+                let _ = writeln!(
+                    out,
+                    "  {retired} {} {}{archive}",
+                    p.name,
+                    range(&p.range_start, &p.range_end)
+                );
+            }
+            for k in &r.kept {
+                let _ = writeln!(
+                    out,
+                    "  kept {} {}: {}",
+                    k.name,
+                    range(&k.range_start, &k.range_end),
+                    k.reason
+                );
+            }
+            if r.retired.is_empty() && r.kept.is_empty() {
+                let _ = writeln!(out, "  nothing old enough");
+            }
+        }
+        _ => {
+            let _ = writeln!(out, "retention off (partitions.retain is not set)");
+        }
+    }
+    if let Some(e) = &r.error {
+        let _ = writeln!(out, "stopped: {e}");
+    }
+    out
 }

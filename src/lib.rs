@@ -17,6 +17,9 @@
 //! - [`poll`]: poll mode (leases, reaper, retries) for servers without
 //!   logical replication;
 //! - [`serving`]: the lock that lets only one mode serve a table;
+//! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz`, the sampler;
+//! - [`partitions`]: partitions created ahead, old ones archived and retired;
+//! - [`overview`]: what `pgoutbox status` shows;
 //! - [`idempotency`]: the consumer side, applying each event once;
 //! - [`config`]: configuration from file and environment, validated.
 #![deny(missing_docs)]
@@ -28,7 +31,10 @@ pub mod database;
 pub mod error;
 pub mod idempotency;
 pub mod lsn;
+pub mod metrics;
 pub mod outbox;
+pub mod overview;
+pub mod partitions;
 pub mod pgoutput;
 pub mod poll;
 pub mod redact;

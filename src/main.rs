@@ -38,6 +38,15 @@ enum Command {
         /// PGOUTBOX_RELAY_PASSWORD).
         #[arg(long, value_name = "PATH", requires = "relay_role")]
         relay_password_file: Option<PathBuf>,
+        /// Record every status change of the outbox rows in
+        /// <table>_status_audit (trigger; overrides outbox.audit and
+        /// ENABLE_AUDIT; see docs/audit.md).
+        #[arg(long, conflicts_with = "no_audit")]
+        audit: bool,
+        /// Drop the status audit trigger (the audit table and its rows are
+        /// kept).
+        #[arg(long)]
+        no_audit: bool,
     },
     /// Run the relay until SIGTERM or SIGINT.
     Run {
@@ -56,6 +65,47 @@ enum Command {
     Dle {
         #[command(subcommand)]
         command: DleCommand,
+    },
+    /// One screen: the mode and who serves the table, the replication slot,
+    /// rows pending / processing / dead-lettered, the partitions (needs
+    /// PostgreSQL only; see docs/status.md).
+    Status {
+        /// JSON output (stable keys, see docs/status.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Partition lifecycle (see docs/partitioning.md).
+    Partitions {
+        #[command(subcommand)]
+        command: PartitionsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PartitionsCommand {
+    /// Create partitions ahead (partitions.interval, partitions.ahead) and
+    /// retire those older than partitions.retain whose rows are all done:
+    /// archived (with --archive-dir), detached and dropped. Run as the
+    /// table's owner (or a superuser).
+    Maintain {
+        /// Export each retired partition first to a gzip JSON-lines file in
+        /// this directory (fsynced; nothing is dropped if it fails). Needed
+        /// to retire partitions holding DEAD_LETTER rows.
+        #[arg(long, value_name = "DIR")]
+        archive_dir: Option<PathBuf>,
+        /// Only say what would be created and retired.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long to wait for the outbox's lock before keeping a
+        /// partition for the next run (e.g. 5s, 1m).
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = dead_letter::parse_duration)]
+        lock_timeout: Duration,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// A fake clock for tests: maintain as if it were this time.
+        #[arg(long, hide = true, value_name = "TIMESTAMP")]
+        now: Option<String>,
     },
 }
 
@@ -191,6 +241,7 @@ fn main() -> ExitCode {
         Command::Migrate {
             relay_role: Some(name),
             relay_password_file,
+            ..
         } => match pgoutbox::outbox::RelayRole::new(
             name,
             relay_password_file.as_deref(),
@@ -204,6 +255,18 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
+    if let Command::Migrate {
+        audit, no_audit, ..
+    } = &args.command
+    {
+        if *audit || *no_audit {
+            config.outbox.audit = Some(*audit);
+        }
+        if let Err(e) = config.validate() {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     cli::init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -220,6 +283,26 @@ fn main() -> ExitCode {
             Command::Migrate { .. } => cli::migrate_with(&config, relay_role.as_ref()).await,
             Command::Run { recreate_slot, .. } => cli::run(config, recreate_slot).await,
             Command::Dle { command } => cli::dle(&config, command.into()).await,
+            Command::Status { json } => cli::status(&config, json).await,
+            Command::Partitions {
+                command:
+                    PartitionsCommand::Maintain {
+                        archive_dir,
+                        dry_run,
+                        lock_timeout,
+                        json,
+                        now,
+                    },
+            } => {
+                let args = cli::MaintainArgs {
+                    archive_dir,
+                    dry_run,
+                    lock_timeout,
+                    json,
+                    now,
+                };
+                cli::partitions_maintain(&config, args).await
+            }
         }
     });
     match result {

@@ -21,7 +21,7 @@ use crate::database::Settings;
 use crate::error::Error;
 
 /// First key of pgoutbox's two-key advisory locks ("pgob").
-const LOCK_CLASS: i32 = 0x7067_6f62;
+pub(crate) const LOCK_CLASS: i32 = 0x7067_6f62;
 
 /// How often a waiting relay repeats who holds the lock.
 const WAIT_REPORT: Duration = Duration::from_secs(30);
@@ -77,6 +77,8 @@ impl ServingLock {
             .map_err(db)?
             .get(0);
         if !got {
+            // A standby until this returns (taken, failed or shut down).
+            let _standby = Standby::enter();
             let mut report = tokio::time::interval(WAIT_REPORT);
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&LOCK_CLASS, &name];
             let wait = client.query_one(wait_sql, &params);
@@ -107,6 +109,22 @@ impl ServingLock {
     /// Resolves when the lock's connection has ended, and with it the lock.
     pub async fn lost(&mut self) {
         let _ = (&mut self.lost).await;
+    }
+}
+
+/// Marks the relay as a standby (`pgoutbox_standby`, `/readyz`) while alive.
+struct Standby;
+
+impl Standby {
+    fn enter() -> Standby {
+        crate::metrics::health().set_standby(true);
+        Standby
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        crate::metrics::health().set_standby(false);
     }
 }
 

@@ -13,14 +13,19 @@
 //! - [`Failure::Transient`] means the session must be restarted and the
 //!   unconfirmed tail re-read from the slot.
 //!
+//! Metrics (see [`crate::metrics`]): the producer counts what Kafka
+//! acknowledged and what failed per topic, the events in flight and the
+//! send → acknowledgement latency (librdkafka's own measure); it also keeps
+//! the process's view of Kafka's health current ([`Sink::probe_cluster`]).
+//!
 //! Security (SSL, SASL/SCRAM, mTLS) is configured with librdkafka properties
 //! in `kafka.properties`, passed through as they are; the SASL password may
 //! come from `kafka.sasl_password_file` instead (docs/security-kafka.md).
 //! Secret values never reach logs or errors: authentication and TLS failures
 //! are logged with librdkafka's reason, which never contains them.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -30,7 +35,8 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::ClientContext;
 use tokio::sync::mpsc;
 
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, Mode};
+use crate::metrics::{self, health, metrics};
 use crate::route::{header, OutboxEvent};
 
 /// librdkafka properties pgoutbox sets itself; configuring them through
@@ -89,6 +95,20 @@ pub struct SinkError(String);
 struct Context {
     deliveries: mpsc::UnboundedSender<Delivery>,
     fatal: Arc<AtomicBool>,
+    /// The `mode` label of this producer's metrics.
+    mode: Mode,
+    /// Records enqueued and not yet reported, as counted in the in-flight
+    /// gauge; what is left when the producer is destroyed is taken out.
+    outstanding: AtomicI64,
+}
+
+impl Drop for Context {
+    // Runs once librdkafka is destroyed: no delivery report comes after.
+    fn drop(&mut self) {
+        metrics()
+            .kafka_in_flight
+            .sub(self.outstanding.load(Ordering::SeqCst));
+    }
 }
 
 impl ClientContext for Context {
@@ -126,9 +146,29 @@ impl ProducerContext for Context {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, ticket: usize) {
+        use rdkafka::message::Message;
+        self.outstanding.fetch_sub(1, Ordering::SeqCst);
+        let m = metrics();
+        m.kafka_in_flight.dec();
         let result = match result {
-            Ok(_) => Ok(()),
-            Err((e, _)) => Err(classify(e)),
+            Ok(msg) => {
+                // SAFETY: the message of this delivery report, alive for the
+                // call; librdkafka only reads it.
+                let micros = unsafe { rdkafka::bindings::rd_kafka_message_latency(msg.ptr()) };
+                if micros >= 0 {
+                    m.kafka_ack_latency.observe(micros as f64 / 1e6);
+                }
+                m.with_topic(self.mode, msg.topic(), |c| c.published.inc());
+                health().kafka_ok();
+                Ok(())
+            }
+            Err((e, msg)) => {
+                let failure = classify(e);
+                if let Failure::Transient(_) = failure {
+                    m.with_topic(self.mode, msg.topic(), |c| c.failed.inc());
+                }
+                Err(failure)
+            }
         };
         // The receiver is gone only when the session ended; a later session
         // re-reads unconfirmed events from the slot.
@@ -176,14 +216,61 @@ fn read_password_file(path: &str) -> Result<String, SinkError> {
 
 /// An idempotent Kafka producer.
 pub struct Sink {
-    producer: ThreadedProducer<Context>,
+    producer: Arc<ThreadedProducer<Context>>,
     fatal: Arc<AtomicBool>,
     message_max_bytes: usize,
+    mode: Mode,
+    probe: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if let Some(probe) = &self.probe {
+            probe.abort();
+        }
+    }
+}
+
+/// Asks the cluster for the brokers and the topics this producer already
+/// knows (never every topic of the cluster), waiting at most `timeout`.
+fn ask_cluster(producer: &ThreadedProducer<Context>, timeout: Duration) -> Result<(), String> {
+    use rdkafka::bindings as rd;
+    let mut md: *const rd::rd_kafka_metadata = std::ptr::null();
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: the producer's live handle; no topic handle is passed
+    // (all_topics = 0: locally known topics only); the metadata returned is
+    // freed below and never read.
+    let err = unsafe {
+        rd::rd_kafka_metadata(
+            producer.client().native_ptr(),
+            0,
+            std::ptr::null_mut(),
+            &mut md,
+            timeout_ms,
+        )
+    };
+    if !md.is_null() {
+        // SAFETY: returned by rd_kafka_metadata above, freed once.
+        unsafe { rd::rd_kafka_metadata_destroy(md) };
+    }
+    if err == rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+        Ok(())
+    } else {
+        Err(format!(
+            "metadata request failed: {}",
+            RDKafkaErrorCode::from(err)
+        ))
+    }
 }
 
 impl Sink {
-    /// Builds the producer; delivery reports arrive on the returned channel.
-    pub fn new(cfg: &KafkaConfig) -> Result<(Sink, mpsc::UnboundedReceiver<Delivery>), SinkError> {
+    /// Builds the producer for the relay running in `mode` (the `mode`
+    /// label of its metrics); delivery reports arrive on the returned
+    /// channel.
+    pub fn new(
+        cfg: &KafkaConfig,
+        mode: Mode,
+    ) -> Result<(Sink, mpsc::UnboundedReceiver<Delivery>), SinkError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let fatal = Arc::new(AtomicBool::new(false));
         let mut client = ClientConfig::new();
@@ -215,6 +302,8 @@ impl Sink {
         let context = Context {
             deliveries: tx,
             fatal: fatal.clone(),
+            mode,
+            outstanding: AtomicI64::new(0),
         };
         let producer: ThreadedProducer<Context> =
             client.create_with_context(context).map_err(|e| {
@@ -226,12 +315,52 @@ impl Sink {
             })?;
         Ok((
             Sink {
-                producer,
+                producer: Arc::new(producer),
                 fatal,
                 message_max_bytes: cfg.message_max_bytes,
+                mode,
+                probe: None,
             },
             rx,
         ))
+    }
+
+    /// Starts keeping Kafka's health ([`mod@crate::metrics::health`]) current
+    /// for as long as this sink lives: whenever no event was acknowledged
+    /// for [`metrics::health::KAFKA_PROBE_INTERVAL`] (or the last probe
+    /// failed), the producer asks the cluster for metadata and reports the
+    /// answer. Needs a Tokio runtime; without one it does nothing.
+    pub fn probe_cluster(&mut self) {
+        use metrics::health::KAFKA_PROBE_INTERVAL;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let producer: Weak<ThreadedProducer<Context>> = Arc::downgrade(&self.producer);
+        let task = runtime.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !health().kafka_probe_due(KAFKA_PROBE_INTERVAL) {
+                    continue;
+                }
+                let Some(p) = producer.upgrade() else { return };
+                let answer =
+                    tokio::task::spawn_blocking(move || ask_cluster(&p, KAFKA_PROBE_INTERVAL))
+                        .await;
+                match answer {
+                    Ok(Ok(())) => health().kafka_ok(),
+                    Ok(Err(why)) => {
+                        tracing::debug!(error = %why, "Kafka probe failed");
+                        health().kafka_failed(&why);
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        if let Some(old) = self.probe.replace(task.abort_handle()) {
+            old.abort();
+        }
     }
 
     /// Enqueues one event for `topic`. Its outcome arrives later as a
@@ -283,12 +412,27 @@ impl Sink {
             .key(&event.aggregate_id[..])
             .payload(&event.payload[..])
             .headers(headers);
+        // Counted before the send: its report may come before `send` returns.
+        let context = self.producer.context();
+        context.outstanding.fetch_add(1, Ordering::SeqCst);
+        let m = metrics();
+        m.kafka_in_flight.inc();
         match self.producer.send(record) {
             Ok(()) => Ok(()),
-            Err((e, _)) => match e.rdkafka_error_code() {
-                Some(RDKafkaErrorCode::QueueFull) => Err(SendError::QueueFull),
-                _ => Err(classify(&e).into()),
-            },
+            Err((e, _)) => {
+                context.outstanding.fetch_sub(1, Ordering::SeqCst);
+                m.kafka_in_flight.dec();
+                match e.rdkafka_error_code() {
+                    Some(RDKafkaErrorCode::QueueFull) => Err(SendError::QueueFull),
+                    _ => {
+                        let failure = classify(&e);
+                        if let Failure::Transient(_) = failure {
+                            m.with_topic(self.mode, topic, |c| c.failed.inc());
+                        }
+                        Err(failure.into())
+                    }
+                }
+            }
         }
     }
 
@@ -367,7 +511,7 @@ mod tests {
             brokers: "127.0.0.1:1".into(),
             ..KafkaConfig::default()
         };
-        let (sink, _rx) = Sink::new(&cfg).unwrap();
+        let (sink, _rx) = Sink::new(&cfg, Mode::Cdc).unwrap();
         assert!(!sink.is_fatal());
         let reason = std::ffi::CString::new("test").unwrap();
         // SAFETY: the producer's own handle, alive for the call.
@@ -403,13 +547,13 @@ mod tests {
         cfg.properties
             .insert("sasl.mechanisms".into(), "SCRAM-SHA-256".into());
         cfg.properties.insert("sasl.username".into(), "u".into());
-        assert!(Sink::new(&cfg).is_ok());
+        assert!(Sink::new(&cfg, Mode::Cdc).is_ok());
         std::fs::write(&file, "\n").unwrap();
         let e = read_password_file(&path).unwrap_err().to_string();
         assert!(e.contains("kafka.sasl_password_file"), "{e}");
         let missing = dir.join("missing").to_str().unwrap().to_owned();
         cfg.sasl_password_file = Some(missing);
-        let e = Sink::new(&cfg).err().unwrap().to_string();
+        let e = Sink::new(&cfg, Mode::Cdc).err().unwrap().to_string();
         assert!(e.contains("kafka.sasl_password_file: cannot read"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -430,7 +574,7 @@ mod tests {
         ] {
             cfg.properties.insert(k.into(), v.into());
         }
-        let e = Sink::new(&cfg)
+        let e = Sink::new(&cfg, Mode::Cdc)
             .err()
             .expect("missing key files are refused")
             .to_string();
@@ -445,7 +589,7 @@ mod tests {
             message_max_bytes: 1000,
             ..KafkaConfig::default()
         };
-        let (sink, _rx) = Sink::new(&cfg).unwrap();
+        let (sink, _rx) = Sink::new(&cfg, Mode::Cdc).unwrap();
         let mut e = crate::route::sample_event();
         e.payload = bytes::Bytes::from(vec![b'x'; 2000]);
         assert!(matches!(

@@ -51,7 +51,9 @@ fn bare_command(config: &str, env: &[(&str, &str)]) -> Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", unreachable_url())
         .env("KAFKA_BROKERS", "127.0.0.1:1")
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        // Many run at once: no metrics endpoint (its port would clash).
+        .env("OUTBOX_METRICS_LISTEN", "off");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -277,7 +279,8 @@ fn help_and_version_never_show_a_password() {
             .env("DATABASE_PASSWORD_FILE", &pw_file_text)
             .env("PGOUTBOX_RELAY_PASSWORD", relay_password())
             .env("PGOUTBOX_CONFIG", &config_text)
-            .env("KAFKA_BROKERS", "127.0.0.1:1");
+            .env("KAFKA_BROKERS", "127.0.0.1:1")
+            .env("OUTBOX_METRICS_LISTEN", "off");
         cmd.output().expect("run pgoutbox")
     };
     let paths = subcommand_paths(&run);

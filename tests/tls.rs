@@ -507,6 +507,7 @@ async fn the_relay_exits_non_zero_with_a_clear_error_when_tls_is_required_but_no
         )
         .env("KAFKA_BROKERS", &services().kafka_brokers)
         .env("OUTBOX_SLOT", "tls_never_created")
+        .env("OUTBOX_METRICS_LISTEN", "off")
         .output()
         .expect("run pgoutbox");
     let stderr = String::from_utf8_lossy(&out.stderr);

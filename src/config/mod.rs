@@ -11,6 +11,8 @@
 //! the `OUTBOX_*` settings listed in [`ENV_VARS`].
 
 mod identifier;
+mod metrics;
+mod partitions;
 mod tls;
 
 use std::collections::BTreeMap;
@@ -22,6 +24,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use identifier::{quote_ident, validate_identifier, validate_slot_name};
+pub use metrics::MetricsConfig;
+pub use partitions::{PartitionInterval, PartitionsConfig};
 pub use tls::{split_tls_params, RootCerts, Sourced, TlsMode, TlsSettings, UrlTls};
 
 use crate::route::TopicTemplate;
@@ -211,6 +215,10 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Metrics, health endpoints and the sampler.
+    pub metrics: MetricsConfig,
+    /// Partition lifecycle: create ahead, retention.
+    pub partitions: PartitionsConfig,
 }
 
 /// PostgreSQL connection settings.
@@ -284,6 +292,12 @@ pub struct OutboxConfig {
     pub max_retries: u32,
     /// Mark delivered rows `COMPLETED` (env `OUTBOX_MARK_COMPLETED`).
     pub mark_completed: bool,
+    /// Record every status change in `<table>_status_audit` (the seed's
+    /// `ENABLE_AUDIT`; env `ENABLE_AUDIT`, `migrate --audit` /
+    /// `--no-audit`), applied by `pgoutbox migrate`: `true` installs the
+    /// trigger, `false` drops it (the table is kept), unset leaves it as it
+    /// is. See docs/audit.md.
+    pub audit: Option<bool>,
 }
 
 impl Default for OutboxConfig {
@@ -296,6 +310,7 @@ impl Default for OutboxConfig {
             poll_interval_ms: 1000,
             max_retries: 5,
             mark_completed: true,
+            audit: None,
         }
     }
 }
@@ -496,6 +511,7 @@ pub const ENV_VARS: &[&str] = &[
     "OUTBOX_POLL_INTERVAL_MS",
     "OUTBOX_MAX_RETRIES",
     "OUTBOX_MARK_COMPLETED",
+    "ENABLE_AUDIT",
     "OUTBOX_MODE",
     "OUTBOX_CONCURRENCY",
     "OUTBOX_ORDERING",
@@ -511,6 +527,7 @@ pub const ENV_VARS: &[&str] = &[
     "KAFKA_LINGER_MS",
     "KAFKA_SASL_PASSWORD",
     "KAFKA_SASL_PASSWORD_FILE",
+    "OUTBOX_METRICS_LISTEN",
 ];
 
 fn parse_env<T: FromStr>(name: &str, value: &str, what: &str) -> Result<T, ConfigError> {
@@ -614,6 +631,9 @@ impl Config {
         if let Some(v) = get("OUTBOX_MARK_COMPLETED") {
             self.outbox.mark_completed = parse_bool("OUTBOX_MARK_COMPLETED", &v)?;
         }
+        if let Some(v) = get("ENABLE_AUDIT") {
+            self.outbox.audit = Some(parse_bool("ENABLE_AUDIT", &v)?);
+        }
         if let Some(v) = get("OUTBOX_MODE") {
             self.mode = v
                 .trim()
@@ -671,6 +691,9 @@ impl Config {
         if let Some(v) = get("KAFKA_SASL_PASSWORD_FILE") {
             self.kafka.sasl_password_file = Some(v);
         }
+        if let Some(v) = get("OUTBOX_METRICS_LISTEN") {
+            self.metrics.listen = v;
+        }
         Ok(())
     }
 
@@ -691,6 +714,9 @@ impl Config {
         }
         validate_identifier("outbox.schema", &self.outbox.schema)?;
         validate_identifier("outbox.table", &self.outbox.table)?;
+        if self.outbox.audit == Some(true) {
+            crate::outbox::audit::check_names(&self.outbox.table)?;
+        }
         validate_slot_name("cdc.slot", &self.cdc.slot)?;
         validate_identifier("cdc.publication", &self.cdc.publication)?;
         range(
@@ -830,6 +856,8 @@ impl Config {
                 ));
             }
         }
+        self.metrics.validate()?;
+        self.partitions.validate()?;
         match self.log.format.as_str() {
             "text" | "json" => {}
             other => {
@@ -922,6 +950,19 @@ mod tests {
         assert_eq!(c.outbox.poll_interval_ms, 200);
         assert_eq!(c.outbox.max_retries, 7);
         assert!(!c.outbox.mark_completed);
+    }
+
+    #[test]
+    fn enable_audit_is_the_seeds_flag_and_unset_leaves_the_audit_alone() {
+        let mut c = valid();
+        assert_eq!(c.outbox.audit, None);
+        c.apply_env(env(&[("ENABLE_AUDIT", "true")])).unwrap();
+        assert_eq!(c.outbox.audit, Some(true));
+        let c = Config::from_toml("[outbox]\naudit = false\n").unwrap();
+        assert_eq!(c.outbox.audit, Some(false));
+        let mut c = valid();
+        let e = c.apply_env(env(&[("ENABLE_AUDIT", "maybe")])).unwrap_err();
+        assert_eq!(e.field, "ENABLE_AUDIT");
     }
 
     #[test]

@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "relay_privileges",
         include_str!("../../migrations/0009_relay_privileges.sql"),
     ),
+    (
+        10,
+        "partition_lifecycle",
+        include_str!("../../migrations/0010_partition_lifecycle.sql"),
+    ),
 ];
 
 /// Names a migration run applies to. All must already be validated
@@ -94,6 +99,10 @@ impl MigrationTarget {
             .replace(
                 "{{dead_letter_index}}",
                 &quote_ident(&format!("{}_dead_letter_idx", self.table)),
+            )
+            .replace(
+                "{{failed_index}}",
+                &quote_ident(&format!("{}_failed_idx", self.table)),
             )
             .replace("{{schema_literal}}", &literal(&self.schema))
             .replace("{{table_literal}}", &literal(&self.table))

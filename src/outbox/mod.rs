@@ -6,6 +6,7 @@
 //! `DEAD_LETTER`. Both relay modes leave the same statuses, so either can take
 //! over from the other (invariant 8).
 
+pub mod audit;
 mod columns;
 pub mod dead_letter;
 pub mod envelope;

@@ -14,7 +14,7 @@
 //! | `SELECT, INSERT, UPDATE` on `pgoutbox_slot_state` | the record of the slot the relay created |
 //! | `INSERT` on `pgoutbox_dead_letters`, `USAGE` on its id sequence | logical messages that can never be published |
 //! | `SELECT` on `public.pgoutbox_migrations` | the start-up check that the schema is migrated |
-//! | `EXECUTE` on `pgoutbox_ensure_partitions` | partitions ahead, created by the SECURITY DEFINER function (migration 9) |
+//! | `EXECUTE` on `pgoutbox_ensure_partitions` | partitions ahead, created by the SECURITY DEFINER function (migration 9; the `(regclass, int, text)` form of migration 10 for `partitions.interval`) |
 //!
 //! Grants on a partitioned table apply to rows reached through it; the relay
 //! never names a partition, so partitions (present and future) need none.
@@ -194,6 +194,9 @@ pub fn grant_statements(target: &MigrationTarget, role: &str) -> Vec<String> {
         format!("GRANT INSERT ON TABLE {s}.pgoutbox_dead_letters TO {r}"),
         format!("GRANT SELECT ON TABLE public.pgoutbox_migrations TO {r}"),
         format!("GRANT EXECUTE ON FUNCTION {s}.pgoutbox_ensure_partitions(regclass, int) TO {r}"),
+        format!(
+            "GRANT EXECUTE ON FUNCTION {s}.pgoutbox_ensure_partitions(regclass, int, text) TO {r}"
+        ),
     ]
 }
 

@@ -280,6 +280,12 @@ async fn apply(
             }
         }
     }
+    let m = crate::metrics::metrics();
+    for n in [ids.len(), dead_ids.len(), lsns.len()] {
+        if n > 0 {
+            m.batch(crate::metrics::batch::STATUS_UPDATE, n);
+        }
+    }
     if !ids.is_empty() {
         for row in client.query(&sql.completed, &[&ids, &ats]).await? {
             unseen.push(row.get::<_, String>(0));

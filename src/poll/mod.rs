@@ -25,6 +25,8 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, Mode, PollOrdering};
 use crate::error::Error;
+use crate::metrics::health::Phase;
+use crate::metrics::{health, metrics};
 use crate::route::Router;
 use crate::serving::ServingLock;
 use crate::sink::Sink;
@@ -131,11 +133,13 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let stats = Arc::new(Stats::default());
     let mut backoff = Duration::from_millis(200);
     loop {
+        health().set_phase(Phase::Connecting, "taking the serving lock");
         let mut lock = match ServingLock::acquire(&pg, &config, Mode::Poll, &mut shutdown).await {
             Ok(Some(lock)) => lock,
             Ok(None) => return Ok(()),
             Err(e @ (Error::Fatal(_) | Error::Config(_))) => return Err(e),
             Err(e) => {
+                health().set_phase(Phase::Reconnecting, e.to_string());
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot take the serving lock; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -145,8 +149,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 continue;
             }
         };
-        let (sink, deliveries) =
-            Sink::new(&config.kafka).map_err(|e| Error::Fatal(e.to_string()))?;
+        let (mut sink, deliveries) =
+            Sink::new(&config.kafka, Mode::Poll).map_err(|e| Error::Fatal(e.to_string()))?;
+        sink.probe_cluster();
         let shared = Arc::new(worker::Shared {
             config: config.clone(),
             pg: pg.clone(),
@@ -157,6 +162,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let served_since = tokio::time::Instant::now();
+        // Ready once a worker's claim succeeds too (see metrics::health).
+        health().set_phase(Phase::Serving, "polling");
         let outcome = serve(&shared, deliveries, stop_rx, &mut lock, &mut shutdown).await;
         if served_since.elapsed() > Duration::from_secs(60) {
             backoff = Duration::from_millis(200);
@@ -167,9 +174,16 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             Served::Shutdown => return Ok(()),
             Served::Failed(e @ (Error::Fatal(_) | Error::Config(_))) => return Err(e),
             Served::Failed(e) => {
+                health().set_phase(Phase::Reconnecting, e.to_string());
+                metrics().reconnects.with_label_values(&["poll"]).inc();
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "poll relay restarting");
             }
             Served::LockLost => {
+                health().set_phase(
+                    Phase::Reconnecting,
+                    "the serving lock was lost (its connection ended)",
+                );
+                metrics().reconnects.with_label_values(&["poll"]).inc();
                 tracing::warn!("the serving lock was lost (its connection ended); taking it again");
             }
         }
@@ -223,10 +237,14 @@ async fn serve(
         }
     });
     tokio::spawn(reaper::run(
-        shared.pg.clone(),
-        shared.statements.reap.clone(),
-        reaper::period(config.outbox.lease_seconds),
-        shared.stats.clone(),
+        reaper::Reaper {
+            pg: shared.pg.clone(),
+            sql: shared.statements.reap.clone(),
+            every: reaper::period(config.outbox.lease_seconds),
+            stats: shared.stats.clone(),
+            router: shared.router.clone(),
+            table: config.outbox.table.clone(),
+        },
         stop.clone(),
     ));
     tokio::spawn(wakeup::run(

@@ -7,24 +7,59 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::Stats;
+use crate::config::Mode;
+use crate::metrics::metrics;
+use crate::route::{OutboxEvent, Router};
 
 /// The reaper's period for a lease of `lease_seconds`.
 pub fn period(lease_seconds: u32) -> Duration {
     (Duration::from_secs(u64::from(lease_seconds)) / 2).max(Duration::from_millis(500))
 }
 
+/// The topic a row of `table` with these types is published to (`""` when
+/// none can be rendered), for the metrics' `topic` label.
+fn topic_of(router: &Router, table: &str, aggregate_type: &str, event_type: &str) -> String {
+    let event = OutboxEvent {
+        table: Bytes::copy_from_slice(table.as_bytes()),
+        aggregate_type: Bytes::copy_from_slice(aggregate_type.as_bytes()),
+        event_type: Bytes::copy_from_slice(event_type.as_bytes()),
+        id: Bytes::new(),
+        created_at: Bytes::new(),
+        tracking_id: Bytes::new(),
+        aggregate_id: Bytes::new(),
+        payload: Bytes::new(),
+        metadata: None,
+    };
+    router.render(&event).unwrap_or_default()
+}
+
+/// What the reaper needs besides its statement.
+pub(super) struct Reaper {
+    pub pg: crate::database::Settings,
+    pub sql: String,
+    pub every: Duration,
+    pub stats: Arc<Stats>,
+    /// For the topic label of rows it dead-letters.
+    pub router: Router,
+    /// The outbox table's name.
+    pub table: String,
+}
+
 /// Runs the reaper until shutdown. Database errors are logged and retried
 /// at the next period.
-pub(super) async fn run(
-    pg: crate::database::Settings,
-    sql: String,
-    every: Duration,
-    stats: Arc<Stats>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub(super) async fn run(reaper: Reaper, mut shutdown: watch::Receiver<bool>) {
+    let Reaper {
+        pg,
+        sql,
+        every,
+        stats,
+        router,
+        table,
+    } = reaper;
     let mut client: Option<tokio_postgres::Client> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -39,9 +74,16 @@ pub(super) async fn run(
         let Some(c) = &client else { continue };
         match c.query_one(&sql, &[]).await {
             Ok(row) => {
-                let (pending, dead): (i64, i64) = (row.get(0), row.get(1));
+                let pending: i64 = row.get(0);
+                let dead_types: Vec<String> = row.get(1);
+                let dead_events: Vec<String> = row.get(2);
+                let dead = dead_types.len() as i64;
+                for (a, e) in dead_types.iter().zip(&dead_events) {
+                    metrics().dead_lettered(Mode::Poll, &topic_of(&router, &table, a, e), 1);
+                }
                 if pending + dead > 0 {
                     stats.reaped.fetch_add(pending as u64, Relaxed);
+                    metrics().poll_reaped.inc_by(pending as u64);
                     stats.dead_lettered.fetch_add(dead as u64, Relaxed);
                     tracing::warn!(
                         returned = pending,
@@ -61,6 +103,20 @@ pub(super) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_lettered_rows_are_counted_under_their_topic() {
+        let cfg = crate::config::KafkaConfig {
+            topic: "{aggregate_type}.{event_type}".into(),
+            ..Default::default()
+        };
+        let router = Router::from_config(&cfg).unwrap();
+        assert_eq!(
+            topic_of(&router, "outbox", "Order", "Created"),
+            "Order.Created"
+        );
+        assert_eq!(topic_of(&router, "outbox", "Or der", "Created"), "");
+    }
 
     #[test]
     fn the_reaper_runs_every_half_lease() {

@@ -29,10 +29,10 @@ pub struct Statements {
     pub renew: String,
     /// `$1` token, `$2` ids, `$3` created_ats, `$4` delays (ms), `$5` errors:
     /// back to `PENDING` after the delay, or `DEAD_LETTER` once the row has
-    /// used its attempts; returns `(retried, dead)`.
+    /// used its attempts; returns `(retried, ids of the dead)`.
     pub retry: String,
     /// `$1` token, `$2` ids, `$3` created_ats, `$4` errors: `DEAD_LETTER` at
-    /// once; returns the count.
+    /// once; returns the ids of the rows it changed.
     pub dead_letter: String,
     /// `$1` token, `$2` ids, `$3` created_ats: hands unsent rows back
     /// (`PENDING`, attempt not counted); returns the count.
@@ -43,7 +43,8 @@ pub struct Statements {
     /// count.
     pub defer: String,
     /// Returns expired leases to `PENDING` (or `DEAD_LETTER` when the row
-    /// used its attempts); returns `(pending, dead)`.
+    /// used its attempts); returns `(pending, aggregate types of the dead,
+    /// event types of the dead)`, the types for the metrics' topic label.
     pub reap: String,
     /// Turns rows the seed's poller left `FAILED` into `PENDING` rows.
     pub adopt_failed: String,
@@ -116,15 +117,16 @@ impl Statements {
                                       THEN 'attempt ' || o.retry_count || ' of ' || o.max_retries || ' failed: ' || k.err \
                                       ELSE k.err END \
                FROM k WHERE {MATCH} AND o.lock_token = $1 AND o.status = 'PROCESSING' \
-             RETURNING o.status) \
-             SELECT count(*) FILTER (WHERE status = 'PENDING'), count(*) FILTER (WHERE status = 'DEAD_LETTER') FROM u"
+             RETURNING o.status, o.id::text AS id) \
+             SELECT count(*) FILTER (WHERE status = 'PENDING'), \
+                    coalesce(array_agg(id) FILTER (WHERE status = 'DEAD_LETTER'), '{{}}') FROM u"
         );
         let dead_letter = format!(
             "WITH k AS (SELECT * FROM unnest($2::text[], $3::text[], $4::text[]) AS k(id, created_at, err)), \
                   u AS (UPDATE {t} AS o SET status = 'DEAD_LETTER', processed_at = now(), \
                     locked_until = NULL, lock_token = NULL, last_error = k.err \
                FROM k WHERE {MATCH} AND o.lock_token = $1 AND o.status = 'PROCESSING' \
-             RETURNING 1) SELECT count(*) FROM u"
+             RETURNING o.id::text AS id) SELECT coalesce(array_agg(id), '{{}}') FROM u"
         );
         let release = format!(
             "WITH u AS (UPDATE {t} AS o SET status = 'PENDING', locked_until = NULL, lock_token = NULL, \
@@ -149,8 +151,10 @@ impl Statements {
                                       ELSE o.last_error END, \
                     locked_until = NULL, lock_token = NULL \
               WHERE o.status = 'PROCESSING' AND o.locked_until < now() \
-             RETURNING o.status) \
-             SELECT count(*) FILTER (WHERE status = 'PENDING'), count(*) FILTER (WHERE status = 'DEAD_LETTER') FROM u"
+             RETURNING o.status, o.aggregate_type, o.event_type) \
+             SELECT count(*) FILTER (WHERE status = 'PENDING'), \
+                    coalesce(array_agg(aggregate_type) FILTER (WHERE status = 'DEAD_LETTER'), '{{}}'), \
+                    coalesce(array_agg(event_type) FILTER (WHERE status = 'DEAD_LETTER'), '{{}}') FROM u"
         );
         let adopt_failed = format!(
             "UPDATE {t} SET status = 'PENDING', locked_until = NULL, lock_token = NULL WHERE status = 'FAILED'"

@@ -23,8 +23,9 @@ use tokio_postgres::{Client, Row, Statement};
 
 use super::statements::Statements;
 use super::Stats;
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::error::Error;
+use crate::metrics::{self, health, metrics};
 use crate::route::{OutboxEvent, Router};
 use crate::sink::{Delivery, Failure, SendError, Sink};
 
@@ -118,6 +119,28 @@ struct Verdicts {
     retry: Vec<(usize, String)>,
     dead: Vec<(usize, String)>,
     unsent: Vec<usize>,
+    /// Each claimed row's topic (`""` when none could be rendered), for
+    /// the metrics.
+    topics: Vec<String>,
+}
+
+impl Verdicts {
+    /// Counts the rows with these ids as dead-lettered, under their topics.
+    fn count_dead(&self, claimed: &[Claimed], dead_ids: &[String]) {
+        if dead_ids.is_empty() {
+            return;
+        }
+        let index: HashMap<&str, usize> = claimed
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id.as_str(), i))
+            .collect();
+        for id in dead_ids {
+            if let Some(&i) = index.get(id.as_str()) {
+                metrics().dead_lettered(Mode::Poll, &self.topics[i], 1);
+            }
+        }
+    }
 }
 
 /// A worker and its loop.
@@ -140,8 +163,11 @@ impl Worker {
         let idle = Duration::from_millis(cfg.outbox.poll_interval_ms);
         let table = Bytes::copy_from_slice(cfg.outbox.table.as_bytes());
         let mut conn: Option<(Client, Prepared)> = None;
+        // Held while this worker's claims succeed (readiness).
+        let mut connected: Option<metrics::health::WorkerConnected> = None;
         let mut backoff = Duration::from_millis(100);
         let mut seq = 0u64;
+        let read = metrics().events_read.with_label_values(&["poll"]);
         loop {
             if *self.shutdown.borrow() {
                 return Ok(());
@@ -159,6 +185,7 @@ impl Worker {
                         conn.insert(c)
                     }
                     Err(e) => {
+                        connected = None;
                         let err = Error::postgres("poll worker connecting", &e);
                         if let Error::Fatal(_) = err {
                             return Err(err);
@@ -184,10 +211,14 @@ impl Worker {
                     }
                     tracing::warn!(worker = self.index, error = %err, "claim failed; reconnecting");
                     conn = None;
+                    connected = None;
                     self.pause(backoff).await;
                     continue;
                 }
             };
+            if connected.is_none() {
+                connected = Some(health().worker_connected());
+            }
             if rows.is_empty() {
                 self.wait_for_work(seen, idle).await;
                 continue;
@@ -196,6 +227,10 @@ impl Worker {
             let stats = &self.shared.stats;
             stats.claims.fetch_add(1, Relaxed);
             stats.claimed.fetch_add(rows.len() as u64, Relaxed);
+            let m = metrics();
+            m.poll_claims.inc();
+            read.inc_by(rows.len() as u64);
+            m.batch(metrics::batch::CLAIM, rows.len());
             let claimed: Vec<Claimed> = rows.iter().map(|r| Claimed::from_row(r, &table)).collect();
             let verdicts = self
                 .publish(&claimed, token, client, prepared, &mut seq)
@@ -208,6 +243,7 @@ impl Worker {
                 // hands them to a worker again.
                 tracing::warn!(worker = self.index, error = %e, "could not settle a batch; its rows return when their lease expires");
                 conn = None;
+                connected = None;
                 continue;
             }
             if !full {
@@ -248,7 +284,10 @@ impl Worker {
     ) -> Verdicts {
         let shared = self.shared.clone();
         let lease = Duration::from_secs(u64::from(shared.config.outbox.lease_seconds));
-        let mut verdicts = Verdicts::default();
+        let mut verdicts = Verdicts {
+            topics: vec![String::new(); claimed.len()],
+            ..Verdicts::default()
+        };
         let mut outstanding: HashMap<u64, usize> = HashMap::with_capacity(claimed.len());
         let renew = |keys: Vec<usize>| {
             let ids: Vec<&str> = keys.iter().map(|&i| claimed[i].id.as_str()).collect();
@@ -273,6 +312,7 @@ impl Worker {
                     continue;
                 }
             };
+            verdicts.topics[i].clone_from(&topic);
             loop {
                 *seq += 1;
                 let ticket =
@@ -347,6 +387,7 @@ impl Worker {
                 match renew().await {
                     Ok((held, asked)) if (held as usize) < asked => {
                         self.shared.stats.leases_lost.fetch_add((asked - held as usize) as u64, Relaxed);
+                        metrics().poll_leases_lost.inc_by((asked - held as usize) as u64);
                         tracing::warn!(
                             worker = self.index, held, asked,
                             "lease lost on some rows (the reaper returned them); their completion will be skipped"
@@ -399,6 +440,7 @@ impl Worker {
             let stale = verdicts.delivered.len() as i64 - done;
             if stale > 0 {
                 stats.stale_completions.fetch_add(stale as u64, Relaxed);
+                metrics().poll_stale_completions.inc_by(stale as u64);
                 tracing::warn!(
                     worker = self.index,
                     stale,
@@ -454,7 +496,9 @@ impl Worker {
             let row = client
                 .query_one(&prepared.retry, &[&token, &ids, &created, &delays, &errors])
                 .await?;
-            let (retried, dead): (i64, i64) = (row.get(0), row.get(1));
+            let (retried, dead_ids): (i64, Vec<String>) = (row.get(0), row.get(1));
+            let dead = dead_ids.len();
+            verdicts.count_dead(claimed, &dead_ids);
             stats.retried.fetch_add(retried as u64, Relaxed);
             stats.dead_lettered.fetch_add(dead as u64, Relaxed);
             tracing::warn!(
@@ -469,10 +513,12 @@ impl Worker {
             let idx: Vec<usize> = verdicts.dead.iter().map(|(i, _)| *i).collect();
             let (ids, created) = keys(&idx);
             let errors: Vec<&str> = verdicts.dead.iter().map(|(_, e)| e.as_str()).collect();
-            let dead: i64 = client
+            let dead_ids: Vec<String> = client
                 .query_one(&prepared.dead_letter, &[&token, &ids, &created, &errors])
                 .await?
                 .get(0);
+            let dead = dead_ids.len();
+            verdicts.count_dead(claimed, &dead_ids);
             stats.dead_lettered.fetch_add(dead as u64, Relaxed);
             tracing::warn!(
                 worker = self.index,

@@ -23,6 +23,8 @@ use tokio::sync::watch;
 
 use crate::config::{quote_ident, Config, Mode};
 use crate::error::{Action, Error};
+use crate::metrics::health::Phase;
+use crate::metrics::{health, metrics};
 use crate::route::Router;
 use crate::serving::ServingLock;
 
@@ -164,6 +166,8 @@ pub async fn run(
     options: RunOptions,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
+    // Partitions ahead while the relay runs (partitions.maintain_interval_s).
+    let _create_ahead = crate::partitions::spawn_create_ahead(&config, shutdown.clone());
     let mode = match config.mode {
         Mode::Auto => {
             let pg = crate::database::settings(&config)?;
@@ -176,12 +180,24 @@ pub async fn run(
         }
         m => m,
     };
+    metrics().set_mode(if mode == Mode::Poll {
+        Mode::Poll
+    } else {
+        Mode::Cdc
+    });
+    // The sampler ends with the relay (shutdown, or this function returns).
+    let sampler = tokio::spawn(crate::metrics::sampler::run(
+        config.clone(),
+        shutdown.clone(),
+    ));
+    let _sampler = AbortOnDrop(sampler);
     match mode {
         Mode::Poll => crate::poll::run(config, shutdown).await,
         Mode::Cdc | Mode::Auto => {
             let fallback = config.mode == Mode::Auto && config.cdc.fallback_to_poll;
             match run_cdc(config.clone(), options, shutdown.clone()).await {
                 Err(Error::SlotLost(why)) if fallback => {
+                    metrics().set_mode(Mode::Poll);
                     tracing::error!(
                         reason = %why,
                         "the replication slot was lost; falling back to poll mode (cdc.fallback_to_poll = true): \
@@ -192,6 +208,15 @@ pub async fn run(
                 other => other,
             }
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -230,11 +255,13 @@ async fn run_cdc(
         if lock.is_none() {
             // Waits while pollers (or another CDC relay: a standby) serve
             // the table.
+            health().set_phase(Phase::Connecting, "taking the serving lock");
             match ServingLock::acquire(&pg, &config, Mode::Cdc, &mut shutdown).await {
                 Ok(Some(l)) => lock = Some(l),
                 Ok(None) => return Ok(()),
                 Err(e) if e.action() == Action::Stop => return Err(e),
                 Err(e) => {
+                    health().set_phase(Phase::Reconnecting, e.to_string());
                     tracing::warn!(error = %e, "cannot take the serving lock; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -274,6 +301,8 @@ async fn run_cdc(
                         tracing::info!(error = %e, "stopped during a session restart");
                         return Ok(());
                     }
+                    health().set_phase(Phase::Reconnecting, e.to_string());
+                    metrics().reconnects.with_label_values(&["cdc"]).inc();
                     if started.elapsed() > Duration::from_secs(60) {
                         backoff = Duration::from_millis(100);
                     }
@@ -304,25 +333,19 @@ pub(crate) fn fatal_at_start(e: Error) -> Error {
     }
 }
 
-/// Creates next months' partitions if the helper function is installed.
-/// Failing here must not stop delivery, so problems are logged.
+/// Creates the partitions ahead (`partitions.interval`, `partitions.ahead`)
+/// through the SECURITY DEFINER function. Failing here must not stop
+/// delivery, so problems are logged.
 pub(crate) async fn ensure_partitions(client: &tokio_postgres::Client, config: &Config) {
-    let table = format!(
-        "{}.{}",
-        quote_ident(&config.outbox.schema),
-        quote_ident(&config.outbox.table)
-    );
-    let sql = format!(
-        "SELECT {}.pgoutbox_ensure_partitions($1::text::regclass, 2)",
-        quote_ident(&config.outbox.schema)
-    );
-    match client.query_one(&sql, &[&table]).await {
-        Ok(row) => {
-            let created: i32 = row.get(0);
+    match crate::partitions::ensure_ahead(client, config).await {
+        Ok(created) => {
             if created > 0 {
                 tracing::info!(created, "created outbox partitions ahead");
             }
         }
-        Err(e) => tracing::warn!(error = %e, "could not ensure outbox partitions ahead"),
+        Err(e) => tracing::warn!(
+            error = %crate::error::postgres_text(&e),
+            "could not ensure outbox partitions ahead"
+        ),
     }
 }

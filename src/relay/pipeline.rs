@@ -13,7 +13,9 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::progress::{Progress, TxId};
+use crate::config::Mode;
 use crate::error::Error;
+use crate::metrics::metrics;
 use crate::outbox::{Mark, MarkKind, RowKey, StatusWriter};
 use crate::route::{OutboxEvent, Router};
 use crate::sink::{Delivery, Failure, SendError, Sink};
@@ -40,6 +42,8 @@ struct InFlight {
     tx: TxId,
     bytes: usize,
     source: Source,
+    /// Its topic, once rendered (`""` if it has none), for the metrics.
+    topic: String,
 }
 
 /// Counters for one session, logged periodically.
@@ -69,6 +73,8 @@ pub struct Pipeline {
     max_bytes: usize,
     /// Counters since the session began.
     pub counters: Counters,
+    /// `pgoutbox_events_read_total{mode="cdc"}`.
+    read: prometheus::IntCounter,
 }
 
 impl Pipeline {
@@ -100,6 +106,9 @@ impl Pipeline {
             max_events,
             max_bytes,
             counters: Counters::default(),
+            read: metrics()
+                .events_read
+                .with_label_values(&[Mode::Cdc.as_str()]),
         }
     }
 
@@ -127,9 +136,15 @@ impl Pipeline {
         event: OutboxEvent,
         source: Source,
     ) -> Result<(), Error> {
+        self.read.inc();
         let bytes = event.wire_size();
         let ticket = self.base + self.window.len() as u64;
-        self.window.push_back(Some(InFlight { tx, bytes, source }));
+        self.window.push_back(Some(InFlight {
+            tx,
+            bytes,
+            source,
+            topic: String::new(),
+        }));
         self.events += 1;
         self.bytes += bytes;
         progress.add_event(tx);
@@ -140,24 +155,27 @@ impl Pipeline {
                 return Ok(());
             }
         };
-        loop {
+        let refused = loop {
             match self.sink.send(ticket, &topic, &event) {
-                Ok(()) => {
-                    self.counters.sent += 1;
-                    return Ok(());
-                }
+                Ok(()) => break None,
                 Err(SendError::QueueFull) => {
                     tokio::time::sleep(std::time::Duration::from_millis(2)).await;
                 }
-                Err(SendError::Failed(Failure::Permanent(why))) => {
-                    self.dead_letter(ticket, why);
-                    return Ok(());
-                }
+                Err(SendError::Failed(Failure::Permanent(why))) => break Some(why),
                 Err(SendError::Failed(Failure::Transient(why))) => {
                     return Err(self.kafka_failed("kafka refused an event", why));
                 }
             }
+        };
+        // Nothing else touched the window meanwhile (`&mut self`).
+        if let Some(Some(f)) = self.window.back_mut() {
+            f.topic = topic;
         }
+        match refused {
+            None => self.counters.sent += 1,
+            Some(why) => self.dead_letter(ticket, why),
+        }
+        Ok(())
     }
 
     /// The session-ending error for a transient Kafka failure, naming a
@@ -181,11 +199,13 @@ impl Pipeline {
         source: Source,
         why: String,
     ) {
+        self.read.inc();
         let ticket = self.base + self.window.len() as u64;
         self.window.push_back(Some(InFlight {
             tx,
             bytes: 0,
             source,
+            topic: String::new(),
         }));
         self.events += 1;
         progress.add_event(tx);
@@ -215,6 +235,7 @@ impl Pipeline {
                 }
             }
         };
+        metrics().dead_lettered(Mode::Cdc, &f.topic, 1);
         self.counters.dead_lettered += 1;
         self.mark(Mark { ticket, kind });
     }

@@ -11,8 +11,10 @@ use super::changes::{Changes, MessageFilter};
 use super::pipeline::Pipeline;
 use super::progress::Progress;
 use super::slot::{self, SlotState};
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::error::Error;
+use crate::metrics::health::Phase;
+use crate::metrics::{self, health, metrics};
 use crate::outbox::StatusWriter;
 use crate::pgoutput::Decoder;
 use crate::replication::{
@@ -116,6 +118,7 @@ impl Session<'_> {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), Error> {
         let cfg = self.config;
+        health().set_phase(Phase::Connecting, "opening the replication session");
         let client = crate::database::connect(self.pg)
             .await
             .map_err(|e| Error::postgres("connecting to PostgreSQL", &e))?;
@@ -151,6 +154,7 @@ impl Session<'_> {
                 let snapshot = created.snapshot_name.clone().ok_or_else(|| {
                     Error::Fatal("the server exported no snapshot for the new slot".into())
                 })?;
+                health().set_phase(Phase::Backfilling, "");
                 let n = super::backfill::run(
                     cfg,
                     self.pg,
@@ -185,13 +189,17 @@ impl Session<'_> {
             .start_logical_replication(&cfg.cdc.slot, Lsn::ZERO, &options, cfg.cdc.read_buffer)
             .await
             .map_err(|e| replication_error("starting replication", e))?;
+        health().set_phase(Phase::Serving, "streaming");
         self.stream(stream, negotiated.proto, pipeline, progress, shutdown)
             .await
     }
 
     fn pipeline(&self) -> Result<Pipeline, Error> {
         let cfg = self.config;
-        let sink = Sink::new(&cfg.kafka).map_err(|e| Error::Fatal(e.to_string()))?;
+        let (mut sink, deliveries) =
+            Sink::new(&cfg.kafka, Mode::Cdc).map_err(|e| Error::Fatal(e.to_string()))?;
+        sink.probe_cluster();
+        let sink = (sink, deliveries);
         let pg = self.pg.clone();
         let (schema, table) = (cfg.outbox.schema.clone(), cfg.outbox.table.clone());
         let batch = cfg.cdc.mark_batch_size;
@@ -227,11 +235,16 @@ impl Session<'_> {
         let mut report = tokio::time::interval(Duration::from_secs(10));
         report.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_report = pipeline.counters;
-        let status = |received: Lsn, progress: &Progress, reply: bool| StandbyStatus {
-            write: received.max(progress.flushed()),
-            flush: progress.flushed(),
-            apply: progress.flushed(),
-            reply_requested: reply,
+        let m = metrics();
+        // Every status sent is also what the flushed LSN gauge shows.
+        let status = |received: Lsn, progress: &Progress, reply: bool| {
+            m.flushed_lsn(progress.flushed());
+            StandbyStatus {
+                write: received.max(progress.flushed()),
+                flush: progress.flushed(),
+                apply: progress.flushed(),
+                reply_requested: reply,
+            }
         };
         loop {
             tokio::select! {
@@ -262,6 +275,8 @@ impl Session<'_> {
                     if n == 0 {
                         return Err(Error::Transient("the replication stream closed".into()));
                     }
+                    m.batch(metrics::batch::REPLICATION_READ, n);
+                    let mut server_end = Lsn::ZERO;
                     // Everything already buffered, in one go: one wake-up
                     // per socket read rather than per message.
                     for msg in batch.drain(..) {
@@ -269,6 +284,7 @@ impl Session<'_> {
                         match msg {
                             ReplicationMessage::XLogData { wal_end, data, .. } => {
                                 received = received.max(wal_end);
+                                server_end = server_end.max(wal_end);
                                 let message = decoder.decode(data).map_err(|e| {
                                     Error::Fatal(format!("undecodable pgoutput message near {wal_end}: {e}"))
                                 })?;
@@ -276,6 +292,7 @@ impl Session<'_> {
                             }
                             ReplicationMessage::PrimaryKeepAlive { wal_end, reply_requested, .. } => {
                                 received = received.max(wal_end);
+                                server_end = server_end.max(wal_end);
                                 progress.keepalive(wal_end);
                                 if reply_requested {
                                     feedback
@@ -286,6 +303,8 @@ impl Session<'_> {
                             }
                         }
                     }
+                    m.received_lsn(received);
+                    m.server_lsn(server_end);
                 }
             }
         }

@@ -269,7 +269,15 @@ impl TestOutbox {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgoutbox"));
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let config = dir.join(format!("{}.toml", self.name));
-        std::fs::write(&config, &self.extra_config).expect("write relay config");
+        // Written aside and renamed into place: a relay starting at this
+        // moment reads the old file or the new one, never a truncated one.
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let staged = dir.join(format!("{}.toml.{n}.tmp", self.name));
+        std::fs::write(&staged, &self.extra_config).expect("write relay config");
+        std::fs::rename(&staged, &config).expect("move relay config into place");
         cmd.arg("--config")
             .arg(&config)
             .env_clear()
@@ -284,7 +292,11 @@ impl TestOutbox {
                 "OUTBOX_TOPIC",
                 format!("{}.{{aggregate_type}}", self.topic_prefix),
             )
-            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn");
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            // Tests run many relays at once: no metrics endpoint unless a
+            // test gives its relay a port of its own (OUTBOX_METRICS_LISTEN
+            // in `env`).
+            .env("OUTBOX_METRICS_LISTEN", "off");
         for (k, v) in &self.env {
             if relay && k == "DATABASE_URL" {
                 cmd.env(k, as_relay(v));

@@ -1,0 +1,579 @@
+//! Prometheus metrics, the health endpoints and the sampler.
+//!
+//! Every metric name is a constant in [`names`] (the contract the
+//! dashboards and alert rules are built from; `docs/metrics.md` describes
+//! each). All metrics live in one registry ([`metrics()`]), created on first
+//! use, so instrumented code anywhere in the crate records with one atomic
+//! operation and no plumbing. The HTTP endpoint ([`serve`]) answers
+//! `/metrics`, `/healthz` and `/readyz`; readiness is decided by
+//! [`health()`] (see [`mod@health`] for what "connected" means). The
+//! [`sampler`] runs cheap queries on a connection of its own.
+//!
+//! Labels never carry secrets or unbounded values: `mode` is `cdc` or
+//! `poll`, `topic` is a rendered Kafka topic (bounded by the deployment's
+//! templates; `""` for events no topic could be rendered for), `slot` the
+//! configured slot, `status` and `kind` fixed sets.
+
+pub mod health;
+pub mod sampler;
+mod server;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{LazyLock, Mutex};
+
+use prometheus::{
+    exponential_buckets, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+use crate::config::Mode;
+use crate::Lsn;
+
+pub use health::{health, Health};
+pub use server::{serve, Endpoint};
+
+/// The metric names (see `docs/metrics.md`).
+pub mod names {
+    /// Gauge 1 with `version`, `revision`: the build.
+    pub const BUILD_INFO: &str = "pgoutbox_build_info";
+    /// Gauge 1 with `mode`: the mode this relay runs in.
+    pub const MODE: &str = "pgoutbox_mode";
+    /// Gauge 0/1: the same verdict as `/readyz`.
+    pub const READY: &str = "pgoutbox_ready";
+    /// Gauge 0/1: waiting on the serving lock.
+    pub const STANDBY: &str = "pgoutbox_standby";
+    /// Counter by `mode`: events read (decoded from WAL / claimed).
+    pub const EVENTS_READ: &str = "pgoutbox_events_read_total";
+    /// Counter by `mode`, `topic`: acknowledged by Kafka.
+    pub const EVENTS_PUBLISHED: &str = "pgoutbox_events_published_total";
+    /// Counter by `mode`, `topic`: failed sends (retriable).
+    pub const EVENTS_FAILED: &str = "pgoutbox_events_failed_total";
+    /// Counter by `mode`, `topic`: dead-lettered.
+    pub const EVENTS_DEAD_LETTERED: &str = "pgoutbox_events_dead_lettered_total";
+    /// Gauge: sent, not yet acknowledged.
+    pub const KAFKA_IN_FLIGHT: &str = "pgoutbox_kafka_in_flight_events";
+    /// Histogram: send → acknowledgement, in seconds.
+    pub const KAFKA_ACK_LATENCY: &str = "pgoutbox_kafka_ack_latency_seconds";
+    /// Histogram by `kind`: items per batch.
+    pub const BATCH_SIZE: &str = "pgoutbox_batch_size";
+    /// Gauge: last WAL position received (CDC).
+    pub const RECEIVED_LSN: &str = "pgoutbox_received_lsn";
+    /// Gauge: last position confirmed to PostgreSQL (CDC).
+    pub const FLUSHED_LSN: &str = "pgoutbox_flushed_lsn";
+    /// Gauge: the server's WAL end (keepalives, sampled).
+    pub const SERVER_LSN: &str = "pgoutbox_server_lsn";
+    /// Gauge: server LSN - flushed LSN.
+    pub const REPLICATION_LAG: &str = "pgoutbox_replication_lag_bytes";
+    /// Gauge by `slot`: WAL the slot keeps (sampled).
+    pub const SLOT_RETAINED_WAL: &str = "pgoutbox_slot_retained_wal_bytes";
+    /// Gauge by `slot`, `status`: 1 for the slot's current `wal_status`.
+    pub const SLOT_WAL_STATUS: &str = "pgoutbox_slot_wal_status";
+    /// Gauge by `slot`: `safe_wal_size` (-1 when unlimited).
+    pub const SLOT_SAFE_WAL_SIZE: &str = "pgoutbox_slot_safe_wal_size_bytes";
+    /// Gauge 0/1 by `slot`: retained WAL above the warning threshold.
+    pub const SLOT_RETENTION_WARNING: &str = "pgoutbox_slot_retention_warning";
+    /// Gauge by `status`: sampled row counts.
+    pub const OUTBOX_ROWS: &str = "pgoutbox_outbox_rows";
+    /// Gauge: age of the oldest `PENDING` row, sampled.
+    pub const OLDEST_PENDING_AGE: &str = "pgoutbox_outbox_oldest_pending_age_seconds";
+    /// Counter: claim statements that returned rows.
+    pub const POLL_CLAIMS: &str = "pgoutbox_poll_claims_total";
+    /// Counter: completions that touched no row (lease expired).
+    pub const POLL_STALE_COMPLETIONS: &str = "pgoutbox_poll_stale_completions_total";
+    /// Counter: rows the reaper returned.
+    pub const POLL_REAPED: &str = "pgoutbox_poll_reaped_total";
+    /// Counter: rows whose lease renewal found them gone.
+    pub const POLL_LEASES_LOST: &str = "pgoutbox_poll_leases_lost_total";
+    /// Counter by `mode`: sessions restarted after a transient failure.
+    pub const RECONNECTS: &str = "pgoutbox_reconnects_total";
+    /// Counter: failed sampling queries.
+    pub const SAMPLE_ERRORS: &str = "pgoutbox_sample_errors_total";
+}
+
+/// Values of the `kind` label of [`names::BATCH_SIZE`].
+pub mod batch {
+    /// Replication messages taken from the reader in one wake-up (CDC).
+    pub const REPLICATION_READ: &str = "replication_read";
+    /// Rows one claim statement returned (poll).
+    pub const CLAIM: &str = "claim";
+    /// Rows one status update statement wrote (CDC).
+    pub const STATUS_UPDATE: &str = "status_update";
+}
+
+/// The `status` values of [`names::OUTBOX_ROWS`].
+pub const ROW_STATUSES: [&str; 3] = ["PENDING", "PROCESSING", "DEAD_LETTER"];
+
+/// The `status` values of [`names::SLOT_WAL_STATUS`].
+pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
+
+/// The `mode` label values.
+const MODES: [&str; 2] = ["cdc", "poll"];
+
+/// The three counters of one (mode, topic).
+#[derive(Clone)]
+pub struct TopicCounters {
+    /// Acknowledged by Kafka.
+    pub published: IntCounter,
+    /// Failed sends (retriable).
+    pub failed: IntCounter,
+    /// Dead-lettered.
+    pub dead_lettered: IntCounter,
+}
+
+/// Every metric, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    /// [`names::BUILD_INFO`].
+    pub build_info: IntGaugeVec,
+    mode_gauge: IntGaugeVec,
+    current_mode: AtomicU8,
+    /// [`names::READY`].
+    pub ready: IntGauge,
+    /// [`names::STANDBY`].
+    pub standby: IntGauge,
+    /// [`names::EVENTS_READ`].
+    pub events_read: IntCounterVec,
+    events_published: IntCounterVec,
+    events_failed: IntCounterVec,
+    events_dead_lettered: IntCounterVec,
+    /// [`names::KAFKA_IN_FLIGHT`].
+    pub kafka_in_flight: IntGauge,
+    /// [`names::KAFKA_ACK_LATENCY`].
+    pub kafka_ack_latency: Histogram,
+    /// [`names::BATCH_SIZE`].
+    pub batch_size: HistogramVec,
+    received_lsn: IntGauge,
+    flushed_lsn: IntGauge,
+    server_lsn: IntGauge,
+    replication_lag: IntGauge,
+    lsns: Lsns,
+    /// [`names::SLOT_RETAINED_WAL`].
+    pub slot_retained_wal: IntGaugeVec,
+    /// [`names::SLOT_WAL_STATUS`].
+    pub slot_wal_status: IntGaugeVec,
+    /// [`names::SLOT_SAFE_WAL_SIZE`].
+    pub slot_safe_wal_size: IntGaugeVec,
+    /// [`names::SLOT_RETENTION_WARNING`].
+    pub slot_retention_warning: IntGaugeVec,
+    /// [`names::OUTBOX_ROWS`].
+    pub outbox_rows: IntGaugeVec,
+    /// [`names::OLDEST_PENDING_AGE`].
+    pub oldest_pending_age: Gauge,
+    /// [`names::POLL_CLAIMS`].
+    pub poll_claims: IntCounter,
+    /// [`names::POLL_STALE_COMPLETIONS`].
+    pub poll_stale_completions: IntCounter,
+    /// [`names::POLL_REAPED`].
+    pub poll_reaped: IntCounter,
+    /// [`names::POLL_LEASES_LOST`].
+    pub poll_leases_lost: IntCounter,
+    /// [`names::RECONNECTS`].
+    pub reconnects: IntCounterVec,
+    /// [`names::SAMPLE_ERRORS`].
+    pub sample_errors: IntCounter,
+    /// Per mode (`cdc`, `poll`): the counters of each topic seen.
+    topics: [Mutex<HashMap<Box<str>, TopicCounters>>; 2],
+}
+
+/// The LSN gauges' values, kept as `u64` so the server's WAL end only
+/// moves forward and the lag is computed from consistent values.
+#[derive(Default)]
+struct Lsns {
+    received: AtomicU64,
+    flushed: AtomicU64,
+    server: AtomicU64,
+}
+
+/// The registry and every metric of this process.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+    &METRICS
+}
+
+/// `version` and `revision` from a version string such as
+/// `0.1.0 (abc1234)` ([`crate::cli::VERSION`]).
+pub fn version_parts(version: &str) -> (&str, &str) {
+    match version.split_once(" (") {
+        Some((v, rest)) => (v.trim(), rest.trim_end_matches(')').trim()),
+        None => (version.trim(), "unknown"),
+    }
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let registry = Registry::new();
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+            r.register(Box::new(m.clone()))
+                .expect("metric names are unique and valid");
+            m
+        }
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let gauge = |name: &str, help: &str| {
+            reg(
+                &registry,
+                IntGauge::with_opts(Opts::new(name, help)).expect("valid metric"),
+            )
+        };
+        let counter = |name: &str, help: &str| {
+            reg(
+                &registry,
+                IntCounter::with_opts(Opts::new(name, help)).expect("valid metric"),
+            )
+        };
+        use names::*;
+        let m = Metrics {
+            build_info: gauge_vec(
+                BUILD_INFO,
+                "Always 1: the build's version and git revision",
+                &["version", "revision"],
+            ),
+            mode_gauge: gauge_vec(MODE, "1 for the mode this relay runs in", &["mode"]),
+            current_mode: AtomicU8::new(0),
+            ready: gauge(READY, "1 when /readyz answers 200, else 0"),
+            standby: gauge(
+                STANDBY,
+                "1 while waiting on the serving lock (another relay serves the table)",
+            ),
+            events_read: counter_vec(
+                EVENTS_READ,
+                "Outbox events read: decoded from WAL (cdc) or claimed (poll)",
+                &["mode"],
+            ),
+            events_published: counter_vec(
+                EVENTS_PUBLISHED,
+                "Events acknowledged by Kafka",
+                &["mode", "topic"],
+            ),
+            events_failed: counter_vec(
+                EVENTS_FAILED,
+                "Sends that failed with a retriable error",
+                &["mode", "topic"],
+            ),
+            events_dead_lettered: counter_vec(
+                EVENTS_DEAD_LETTERED,
+                "Events dead-lettered (never publishable, or out of attempts)",
+                &["mode", "topic"],
+            ),
+            kafka_in_flight: gauge(
+                KAFKA_IN_FLIGHT,
+                "Events handed to the Kafka producer and not yet acknowledged or failed",
+            ),
+            kafka_ack_latency: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        KAFKA_ACK_LATENCY,
+                        "Time from handing an event to the producer to Kafka's acknowledgement",
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0, 30.0, 60.0, 120.0, 300.0,
+                    ]),
+                )
+                .expect("valid metric"),
+            ),
+            batch_size: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(BATCH_SIZE, "Items per batch")
+                        .buckets(exponential_buckets(1.0, 2.0, 18).expect("valid buckets")),
+                    &["kind"],
+                )
+                .expect("valid metric"),
+            ),
+            received_lsn: gauge(
+                RECEIVED_LSN,
+                "Last WAL position received from the replication stream (bytes)",
+            ),
+            flushed_lsn: gauge(
+                FLUSHED_LSN,
+                "Last WAL position confirmed to PostgreSQL as flushed (bytes)",
+            ),
+            server_lsn: gauge(
+                SERVER_LSN,
+                "The server's WAL end, from the stream and the sampler (bytes)",
+            ),
+            replication_lag: gauge(
+                REPLICATION_LAG,
+                "Server WAL end minus the confirmed (flushed) position, in bytes",
+            ),
+            lsns: Lsns::default(),
+            slot_retained_wal: gauge_vec(
+                SLOT_RETAINED_WAL,
+                "WAL the replication slot keeps: pg_current_wal_lsn() - restart_lsn (sampled)",
+                &["slot"],
+            ),
+            slot_wal_status: gauge_vec(
+                SLOT_WAL_STATUS,
+                "1 for the slot's current wal_status (sampled)",
+                &["slot", "status"],
+            ),
+            slot_safe_wal_size: gauge_vec(
+                SLOT_SAFE_WAL_SIZE,
+                "pg_replication_slots.safe_wal_size; -1 when max_slot_wal_keep_size is unlimited",
+                &["slot"],
+            ),
+            slot_retention_warning: gauge_vec(
+                SLOT_RETENTION_WARNING,
+                "1 while the slot's retained WAL is above the configured warning threshold",
+                &["slot"],
+            ),
+            outbox_rows: gauge_vec(OUTBOX_ROWS, "Outbox rows by status (sampled)", &["status"]),
+            oldest_pending_age: reg(
+                &registry,
+                Gauge::with_opts(Opts::new(
+                    OLDEST_PENDING_AGE,
+                    "Age of the oldest PENDING row in seconds, 0 when none (sampled)",
+                ))
+                .expect("valid metric"),
+            ),
+            poll_claims: counter(POLL_CLAIMS, "Claim statements that returned rows"),
+            poll_stale_completions: counter(
+                POLL_STALE_COMPLETIONS,
+                "Completions that touched no row because the lease had expired",
+            ),
+            poll_reaped: counter(
+                POLL_REAPED,
+                "Rows whose lease expired that the reaper returned to PENDING",
+            ),
+            poll_leases_lost: counter(
+                POLL_LEASES_LOST,
+                "Rows whose lease renewal found them no longer held",
+            ),
+            reconnects: counter_vec(
+                RECONNECTS,
+                "Sessions restarted after a transient failure",
+                &["mode"],
+            ),
+            sample_errors: counter(SAMPLE_ERRORS, "Sampler queries that failed"),
+            topics: [Mutex::new(HashMap::new()), Mutex::new(HashMap::new())],
+            registry,
+        };
+        let (version, revision) = version_parts(crate::cli::VERSION);
+        m.build_info.with_label_values(&[version, revision]).set(1);
+        for mode in MODES {
+            m.mode_gauge.with_label_values(&[mode]).set(0);
+        }
+        for status in ROW_STATUSES {
+            m.outbox_rows.with_label_values(&[status]);
+        }
+        for kind in [batch::REPLICATION_READ, batch::CLAIM, batch::STATUS_UPDATE] {
+            m.batch_size.with_label_values(&[kind]);
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let _ = m.registry.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ));
+        }
+        m
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        use prometheus::Encoder;
+        let mut out = Vec::with_capacity(16 * 1024);
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
+            tracing::debug!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Records the mode this relay runs in (`cdc` or `poll`), and creates
+    /// the mode's series at zero so that rates start from the beginning.
+    pub fn set_mode(&self, mode: Mode) {
+        let label = mode.as_str();
+        for m in MODES {
+            self.mode_gauge
+                .with_label_values(&[m])
+                .set(i64::from(m == label));
+        }
+        self.current_mode.store(
+            match mode {
+                Mode::Cdc => 1,
+                Mode::Poll => 2,
+                Mode::Auto => 0,
+            },
+            Ordering::Relaxed,
+        );
+        self.events_read.with_label_values(&[label]);
+        self.reconnects.with_label_values(&[label]);
+    }
+
+    /// The mode recorded by [`Metrics::set_mode`], if any yet.
+    pub fn mode(&self) -> Option<Mode> {
+        match self.current_mode.load(Ordering::Relaxed) {
+            1 => Some(Mode::Cdc),
+            2 => Some(Mode::Poll),
+            _ => None,
+        }
+    }
+
+    /// Runs `f` on the counters of `topic` in `mode` (`Auto` counts as
+    /// `cdc`). The first use of a topic creates all three at zero, so a
+    /// dashboard sees a failure rate of 0 rather than no series.
+    pub fn with_topic<R>(&self, mode: Mode, topic: &str, f: impl FnOnce(&TopicCounters) -> R) -> R {
+        let index = usize::from(mode == Mode::Poll);
+        let mut topics = self.topics[index].lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = topics.get(topic) {
+            return f(c);
+        }
+        let labels = [MODES[index], topic];
+        let c = TopicCounters {
+            published: self.events_published.with_label_values(&labels),
+            failed: self.events_failed.with_label_values(&labels),
+            dead_lettered: self.events_dead_lettered.with_label_values(&labels),
+        };
+        let r = f(&c);
+        topics.insert(Box::from(topic), c);
+        r
+    }
+
+    /// Counts `n` events dead-lettered in `mode` for `topic` (`""` when no
+    /// topic could be rendered).
+    pub fn dead_lettered(&self, mode: Mode, topic: &str, n: u64) {
+        if n > 0 {
+            self.with_topic(mode, topic, |c| c.dead_lettered.inc_by(n));
+        }
+    }
+
+    /// Observes one batch of `kind` with `n` items.
+    pub fn batch(&self, kind: &str, n: usize) {
+        self.batch_size.with_label_values(&[kind]).observe(n as f64);
+    }
+
+    /// The last WAL position received on the replication stream.
+    pub fn received_lsn(&self, lsn: Lsn) {
+        self.lsns.received.store(lsn.0, Ordering::Relaxed);
+        self.received_lsn.set(lsn_gauge(lsn.0));
+    }
+
+    /// The position confirmed to PostgreSQL.
+    pub fn flushed_lsn(&self, lsn: Lsn) {
+        self.lsns.flushed.store(lsn.0, Ordering::Relaxed);
+        self.flushed_lsn.set(lsn_gauge(lsn.0));
+        self.update_lag();
+    }
+
+    /// The server's WAL end, from a keepalive, XLogData or the sampler; the
+    /// gauge keeps the highest seen.
+    pub fn server_lsn(&self, lsn: Lsn) {
+        let prev = self.lsns.server.fetch_max(lsn.0, Ordering::Relaxed);
+        if lsn.0 > prev {
+            self.server_lsn.set(lsn_gauge(lsn.0));
+            self.update_lag();
+        }
+    }
+
+    fn update_lag(&self) {
+        let flushed = self.lsns.flushed.load(Ordering::Relaxed);
+        let server = self.lsns.server.load(Ordering::Relaxed);
+        // Only once this relay has confirmed something: a standby's lag
+        // against position 0 would mean nothing.
+        if flushed > 0 && server > 0 {
+            self.replication_lag
+                .set(lsn_gauge(server.saturating_sub(flushed)));
+        }
+    }
+}
+
+fn lsn_gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_parts_split_the_cli_version() {
+        assert_eq!(version_parts("0.1.0 (abc1234)"), ("0.1.0", "abc1234"));
+        assert_eq!(
+            version_parts("1.2.3 (abc1234-dirty)"),
+            ("1.2.3", "abc1234-dirty")
+        );
+        assert_eq!(version_parts("0.1.0"), ("0.1.0", "unknown"));
+        let (v, r) = version_parts(crate::cli::VERSION);
+        assert_eq!(v, env!("CARGO_PKG_VERSION"));
+        assert!(!r.is_empty() && !r.contains(')'), "{r}");
+    }
+
+    #[test]
+    fn every_contract_name_is_registered_once() {
+        let m = metrics();
+        m.set_mode(Mode::Cdc);
+        m.with_topic(Mode::Cdc, "t", |_| ());
+        m.received_lsn(Lsn(1));
+        m.flushed_lsn(Lsn(1));
+        m.server_lsn(Lsn(2));
+        m.slot_retained_wal.with_label_values(&["s"]).set(0);
+        m.slot_wal_status
+            .with_label_values(&["s", "reserved"])
+            .set(1);
+        m.slot_safe_wal_size.with_label_values(&["s"]).set(-1);
+        m.slot_retention_warning.with_label_values(&["s"]).set(0);
+        let text = m.encode();
+        use names::*;
+        for name in [
+            BUILD_INFO,
+            MODE,
+            READY,
+            STANDBY,
+            EVENTS_READ,
+            EVENTS_PUBLISHED,
+            EVENTS_FAILED,
+            EVENTS_DEAD_LETTERED,
+            KAFKA_IN_FLIGHT,
+            KAFKA_ACK_LATENCY,
+            BATCH_SIZE,
+            RECEIVED_LSN,
+            FLUSHED_LSN,
+            SERVER_LSN,
+            REPLICATION_LAG,
+            SLOT_RETAINED_WAL,
+            SLOT_WAL_STATUS,
+            SLOT_SAFE_WAL_SIZE,
+            SLOT_RETENTION_WARNING,
+            OUTBOX_ROWS,
+            OLDEST_PENDING_AGE,
+            POLL_CLAIMS,
+            POLL_STALE_COMPLETIONS,
+            POLL_REAPED,
+            POLL_LEASES_LOST,
+            RECONNECTS,
+            SAMPLE_ERRORS,
+        ] {
+            assert_eq!(
+                text.matches(&format!("# TYPE {name} ")).count(),
+                1,
+                "{name} in:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_server_lsn_only_moves_forward_and_the_lag_follows() {
+        // A private instance: the global one is shared with other tests.
+        let m = Metrics::new();
+        m.server_lsn(Lsn(1000));
+        m.flushed_lsn(Lsn(400));
+        assert_eq!(m.replication_lag.get(), 600);
+        m.server_lsn(Lsn(900));
+        assert_eq!(m.server_lsn.get(), 1000);
+        m.flushed_lsn(Lsn(1000));
+        assert_eq!(m.replication_lag.get(), 0);
+    }
+}

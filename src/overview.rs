@@ -1,0 +1,320 @@
+//! `pgoutbox status`: one look at an outbox — which mode serves it, the
+//! replication slot, the rows waiting, and the partitions — gathered from
+//! PostgreSQL alone (no Kafka) into a serializable [`Overview`]. The JSON
+//! keys are stable; docs/status.md lists them.
+//!
+//! Who serves the table comes from the serving lock (see [`crate::serving`]):
+//! an advisory lock with keys (`0x70676f62`, `hashtext('schema.table')`),
+//! held exclusively by a CDC relay and shared by pollers, read from
+//! `pg_locks` joined to `pg_stat_activity`. Waiting relays (a CDC standby,
+//! pollers waiting for a CDC relay to stop) are listed with
+//! `granted: false`.
+//!
+//! Row counts by status are exact and cheap: each status has a partial
+//! index (`PENDING`, `PROCESSING`, `FAILED`, `DEAD_LETTER`). Partition row
+//! counts are PostgreSQL's estimates (`pg_class.reltuples`, as of the last
+//! `VACUUM`/`ANALYZE`); sizes are `pg_total_relation_size` (table, indexes
+//! and TOAST).
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::config::{quote_ident, Config};
+use crate::error::Error;
+use crate::partitions::{rfc3339, BOUNDS_SQL};
+use crate::serving::LOCK_CLASS;
+
+/// Everything `pgoutbox status` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct Overview {
+    /// `schema.table`.
+    pub table: String,
+    /// The server's time when this was read, RFC 3339 UTC.
+    pub generated_at: String,
+    /// Mode: configured, and who serves the table now.
+    pub mode: ModeOverview,
+    /// The CDC replication slot (`cdc.slot`).
+    pub slot: SlotOverview,
+    /// Rows not yet delivered, and dead letters.
+    pub rows: RowsOverview,
+    /// The partitions.
+    pub partitions: PartitionsOverview,
+}
+
+/// The mode in the configuration, and the relays holding (or waiting for)
+/// the table's serving lock.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModeOverview {
+    /// `mode` from the configuration: `cdc`, `poll` or `auto`.
+    pub configured: String,
+    /// Who serves the table now: `cdc` (a CDC relay holds the lock
+    /// exclusively), `poll` (pollers hold it shared) or `none`.
+    pub serving: String,
+    /// Sessions holding or waiting for the serving lock, holders first.
+    pub holders: Vec<LockHolder>,
+}
+
+/// One session on the serving lock.
+#[derive(Clone, Debug, Serialize)]
+pub struct LockHolder {
+    /// Backend process id.
+    pub pid: i32,
+    /// `cdc` (exclusive) or `poll` (shared).
+    pub relay_mode: String,
+    /// `ExclusiveLock` or `ShareLock`, as in `pg_locks.mode`.
+    pub lock_mode: String,
+    /// True when held, false while waiting (a standby).
+    pub granted: bool,
+    /// `application_name` (`pgoutbox-cdc`, `pgoutbox-poll`), if visible.
+    pub application_name: Option<String>,
+    /// Client address, if visible (`null` for Unix sockets or when hidden).
+    pub client_addr: Option<String>,
+    /// Database role.
+    pub user: Option<String>,
+    /// When that session started, RFC 3339 UTC, if visible.
+    pub backend_start: Option<String>,
+}
+
+/// The replication slot.
+#[derive(Clone, Debug, Serialize)]
+pub struct SlotOverview {
+    /// `cdc.slot`.
+    pub name: String,
+    /// False when there is no such slot (poll mode, or not started yet, or
+    /// lost); every other field but `server_wal_lsn` is then `null`.
+    pub exists: bool,
+    /// A walsender is streaming from it.
+    pub active: Option<bool>,
+    /// That walsender's pid.
+    pub active_pid: Option<i32>,
+    /// Oldest WAL the slot still needs.
+    pub restart_lsn: Option<String>,
+    /// What the relay confirmed (everything before it is delivered).
+    pub confirmed_flush_lsn: Option<String>,
+    /// The server's current WAL end (`pg_current_wal_lsn()`; on a standby
+    /// the last WAL received).
+    pub server_wal_lsn: String,
+    /// `server_wal_lsn - confirmed_flush_lsn`, bytes.
+    pub lag_bytes: Option<i64>,
+    /// `server_wal_lsn - restart_lsn`: WAL kept for the slot, bytes.
+    pub retained_wal_bytes: Option<i64>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// Bytes of WAL that can still be written before the slot is in danger
+    /// of being invalidated (`null`: `max_slot_wal_keep_size` is unlimited).
+    pub safe_wal_size_bytes: Option<i64>,
+}
+
+/// Row counts by status (exact), and the oldest pending row.
+#[derive(Clone, Debug, Serialize)]
+pub struct RowsOverview {
+    /// Rows `PENDING`.
+    pub pending: i64,
+    /// Rows `PROCESSING` (leased by a poller).
+    pub processing: i64,
+    /// Rows `FAILED` (left by an older poller; adopted at a poller's start).
+    pub failed: i64,
+    /// Rows `DEAD_LETTER` (`pgoutbox dle`).
+    pub dead_letter: i64,
+    /// `created_at` of the oldest `PENDING` row, RFC 3339 UTC.
+    pub oldest_pending_created_at: Option<String>,
+    /// Its age in seconds at `generated_at`.
+    pub oldest_pending_age_s: Option<f64>,
+}
+
+/// The partitions of the outbox.
+#[derive(Clone, Debug, Serialize)]
+pub struct PartitionsOverview {
+    /// `partitions.interval` from the configuration.
+    pub interval: String,
+    /// How many partitions.
+    pub count: usize,
+    /// Sum of their sizes, bytes.
+    pub total_bytes: i64,
+    /// Sum of their estimated rows (partitions never analyzed count as 0).
+    pub estimated_rows: i64,
+    /// Always true: row counts come from `pg_class.reltuples`.
+    pub rows_are_estimates: bool,
+    /// The partitions, oldest range first (a DEFAULT partition last).
+    pub list: Vec<PartitionInfo>,
+}
+
+/// One partition.
+#[derive(Clone, Debug, Serialize)]
+pub struct PartitionInfo {
+    /// `schema.name`.
+    pub name: String,
+    /// Start of its range (inclusive), RFC 3339 UTC; `null` for MINVALUE
+    /// or a DEFAULT partition.
+    pub range_start: Option<String>,
+    /// End of its range (exclusive), RFC 3339 UTC; `null` for MAXVALUE or
+    /// a DEFAULT partition.
+    pub range_end: Option<String>,
+    /// The DEFAULT partition.
+    pub is_default: bool,
+    /// Estimated rows (`pg_class.reltuples`); `null` when never vacuumed
+    /// or analyzed.
+    pub estimated_rows: Option<i64>,
+    /// `pg_total_relation_size`, bytes.
+    pub total_bytes: i64,
+}
+
+fn db(doing: &str) -> impl FnOnce(tokio_postgres::Error) -> Error + '_ {
+    move |e| Error::postgres(doing, &e)
+}
+
+/// Reads the overview of the configured outbox.
+pub async fn read(client: &Client, config: &Config) -> Result<Overview, Error> {
+    let name = format!("{}.{}", config.outbox.schema, config.outbox.table);
+    let table = format!(
+        "{}.{}",
+        quote_ident(&config.outbox.schema),
+        quote_ident(&config.outbox.table)
+    );
+    let now = client
+        .query_one(&format!("SELECT {}", rfc3339("now()")), &[])
+        .await
+        .map_err(db("reading the server's time"))?;
+    let generated_at: String = now.get(0);
+
+    let holders = client
+        .query(
+            &format!(
+                "SELECT l.pid, l.mode, l.granted, a.application_name, host(a.client_addr), \
+                        a.usename::text, {} \
+                   FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+                  WHERE l.locktype = 'advisory' AND l.classid = $1::int4::oid \
+                    AND l.objid = hashtext($2)::oid AND l.objsubid = 2 \
+                    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                  ORDER BY l.granted DESC, l.pid",
+                rfc3339("a.backend_start")
+            ),
+            &[&LOCK_CLASS, &name],
+        )
+        .await
+        .map_err(db("reading the serving lock from pg_locks"))?
+        .into_iter()
+        .map(|r| {
+            let lock_mode: String = r.get(1);
+            LockHolder {
+                pid: r.get(0),
+                relay_mode: if lock_mode == "ExclusiveLock" {
+                    "cdc"
+                } else {
+                    "poll"
+                }
+                .into(),
+                lock_mode,
+                granted: r.get(2),
+                application_name: r.get(3),
+                client_addr: r.get(4),
+                user: r.get(5),
+                backend_start: r.get(6),
+            }
+        })
+        .collect::<Vec<_>>();
+    let serving = holders
+        .iter()
+        .find(|h| h.granted)
+        .map(|h| h.relay_mode.clone())
+        .unwrap_or_else(|| "none".into());
+
+    let slot_row = client
+        .query_one(
+            "WITH w AS (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() \
+                                    ELSE pg_current_wal_lsn() END AS lsn) \
+             SELECT w.lsn::text, s.slot_name IS NOT NULL, s.active, s.active_pid, \
+                    s.restart_lsn::text, s.confirmed_flush_lsn::text, \
+                    pg_wal_lsn_diff(w.lsn, s.confirmed_flush_lsn)::bigint, \
+                    pg_wal_lsn_diff(w.lsn, s.restart_lsn)::bigint, \
+                    s.wal_status, s.safe_wal_size \
+               FROM w LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
+            &[&config.cdc.slot],
+        )
+        .await
+        .map_err(db("reading pg_replication_slots"))?;
+    let slot = SlotOverview {
+        name: config.cdc.slot.clone(),
+        server_wal_lsn: slot_row.get::<_, Option<String>>(0).unwrap_or_default(),
+        exists: slot_row.get(1),
+        active: slot_row.get(2),
+        active_pid: slot_row.get(3),
+        restart_lsn: slot_row.get(4),
+        confirmed_flush_lsn: slot_row.get(5),
+        lag_bytes: slot_row.get(6),
+        retained_wal_bytes: slot_row.get(7),
+        wal_status: slot_row.get(8),
+        safe_wal_size_bytes: slot_row.get(9),
+    };
+
+    let count = |s: &str| format!("(SELECT count(*) FROM {table} WHERE status = '{s}')");
+    let rows_row = client
+        .query_one(
+            &format!(
+                "SELECT {}, {}, {}, {}, {}, extract(epoch FROM now() - o.oldest)::float8 \
+                   FROM (SELECT min(created_at) AS oldest FROM {table} WHERE status = 'PENDING') o",
+                count("PENDING"),
+                count("PROCESSING"),
+                count("FAILED"),
+                count("DEAD_LETTER"),
+                rfc3339("o.oldest"),
+            ),
+            &[],
+        )
+        .await
+        .map_err(db("counting the outbox rows by status"))?;
+    let rows = RowsOverview {
+        pending: rows_row.get(0),
+        processing: rows_row.get(1),
+        failed: rows_row.get(2),
+        dead_letter: rows_row.get(3),
+        oldest_pending_created_at: rows_row.get(4),
+        oldest_pending_age_s: rows_row.get(5),
+    };
+
+    let list: Vec<PartitionInfo> = client
+        .query(
+            &format!(
+                "SELECT nspname || '.' || relname, {}, {}, is_default, \
+                        CASE WHEN reltuples >= 0 THEN reltuples::bigint END, \
+                        pg_total_relation_size(oid) \
+                   FROM ({BOUNDS_SQL}) p ORDER BY is_default, lo, relname",
+                rfc3339("lo"),
+                rfc3339("hi"),
+            ),
+            &[&table],
+        )
+        .await
+        .map_err(db("listing the partitions"))?
+        .into_iter()
+        .map(|r| PartitionInfo {
+            name: r.get(0),
+            range_start: r.get(1),
+            range_end: r.get(2),
+            is_default: r.get(3),
+            estimated_rows: r.get(4),
+            total_bytes: r.get(5),
+        })
+        .collect();
+    let partitions = PartitionsOverview {
+        interval: config.partitions.interval.to_string(),
+        count: list.len(),
+        total_bytes: list.iter().map(|p| p.total_bytes).sum(),
+        estimated_rows: list.iter().filter_map(|p| p.estimated_rows).sum(),
+        rows_are_estimates: true,
+        list,
+    };
+
+    Ok(Overview {
+        table: name,
+        generated_at,
+        mode: ModeOverview {
+            configured: config.mode.to_string(),
+            serving,
+            holders,
+        },
+        slot,
+        rows,
+        partitions,
+    })
+}

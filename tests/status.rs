@@ -1,0 +1,353 @@
+//! `pgoutbox status`: what it shows matches what PostgreSQL says — row
+//! counts, the slot after a relay ran, who serves the table, the
+//! partitions — in JSON and as text, without Kafka.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::harness::{output_checked, wait_for, TestOutbox, RELAY_ROLE};
+use serde_json::Value;
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// `pgoutbox status [--json]` as the admin, with no Kafka configured.
+fn status(outbox: &TestOutbox, json: bool) -> String {
+    let mut cmd = outbox.admin_command();
+    cmd.env_remove("KAFKA_BROKERS").arg("status");
+    if json {
+        cmd.arg("--json");
+    }
+    let out = output_checked(&mut cmd);
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn status_json(outbox: &TestOutbox) -> Value {
+    serde_json::from_str(&status(outbox, true)).expect("status --json prints JSON")
+}
+
+/// `X/Y` as a number.
+fn lsn(text: &Value) -> u64 {
+    let (hi, lo) = text.as_str().unwrap().split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+async fn insert(outbox: &TestOutbox, status: &str, n: i64, age_secs: f64) {
+    outbox
+        .client
+        .execute(
+            &format!(
+                "INSERT INTO {}.outbox (aggregate_id, aggregate_type, event_type, payload, status, \
+                   created_at, locked_until) \
+                 SELECT gen_random_uuid(), 'Order', 'OrderCreated', '{{}}', $1, \
+                        now() - make_interval(secs => $3::float8), \
+                        CASE WHEN $1 = 'PROCESSING' THEN now() + interval '1 hour' END \
+                   FROM generate_series(1, $2::bigint)",
+                outbox.name
+            ),
+            &[&status, &n, &age_secs],
+        )
+        .await
+        .expect("insert rows");
+}
+
+/// (confirmed_flush_lsn, server WAL end) as numbers.
+async fn slot_positions(outbox: &TestOutbox) -> (u64, u64) {
+    let row = outbox
+        .client
+        .query_one(
+            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint, \
+                    (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint \
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&outbox.slot()],
+        )
+        .await
+        .unwrap();
+    (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_matches_the_database_before_during_and_after_a_relay() {
+    let outbox = TestOutbox::new("status_cdc").await;
+    let s = outbox.name.clone();
+    insert(&outbox, "PENDING", 1, 600.0).await;
+    insert(&outbox, "PENDING", 2, 5.0).await;
+    insert(&outbox, "PROCESSING", 2, 1.0).await;
+    insert(&outbox, "FAILED", 1, 1.0).await;
+    insert(&outbox, "DEAD_LETTER", 4, 1.0).await;
+    insert(&outbox, "COMPLETED", 5, 1.0).await;
+    outbox
+        .client
+        .batch_execute(&format!("ANALYZE {s}.outbox"))
+        .await
+        .unwrap();
+
+    // Before any relay ran.
+    let o = status_json(&outbox);
+    assert_eq!(o["table"], format!("{s}.outbox"));
+    let rows = &o["rows"];
+    assert_eq!(
+        (
+            &rows["pending"],
+            &rows["processing"],
+            &rows["failed"],
+            &rows["dead_letter"]
+        ),
+        (
+            &Value::from(3),
+            &Value::from(2),
+            &Value::from(1),
+            &Value::from(4)
+        )
+    );
+    let oldest: String = outbox
+        .client
+        .query_one(
+            &format!(
+                "SELECT to_char(min(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
+                   FROM {s}.outbox WHERE status = 'PENDING'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows["oldest_pending_created_at"], oldest);
+    let age = rows["oldest_pending_age_s"].as_f64().unwrap();
+    assert!((600.0..660.0).contains(&age), "{age}");
+    assert_eq!(o["mode"]["configured"], "cdc");
+    assert_eq!(o["mode"]["serving"], "none");
+    assert_eq!(o["mode"]["holders"], Value::Array(vec![]));
+    assert_eq!(o["slot"]["name"], outbox.slot());
+    assert_eq!(o["slot"]["exists"], false);
+    assert_eq!(o["slot"]["confirmed_flush_lsn"], Value::Null);
+
+    // The partitions, as the catalog has them.
+    let catalog: BTreeMap<String, (i64, i64)> = outbox
+        .client
+        .query(
+            "SELECT n.nspname || '.' || c.relname, c.reltuples::bigint, pg_total_relation_size(c.oid) \
+               FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+               JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE i.inhparent = $1::text::regclass",
+            &[&format!("{s}.outbox")],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let p = &o["partitions"];
+    assert_eq!(p["count"], catalog.len());
+    assert_eq!(p["interval"], "monthly");
+    assert_eq!(p["rows_are_estimates"], true);
+    assert_eq!(p["estimated_rows"], 15, "ANALYZE counted every row");
+    let listed: BTreeMap<String, (i64, i64)> = p["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["name"].as_str().unwrap().to_owned(),
+                (
+                    x["estimated_rows"].as_i64().unwrap(),
+                    x["total_bytes"].as_i64().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(listed, catalog);
+    assert_eq!(
+        p["total_bytes"],
+        catalog.values().map(|(_, b)| b).sum::<i64>()
+    );
+    // Ranges: this month, then the next, contiguous, on month starts.
+    let list = p["list"].as_array().unwrap();
+    assert_eq!(list[0]["range_end"], list[1]["range_start"]);
+    for x in list {
+        assert_eq!(x["is_default"], false);
+        let start = x["range_start"].as_str().unwrap();
+        assert!(start.ends_with("-01T00:00:00Z"), "{start}");
+        let name = x["name"].as_str().unwrap();
+        assert!(
+            name.ends_with(&start[..7].replace('-', "_")),
+            "{name} holds {start}"
+        );
+    }
+
+    // A CDC relay: its first run delivers every row not done (PENDING,
+    // PROCESSING, FAILED) from the slot's snapshot, then serves the table.
+    let relay = outbox.start_relay();
+    let published: Vec<Uuid> = vec![
+        outbox
+            .publish(
+                "Order",
+                Uuid::new_v4(),
+                "OrderCreated",
+                &serde_json::json!({}),
+            )
+            .await,
+    ];
+    assert_eq!(published.len(), 1);
+    wait_for("the pending rows to be delivered", DEADLINE, || async {
+        let st = outbox.statuses().await;
+        (!st.contains_key("PENDING") && st.get("COMPLETED") == Some(&12)).then_some(())
+    })
+    .await;
+    wait_for("the relay to confirm its position", DEADLINE, || async {
+        (outbox.confirmed_flush().await > 0).then_some(())
+    })
+    .await;
+
+    let (confirmed_before, wal_before) = slot_positions(&outbox).await;
+    let o = status_json(&outbox);
+    let (confirmed_after, wal_after) = slot_positions(&outbox).await;
+    let slot = &o["slot"];
+    assert_eq!(slot["exists"], true);
+    assert_eq!(slot["active"], true);
+    let walsender: i32 = outbox
+        .client
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&outbox.slot()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slot["active_pid"], walsender);
+    let confirmed = lsn(&slot["confirmed_flush_lsn"]);
+    assert!(
+        (confirmed_before..=confirmed_after).contains(&confirmed),
+        "{confirmed_before} <= {confirmed} <= {confirmed_after}"
+    );
+    let wal = lsn(&slot["server_wal_lsn"]);
+    assert!((wal_before..=wal_after).contains(&wal));
+    assert_eq!(slot["lag_bytes"].as_u64().unwrap(), wal - confirmed);
+    assert_eq!(
+        slot["retained_wal_bytes"].as_u64().unwrap(),
+        wal - lsn(&slot["restart_lsn"])
+    );
+    assert!(
+        ["reserved", "extended"].contains(&slot["wal_status"].as_str().unwrap()),
+        "{slot}"
+    );
+    let rows = &o["rows"];
+    assert_eq!(rows["pending"], 0);
+    assert_eq!(rows["oldest_pending_created_at"], Value::Null);
+    assert_eq!(
+        (&rows["processing"], &rows["failed"]),
+        (&Value::from(0), &Value::from(0))
+    );
+    assert_eq!(rows["dead_letter"], 4);
+
+    // Who serves: the relay's serving-lock session, exclusively.
+    let mode = &o["mode"];
+    assert_eq!(mode["serving"], "cdc");
+    let holders = mode["holders"].as_array().unwrap();
+    assert_eq!(holders.len(), 1, "{mode}");
+    let h = &holders[0];
+    assert_eq!(
+        (&h["granted"], &h["relay_mode"], &h["lock_mode"]),
+        (
+            &Value::from(true),
+            &Value::from("cdc"),
+            &Value::from("ExclusiveLock")
+        )
+    );
+    let (app, user): (String, String) = {
+        let r = outbox
+            .client
+            .query_one(
+                "SELECT application_name, usename::text FROM pg_stat_activity WHERE pid = $1",
+                &[&(h["pid"].as_i64().unwrap() as i32)],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(h["application_name"], app);
+    assert_eq!(app, "pgoutbox-cdc");
+    assert_eq!(user, RELAY_ROLE);
+
+    // The text form: the key lines.
+    let text = status(&outbox, false);
+    let now = status_json(&outbox);
+    let partitions = &now["partitions"];
+    for want in [
+        format!("outbox      {s}.outbox"),
+        "mode        configured cdc; served by cdc".to_owned(),
+        format!("holder  cdc pid {}", h["pid"]),
+        format!("slot        {} active (pid {walsender})", outbox.slot()),
+        "pending     0".to_owned(),
+        "processing  0".to_owned(),
+        "dead letter 4".to_owned(),
+        format!("partitions  {} (monthly)", partitions["count"]),
+        "estimates from pg_class.reltuples".to_owned(),
+    ] {
+        assert!(text.contains(&want), "{want:?} missing in:\n{text}");
+    }
+    assert_eq!(
+        partitions["count"],
+        catalog.len() + 1,
+        "the relay created one more ahead"
+    );
+    for x in partitions["list"].as_array().unwrap() {
+        let name = x["name"].as_str().unwrap();
+        assert!(text.contains(name), "{name} missing in:\n{text}");
+    }
+
+    // The relay's own role may look too (as least-privileged as it is).
+    let out = output_checked(outbox.command().args(["status", "--json"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let as_relay: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(as_relay["rows"]["dead_letter"], 4);
+    assert_eq!(as_relay["slot"]["exists"], true);
+
+    // After the relay: nobody serves, the slot stays, inactive.
+    assert!(relay.terminate().success());
+    let o = wait_for("the slot to be released", DEADLINE, || async {
+        let o = status_json(&outbox);
+        (o["slot"]["active"] == false).then_some(o)
+    })
+    .await;
+    assert_eq!(o["mode"]["serving"], "none");
+    assert_eq!(o["slot"]["exists"], true);
+    assert_eq!(o["slot"]["active_pid"], Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_shows_pollers_sharing_the_table() {
+    let mut outbox = TestOutbox::new("status_poll").await;
+    // Through the environment: the harness rewrites the config file for
+    // every command, which a relay starting meanwhile could read half-done.
+    outbox.env.push(("OUTBOX_MODE".into(), "poll".into()));
+    let relay = outbox.start_relay();
+    let o = wait_for("a poller to serve the table", DEADLINE, || async {
+        let o = status_json(&outbox);
+        (o["mode"]["serving"] == "poll").then_some(o)
+    })
+    .await;
+    assert_eq!(o["mode"]["configured"], "poll");
+    let h = &o["mode"]["holders"][0];
+    assert_eq!(h["lock_mode"], "ShareLock");
+    assert_eq!(h["application_name"], "pgoutbox-poll");
+    assert_eq!(o["slot"]["exists"], false, "poll mode has no slot");
+    let text = status(&outbox, false);
+    assert!(
+        text.contains("mode        configured poll; served by poll"),
+        "{text}"
+    );
+    assert!(text.contains("does not exist"), "{text}");
+    assert!(relay.terminate().success());
+}
