@@ -192,6 +192,52 @@ pub struct TestOutbox {
     pub topic_prefix: String,
 }
 
+/// At the end of a test its replication slots go (the relays it started are
+/// stopped by then, their walsenders a moment later): leftovers would pin
+/// WAL and, over a whole suite, use up `max_replication_slots`.
+impl Drop for TestOutbox {
+    fn drop(&mut self) {
+        let slots = vec![
+            format!("{}_slot", self.name),
+            format!("{}_probe", self.name),
+        ];
+        let url = services().database_url.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                else {
+                    return;
+                };
+                tokio::spawn(conn);
+                for _ in 0..30 {
+                    let left = client
+                        .query_one(
+                            "WITH gone AS (SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                                WHERE slot_name = ANY($1) AND NOT active) \
+                             SELECT (SELECT count(*) FROM gone), \
+                                    (SELECT count(*) FROM pg_replication_slots WHERE slot_name = ANY($1) AND active)",
+                            &[&slots],
+                        )
+                        .await;
+                    match left {
+                        Ok(row) if row.get::<_, i64>(1) > 0 => {
+                            tokio::time::sleep(Duration::from_millis(100)).await
+                        }
+                        _ => break,
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
 impl TestOutbox {
     /// Creates (from scratch) the outbox for `name` and runs `pgoutbox migrate`.
     pub async fn new(name: &str) -> TestOutbox {
