@@ -281,9 +281,13 @@ async fn kafka_down_longer_than_the_message_timeout_loses_nothing() {
     relay.terminate();
 }
 
-/// Scenario 5: the broker frozen (SIGSTOP) for three times
-/// `wal_sender_timeout`: the replication connection stays up on feedback,
-/// nothing unacknowledged is confirmed, everything arrives after SIGCONT.
+/// Scenario 5: the broker frozen (SIGSTOP) for longer than
+/// `wal_sender_timeout` (7 s against 5 s): the replication connection stays
+/// up on feedback, nothing unacknowledged is confirmed, everything arrives
+/// after SIGCONT. (Kept under the broker's 9 s KRaft session timeout: a
+/// single-node broker frozen longer fences itself, and its partitions can
+/// then stay unwritable for minutes — a broker-side recovery this test is
+/// not about.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_frozen_past_wal_sender_timeout_keeps_the_connection_and_confirms_nothing_unacked() {
     let _serial = SERIAL.lock().await;
@@ -306,7 +310,7 @@ async fn kafka_frozen_past_wal_sender_timeout_keeps_the_connection_and_confirms_
     let started = Instant::now();
     let mut replies = std::collections::HashSet::new();
     let mut first_unacked = None;
-    while started.elapsed() < Duration::from_secs(15) {
+    while started.elapsed() < Duration::from_secs(7) {
         let (now_pid, reply) = walsender(&outbox.client, &outbox.slot())
             .await
             .expect("walsender connected");
@@ -332,7 +336,7 @@ async fn kafka_frozen_past_wal_sender_timeout_keeps_the_connection_and_confirms_
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(
-        replies.len() >= 5,
+        replies.len() >= 3,
         "status updates kept flowing: {replies:?}"
     );
     drop(frozen);
