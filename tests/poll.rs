@@ -337,21 +337,13 @@ async fn poison_events_are_dead_lettered_while_the_rest_flows_and_redrive_delive
     assert!(error.contains("topic"), "{error}");
     // The cause is fixed; an operator redrives with a reason.
     create_topic(&outbox.topic("Stuck")).await;
-    let out = outbox
-        .command_with_args(&[
-            "dle",
-            "redrive",
-            &stuck.to_string(),
-            "--reason",
-            "topic was missing; created it",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    outbox.run_ok(&[
+        "dle",
+        "redrive",
+        &stuck.to_string(),
+        "--reason",
+        "topic was missing; created it",
+    ]);
     let records = read_until_all(
         vec![outbox.topic("Stuck")],
         vec![stuck],
@@ -375,12 +367,7 @@ async fn aggregate_ordering_holds_across_workers_relays_and_a_killed_relay() {
     let mut outbox = TestOutbox::new("poll_order").await;
     outbox.extra_config = "[outbox]\nlease_seconds = 3\nbatch_size = 100\nmax_retries = 1000\n\n[poll]\nconcurrency = 2\nordering = \"aggregate\"\nbackoff_base_ms = 100\nbackoff_max_ms = 300\n".to_owned() + NO_AUTO_CREATE;
     // Re-run migrate so the ordering index exists.
-    let out = outbox.command_with_args(&["migrate"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    outbox.run_ok(&["migrate"]);
     // One aggregate's topic does not exist at first: its events fail and
     // are retried, and none of its later events may overtake them.
     create_topic(&outbox.topic("Order")).await;
@@ -446,12 +433,7 @@ async fn an_idle_poller_is_woken_by_the_insert_trigger() {
     // A poll interval far longer than the deadline below: only the
     // LISTEN/NOTIFY wake-up can deliver in time.
     outbox.extra_config = "[outbox]\npoll_interval_ms = 600000\n\n[poll]\nnotify = true\n".into();
-    let out = outbox.command_with_args(&["migrate"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    outbox.run_ok(&["migrate"]);
     let relay = poll_relay(&outbox, "r");
     wait_for(
         "the poller idle after its first claim",

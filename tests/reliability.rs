@@ -45,6 +45,15 @@ async fn caught_up(outbox: &TestOutbox) {
     .await;
 }
 
+/// Waits until every row of the outbox is COMPLETED.
+async fn all_rows_completed(outbox: &TestOutbox, what: &str) {
+    wait_for(what, DEADLINE, || async {
+        let s = outbox.statuses().await;
+        (s.len() == 1 && s.contains_key("COMPLETED")).then_some(())
+    })
+    .await;
+}
+
 /// Stops the load, waits until every row is COMPLETED, then runs the
 /// ledger with `windows` explaining duplicates.
 async fn finish(
@@ -54,11 +63,7 @@ async fn finish(
     probe: CommitLog,
     windows: &FaultWindows,
 ) -> ledger::Report {
-    wait_for("every row COMPLETED", DEADLINE, || async {
-        let s = outbox.statuses().await;
-        (s.len() == 1 && s.contains_key("COMPLETED")).then_some(())
-    })
-    .await;
+    all_rows_completed(outbox, "every row COMPLETED").await;
     let ends = probe.commit_ends(&outbox.client).await;
     let report = ledger::check(
         outbox,
@@ -442,11 +447,7 @@ async fn an_invalidated_slot_stops_cdc_and_auto_falls_back_to_polling_only_when_
     let mut written = LoadResult::default();
     written.committed.extend(first);
     written.committed.extend(pending);
-    wait_for("every row COMPLETED by polling", DEADLINE, || async {
-        let s = outbox.statuses().await;
-        (s.len() == 1 && s.contains_key("COMPLETED")).then_some(())
-    })
-    .await;
+    all_rows_completed(&outbox, "every row COMPLETED by polling").await;
     let report = ledger::check(
         &outbox,
         vec![outbox.topic("Order")],
@@ -513,12 +514,7 @@ async fn poll_mode_rides_out_a_kafka_outage_without_dead_lettering() {
     let _serial = SERIAL.lock().await;
     let mut outbox = TestOutbox::new("rel_poll_outage").await;
     outbox.extra_config = "[outbox]\nmax_retries = 2\n\n[poll]\nconcurrency = 2\nbackoff_base_ms = 200\nbackoff_max_ms = 1000\n\n[kafka.properties]\n\"message.timeout.ms\" = \"2000\"\n".into();
-    let out = outbox.command_with_args(&["migrate"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    outbox.run_ok(&["migrate"]);
     let load = Load::start(&outbox.name, "Order", 50, Duration::from_millis(5));
     let relay = Relay::spawn(
         outbox.command_with_args(&["run", "--mode", "poll"]),
@@ -541,11 +537,7 @@ async fn poll_mode_rides_out_a_kafka_outage_without_dead_lettering() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     drop(back);
     let written = load.stop().await;
-    wait_for("every row COMPLETED", DEADLINE, || async {
-        let s = outbox.statuses().await;
-        (s.len() == 1 && s.contains_key("COMPLETED")).then_some(())
-    })
-    .await;
+    all_rows_completed(&outbox, "every row COMPLETED").await;
     let log = relay.log_text();
     relay.terminate();
     assert!(

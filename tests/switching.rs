@@ -82,12 +82,7 @@ async fn poll_to_cdc_and_back_under_continuous_inserts_loses_nothing() {
     let mut outbox = TestOutbox::new("switch_live").await;
     outbox.extra_config =
         "[outbox]\nbatch_size = 50\n\n[poll]\nconcurrency = 2\nnotify = true\n".into();
-    let out = outbox.command_with_args(&["migrate"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    outbox.run_ok(&["migrate"]);
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(outbox.name.clone(), stop.clone());
 
@@ -227,21 +222,13 @@ async fn a_row_redriven_under_cdc_is_published_again_and_completed() {
     // The operator raises the limit, restarts CDC and redrives the row.
     outbox.extra_config = String::new();
     let relay = outbox.start_relay();
-    let out = outbox
-        .command_with_args(&[
-            "dle",
-            "redrive",
-            &id.to_string(),
-            "--reason",
-            "raised kafka.message_max_bytes",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    outbox.run_ok(&[
+        "dle",
+        "redrive",
+        &id.to_string(),
+        "--reason",
+        "raised kafka.message_max_bytes",
+    ]);
     let records = read_until_all(
         vec![outbox.topic("Order")],
         vec![small, id],

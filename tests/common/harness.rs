@@ -358,6 +358,18 @@ impl TestOutbox {
         Relay::spawn(self.command_with_args(&["run"]), &self.name)
     }
 
+    /// Runs `pgoutbox <args>` to completion (output scanned for secrets)
+    /// and panics with its stderr unless it succeeded.
+    pub fn run_ok(&self, args: &[&str]) -> Output {
+        let out = output_checked(&mut self.command_with_args(args));
+        assert!(
+            out.status.success(),
+            "pgoutbox {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// A `pgoutbox` command with these arguments. `migrate` and `dle` run
     /// as the admin role, `migrate` with `--relay-role` (so every table a
     /// test migrates is granted to the relay's role); anything else (`run`)
