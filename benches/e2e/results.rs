@@ -1,0 +1,256 @@
+//! What a benchmark run measured, and the reports made of it:
+//! results.json (the schema plus a few more fields), results.md (the
+//! table and the goals), both rewritten after every run so an interrupted
+//! benchmark keeps what it measured.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::outbox::BoxError;
+
+/// One system on one workload.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Run {
+    /// `pg_recvlogical`, `pgoutbox-cdc`, … (systems::System::name).
+    pub system: String,
+    /// `drain-1-per-tx`, `drain-100-per-tx`, `latency-1k`, …
+    pub workload: String,
+    /// Events the workload consisted of (a latency run: those inserted).
+    pub events: u64,
+    /// Drain: from the system's start until the last event was in Kafka (or,
+    /// for pg_recvlogical, decoded). Latency: the length of the insert load.
+    pub seconds: f64,
+    /// events / seconds.
+    pub events_per_s: f64,
+    /// Latency percentiles, commit (insert's clock_timestamp) to the
+    /// broker's log-append time, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[allow(missing_docs)]
+    pub p99_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[allow(missing_docs)]
+    pub p999_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[allow(missing_docs)]
+    pub max_ms: Option<f64>,
+    /// Latency run: every event arrived, within 5 s of the end of the load,
+    /// and the writer reached 95 % of the asked rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_up: Option<bool>,
+    /// Latency run: seconds after the load ended until the last event was in Kafka.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub catch_up_s: Option<f64>,
+    /// Latency run: the rate the writer was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_per_s: Option<u32>,
+    /// Latency run: records that repeated an event (at-least-once duplicates).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicates: Option<u64>,
+    /// Seconds from the start until the first event was in Kafka (start-up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_event_s: Option<f64>,
+    /// pgoutbox-cdc drain: seconds until the slot was confirmed past the
+    /// backlog (every row marked COMPLETED, since the relay confirms a
+    /// commit only after marking its rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completed_s: Option<f64>,
+    /// CPU seconds of the system's process (user + system).
+    pub cpu_s: f64,
+    /// Its peak resident memory (VmHWM / ru_maxrss), MiB.
+    pub peak_rss_mib: f64,
+    /// How busy the whole machine was during the run (both cores = 100).
+    pub machine_busy_pct: f64,
+}
+
+/// Everything measured so far.
+#[derive(Debug, Serialize)]
+pub struct Results {
+    /// The machine and the versions of everything measured.
+    pub machine: Value,
+    /// One entry per system and workload.
+    pub runs: Vec<Run>,
+    /// Per drain shape: how the backlog was written.
+    pub backlogs: Vec<Value>,
+}
+
+impl Results {
+    /// The run of `system` on `workload`, if measured.
+    pub fn find(&self, system: &str, workload: &str) -> Option<&Run> {
+        self.runs
+            .iter()
+            .find(|r| r.system == system && r.workload == workload)
+    }
+
+    /// Writes results.json and results.md into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<(), BoxError> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            dir.join("results.json"),
+            serde_json::to_string_pretty(self)? + "\n",
+        )?;
+        std::fs::write(dir.join("results.md"), self.markdown())?;
+        Ok(())
+    }
+
+    /// The table and the goals, in Markdown.
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            md,
+            "Measured {} on {} cores ({}), {} GiB, kernel {}; PostgreSQL {}, Kafka {}, Debezium {} on Kafka Connect {}, pgoutbox {}.\n",
+            m["date"].as_str().unwrap_or("?"),
+            m["cores"],
+            m["cpu"].as_str().unwrap_or("?"),
+            m["memory_gib"],
+            m["kernel"].as_str().unwrap_or("?"),
+            m["postgres"].as_str().unwrap_or("?"),
+            m["kafka"].as_str().unwrap_or("?"),
+            m["debezium"].as_str().unwrap_or("?"),
+            m["connect"].as_str().unwrap_or("?"),
+            m["pgoutbox"].as_str().unwrap_or("?"),
+        );
+        md.push_str("| system | workload | events | seconds | events/s | p50 ms | p99 ms | p99.9 ms | max ms | kept up | CPU s | peak RSS MiB | machine busy |\n");
+        md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n");
+        let opt = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "".into());
+        for r in &self.runs {
+            let kept = match (r.kept_up, r.catch_up_s) {
+                (Some(k), Some(c)) => format!("{} (+{c:.1} s)", if k { "yes" } else { "**no**" }),
+                (Some(k), None) => (if k { "yes" } else { "**no**" }).to_string(),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} % |",
+                r.system,
+                r.workload,
+                r.events,
+                r.seconds,
+                r.events_per_s,
+                opt(r.p50_ms),
+                opt(r.p99_ms),
+                opt(r.p999_ms),
+                opt(r.max_ms),
+                kept,
+                r.cpu_s,
+                r.peak_rss_mib,
+                r.machine_busy_pct
+            );
+        }
+        md.push('\n');
+        md.push_str(&self.goals());
+        md
+    }
+
+    /// The goals against what was measured.
+    fn goals(&self) -> String {
+        let mut md = String::from("| goal | measured | met |\n|---|---|---|\n");
+        let mut row = |goal: &str, measured: String, met: Option<bool>| {
+            let met = match met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "not measured",
+            };
+            let _ = writeln!(md, "| {goal} | {measured} | {met} |");
+        };
+        for shape in ["drain-1-per-tx", "drain-100-per-tx"] {
+            let cdc = self.find("pgoutbox-cdc", shape);
+            let nomark = self.find("pgoutbox-cdc-nomark", shape);
+            let recv = self.find("pg_recvlogical", shape);
+            if let (Some(recv), Some(cdc), Some(nomark)) = (recv, cdc, nomark) {
+                let a = cdc.events_per_s / recv.events_per_s;
+                let b = nomark.events_per_s / recv.events_per_s;
+                row(
+                    &format!("CDC drain ≥ 85 % of pg_recvlogical ({shape})"),
+                    format!(
+                        "{:.0} % (marking), {:.0} % (not marking)",
+                        a * 100.0,
+                        b * 100.0
+                    ),
+                    Some(a >= 0.85 && b >= 0.85),
+                );
+            } else {
+                row(
+                    &format!("CDC drain ≥ 85 % of pg_recvlogical ({shape})"),
+                    String::new(),
+                    None,
+                );
+            }
+            if let (Some(cdc), Some(dbz)) = (cdc, self.find("debezium", shape)) {
+                let rate = cdc.events_per_s / dbz.events_per_s;
+                let rss = cdc.peak_rss_mib / dbz.peak_rss_mib;
+                row(
+                    &format!("≥ 5× Debezium's drain rate at ≤ 1/5 of its peak RSS ({shape})"),
+                    format!("{rate:.1}× the rate, 1/{:.0} of the RSS", 1.0 / rss),
+                    Some(rate >= 5.0 && rss <= 0.2),
+                );
+            } else {
+                row(
+                    &format!("≥ 5× Debezium's drain rate at ≤ 1/5 of its peak RSS ({shape})"),
+                    String::new(),
+                    None,
+                );
+            }
+        }
+        match self.find("pgoutbox-cdc", "latency-5k") {
+            Some(r) => {
+                let p99 = r.p99_ms.unwrap_or(f64::INFINITY);
+                row(
+                    "p99 commit→Kafka ≤ 25 ms at 5k events/s (pgoutbox-cdc)",
+                    format!("{p99:.1} ms"),
+                    Some(p99 <= 25.0),
+                )
+            }
+            None => row(
+                "p99 commit→Kafka ≤ 25 ms at 5k events/s (pgoutbox-cdc)",
+                String::new(),
+                None,
+            ),
+        }
+        match self.find("pgoutbox-cdc", "latency-20k") {
+            Some(r) => row(
+                "keeps up at 20k events/s (pgoutbox-cdc)",
+                format!(
+                    "writer reached {:.0} events/s; caught up {:.1} s after the load",
+                    r.events_per_s,
+                    r.catch_up_s.unwrap_or(f64::NAN)
+                ),
+                r.kept_up,
+            ),
+            None => row(
+                "keeps up at 20k events/s (pgoutbox-cdc)",
+                String::new(),
+                None,
+            ),
+        }
+        for shape in ["drain-1-per-tx", "drain-100-per-tx"] {
+            match self.find("pgoutbox-poll-4", shape) {
+                Some(r) => row(
+                    &format!("poll mode ≥ 10k events/s with 4 workers ({shape})"),
+                    format!("{:.0} events/s", r.events_per_s),
+                    Some(r.events_per_s >= 10_000.0),
+                ),
+                None => row(
+                    &format!("poll mode ≥ 10k events/s with 4 workers ({shape})"),
+                    String::new(),
+                    None,
+                ),
+            }
+        }
+        md
+    }
+}
+
+/// The nearest-rank percentile `q` (0..=1) of sorted `values`.
+pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
