@@ -94,6 +94,9 @@ struct Args {
     /// The pgoutbox binary to measure.
     #[arg(long, default_value = "target/bench/bin/pgoutbox")]
     relay_bin: PathBuf,
+    /// Keep each run's topic (deleted after it was measured by default).
+    #[arg(long)]
+    keep_topics: bool,
     /// `cargo bench` passes this to every bench binary.
     #[arg(long, hide = true)]
     bench: bool,
@@ -107,6 +110,9 @@ enum Phase {
     /// Live latency at fixed insert rates.
     Latency,
 }
+
+/// Every benchmark topic's name starts with this.
+const TOPIC_PREFIX: &str = "bench-e2e-";
 
 /// Sessions writing a drain backlog.
 const FILL_SESSIONS: u64 = 4;
@@ -216,7 +222,17 @@ async fn run() -> Result<bool, BoxError> {
         .latency_seconds
         .unwrap_or(if args.quick { 20 } else { 60 });
     let db = outbox::connect(&db_url).await?;
+    // A run that died in its latency phase left the WAL writer settings on.
+    outbox::flush_wal_promptly(&db, false).await?;
     let kafka = Kafka::new(&brokers, args.partitions)?;
+    if !args.keep_topics {
+        let n = kafka.delete_leftovers(TOPIC_PREFIX).await?;
+        if n > 0 {
+            say(format!(
+                "deleted {n} topics of earlier runs ({TOPIC_PREFIX}*)"
+            ));
+        }
+    }
     let mut machine = machine::describe();
     let relay_bin = std::fs::canonicalize(&args.relay_bin)?;
     let version =
@@ -381,8 +397,16 @@ impl Bench {
         Ok(())
     }
 
+    async fn forget_topic(&self, topic: &str) {
+        if !self.args.keep_topics {
+            if let Err(e) = self.kafka.delete_topic(topic).await {
+                say(format!("could not delete {topic}: {}", chain(&*e)));
+            }
+        }
+    }
+
     fn topic(&self, system: System, workload: &str) -> String {
-        format!("bench-e2e-{}-{}-{workload}", self.stamp, system.name())
+        format!("{TOPIC_PREFIX}{}-{}-{workload}", self.stamp, system.name())
     }
 
     async fn drain_shape(&mut self, per_tx: u32) -> Result<(), BoxError> {
@@ -564,6 +588,7 @@ impl Bench {
                 system.name()
             ));
         }
+        self.forget_topic(&topic).await;
         Ok(Run {
             system: system.name().into(),
             workload: workload.into(),
@@ -636,8 +661,9 @@ impl Bench {
             .ok()
             .map(|(_, t)| (t - load_end).max(0.0));
         let topic2 = topic.clone();
-        let (mut lat, duplicates) =
-            tokio::task::block_in_place(|| self.kafka.latencies(&topic2, since_us))?;
+        let read = tokio::task::block_in_place(|| self.kafka.latencies(&topic2, since_us));
+        self.forget_topic(&topic).await;
+        let (mut lat, duplicates) = read?;
         lat.sort_by(f64::total_cmp);
         let offered = traffic.inserted as f64 / traffic.seconds;
         let delivered_all = lat.len() as u64 >= traffic.inserted;

@@ -59,6 +59,34 @@ impl Kafka {
         Ok(())
     }
 
+    /// Deletes `topic` (a drain of 1,000,000 events leaves ~0.5 GiB of log;
+    /// a full run would otherwise fill a small disk).
+    pub async fn delete_topic(&self, topic: &str) -> Result<(), BoxError> {
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        for r in self.admin.delete_topics(&[topic], &opts).await? {
+            r.map_err(|(t, e)| format!("deleting topic {t}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the topics earlier runs left behind (names starting with
+    /// `prefix`); returns how many.
+    pub async fn delete_leftovers(&self, prefix: &str) -> Result<usize, BoxError> {
+        let metadata = tokio::task::block_in_place(|| {
+            self.offsets.fetch_metadata(None, Duration::from_secs(10))
+        })?;
+        let names: Vec<String> = metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .filter(|n| n.starts_with(prefix))
+            .collect();
+        for name in &names {
+            self.delete_topic(name).await?;
+        }
+        Ok(names.len())
+    }
+
     /// The sum of `topic`'s high watermarks: how many records the broker
     /// holds (every benchmark topic starts empty).
     pub fn end_offsets(&self, topic: &str) -> Result<i64, BoxError> {
