@@ -5,6 +5,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::metrics::sampler::bytes;
 use crate::outbox::dead_letter::{
     self, ActionOutcome, ActionRequest, DeadLetterError, DeadLetterRow, ListFilter, Listing,
     OutboxTable, Selection,
@@ -534,22 +535,6 @@ pub async fn status(config: &Config, json: bool) -> Result<(), Error> {
         print!("{}", format_overview(&overview));
     }
     Ok(())
-}
-
-/// `1.5 MiB`-style sizes.
-fn bytes(n: i64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v.abs() >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }
 
 /// `3d 4h`, `5m 2s`, `12s`.

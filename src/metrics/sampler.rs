@@ -254,8 +254,8 @@ fn record_slot(config: &Config, s: &SlotSample, alarm: &mut RetentionAlarm) {
     }
 }
 
-/// `1.5 GiB`, `512.0 MiB`, `42 B`.
-fn bytes(n: i64) -> String {
+/// `1.5 GiB`, `512.0 MiB`, `42 B` (also `pgoutbox status`).
+pub(crate) fn bytes(n: i64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut unit = 0;
