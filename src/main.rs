@@ -269,6 +269,7 @@ fn main() -> ExitCode {
     }
     cli::init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime.worker_threads)
         .enable_all()
         .build()
     {

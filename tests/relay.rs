@@ -444,3 +444,114 @@ async fn sigkill_mid_stream_loses_nothing_and_resends_only_unconfirmed_events() 
     );
     drop(relay);
 }
+
+/// The status writer on its own, against the real table: a key whose row
+/// is not visible yet is retried until it is (logical decoding can deliver
+/// a transaction a moment before its commit is visible), never reported
+/// durable before its row is marked; a row already `COMPLETED` is left as
+/// it was and reported at once; a pending row is marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alone() {
+    use pgoutbox::outbox::{Batching, Mark, MarkKind, RowKey, StatusWriter};
+
+    let outbox = TestOutbox::new("mark_unseen").await;
+    let schema = outbox.name.clone();
+    let key = |id: i64, at: &str| RowKey {
+        id: id.to_string().into(),
+        created_at: at.to_owned().into(),
+    };
+    // Two rows now (one already COMPLETED), the id of a third to come.
+    let rows = outbox
+        .client
+        .query(
+            &format!(
+                "INSERT INTO {schema}.outbox (aggregate_id, aggregate_type, event_type, payload, status, processed_at) \
+                 VALUES (gen_random_uuid(), 'acct', 'done', '{{}}', 'COMPLETED', '2000-01-01'), \
+                        (gen_random_uuid(), 'acct', 'pending', '{{}}', 'PENDING', NULL) \
+                 RETURNING id, created_at::text, nextval(pg_get_serial_sequence('{schema}.outbox', 'id'))"
+            ),
+            &[],
+        )
+        .await
+        .expect("insert rows");
+    let (done_id, done_at): (i64, String) = (rows[0].get(0), rows[0].get(1));
+    let (pending_id, pending_at): (i64, String) = (rows[1].get(0), rows[1].get(1));
+    let later_id: i64 = rows[1].get(2);
+
+    let mut config = pgoutbox::config::Config::default();
+    config
+        .apply_env(|k| (k == "DATABASE_URL").then(|| common::services().database_url.clone()))
+        .unwrap();
+    let settings = pgoutbox::database::settings(&config).expect("settings");
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let writer = StatusWriter::spawn(
+        settings,
+        &schema,
+        "outbox",
+        Batching {
+            size: 100,
+            linger: Duration::from_millis(20),
+        },
+        done_tx,
+    );
+    for (ticket, k) in [
+        (1, key(done_id, &done_at)),
+        (2, key(later_id, &pending_at)),
+        (3, key(pending_id, &pending_at)),
+    ] {
+        assert!(writer.mark(Mark {
+            ticket,
+            kind: MarkKind::Completed(k),
+        }));
+    }
+    let mut durable = Vec::new();
+    while durable.len() < 2 {
+        let t = tokio::time::timeout(DEADLINE, done_rx.recv())
+            .await
+            .expect("tickets 1 and 3 reported in time")
+            .expect("writer running");
+        durable.push(t.expect("database reachable"));
+    }
+    durable.sort();
+    assert_eq!(durable, vec![1, 3], "the invisible row is not durable yet");
+    // The third row becomes visible; its mark is applied and reported.
+    outbox
+        .client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.outbox (id, aggregate_id, aggregate_type, event_type, payload, created_at) \
+                 VALUES ($1, gen_random_uuid(), 'acct', 'later', '{{}}', $2::text::timestamptz)"
+            ),
+            &[&later_id, &pending_at],
+        )
+        .await
+        .expect("insert the late row");
+    let t = tokio::time::timeout(DEADLINE, done_rx.recv())
+        .await
+        .expect("ticket 2 reported once its row is visible")
+        .expect("writer running");
+    assert_eq!(t, Ok(2));
+    let rows = outbox
+        .client
+        .query(
+            &format!(
+                "SELECT id, status, processed_at < '2001-01-01' FROM {schema}.outbox ORDER BY id"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let seen: Vec<(i64, String, Option<bool>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (done_id, "COMPLETED".to_owned(), Some(true)),
+            (pending_id, "COMPLETED".to_owned(), Some(false)),
+            (later_id, "COMPLETED".to_owned(), Some(false)),
+        ],
+        "the COMPLETED row kept its processed_at; the others were marked"
+    );
+}

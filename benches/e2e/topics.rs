@@ -50,11 +50,47 @@ impl Kafka {
             r.map_err(|(t, e)| format!("creating topic {t}: {e}"))?;
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while self.end_offsets(topic).is_err() {
+        loop {
+            // Ask for the topic's metadata by name: librdkafka otherwise
+            // may keep answering from a cache that predates the topic.
+            let why = match self.leaders(topic) {
+                Ok(()) => match self.end_offsets(topic) {
+                    Ok(_) => return Ok(()),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e,
+            };
             if std::time::Instant::now() > deadline {
-                return Err(format!("topic {topic} has no leaders 60 s after its creation").into());
+                return Err(
+                    format!("topic {topic} has no leaders 60 s after its creation: {why}").into(),
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Ok when every partition of `topic` has a leader, per a metadata
+    /// request for that topic.
+    fn leaders(&self, topic: &str) -> Result<(), String> {
+        let metadata = tokio::task::block_in_place(|| {
+            self.offsets
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+        })
+        .map_err(|e| format!("metadata of {topic}: {e}"))?;
+        let t = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or_else(|| format!("metadata of {topic}: topic not listed"))?;
+        if let Some(e) = t.error() {
+            return Err(format!("metadata of {topic}: {e:?}"));
+        }
+        let led = t.partitions().iter().filter(|p| p.leader() >= 0).count();
+        if led < self.partitions as usize {
+            return Err(format!(
+                "{led} of {} partitions have a leader",
+                self.partitions
+            ));
         }
         Ok(())
     }

@@ -219,6 +219,28 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Partition lifecycle: create ahead, retention.
     pub partitions: PartitionsConfig,
+    /// The process's async runtime.
+    pub runtime: RuntimeConfig,
+}
+
+/// The async runtime the relay runs on.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Tokio worker threads (env `OUTBOX_WORKER_THREADS`). One by default:
+    /// the CDC stream is one ordered sequence, the heavy lifting happens in
+    /// librdkafka's own threads and in PostgreSQL, and a second worker only
+    /// adds cross-thread wake-ups (measured on 2 cores: one worker drains
+    /// about 40 % faster with about 35 % less CPU; poll mode with 4 workers
+    /// is unchanged). More may help poll mode with high `poll.concurrency`
+    /// on a large machine.
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { worker_threads: 1 }
+    }
 }
 
 /// PostgreSQL connection settings.
@@ -334,6 +356,12 @@ pub struct CdcConfig {
     pub max_backoff_ms: u64,
     /// Rows per `COMPLETED` / `DEAD_LETTER` update statement.
     pub mark_batch_size: usize,
+    /// How long the status writer gathers marks before an update statement
+    /// that would carry fewer than `mark_batch_size` rows, in milliseconds.
+    /// Fewer, larger statements cost PostgreSQL far less per row (one commit
+    /// and one plan per statement); the price is this much more time before
+    /// the slot's flush LSN passes an event, never on Kafka delivery.
+    pub mark_linger_ms: u64,
     /// Relay table-less events written with `pg_logical_emit_message`
     /// (env `OUTBOX_MESSAGES`).
     pub messages: bool,
@@ -371,6 +399,7 @@ impl Default for CdcConfig {
             shutdown_timeout_s: 30,
             max_backoff_ms: 30_000,
             mark_batch_size: 2000,
+            mark_linger_ms: 20,
             messages: true,
             message_prefix: "outbox".into(),
             non_transactional_messages: false,
@@ -528,6 +557,7 @@ pub const ENV_VARS: &[&str] = &[
     "KAFKA_SASL_PASSWORD",
     "KAFKA_SASL_PASSWORD_FILE",
     "OUTBOX_METRICS_LISTEN",
+    "OUTBOX_WORKER_THREADS",
 ];
 
 fn parse_env<T: FromStr>(name: &str, value: &str, what: &str) -> Result<T, ConfigError> {
@@ -694,6 +724,9 @@ impl Config {
         if let Some(v) = get("OUTBOX_METRICS_LISTEN") {
             self.metrics.listen = v;
         }
+        if let Some(v) = get("OUTBOX_WORKER_THREADS") {
+            self.runtime.worker_threads = parse_env("OUTBOX_WORKER_THREADS", &v, "a whole number")?;
+        }
         Ok(())
     }
 
@@ -719,6 +752,12 @@ impl Config {
         }
         validate_slot_name("cdc.slot", &self.cdc.slot)?;
         validate_identifier("cdc.publication", &self.cdc.publication)?;
+        range(
+            "runtime.worker_threads",
+            self.runtime.worker_threads as u64,
+            1,
+            256,
+        )?;
         range(
             "outbox.batch_size",
             self.outbox.batch_size as u64,
@@ -776,6 +815,7 @@ impl Config {
             1,
             100_000,
         )?;
+        range("cdc.mark_linger_ms", self.cdc.mark_linger_ms, 0, 1000)?;
         for broker in self
             .kafka
             .brokers
@@ -950,6 +990,38 @@ mod tests {
         assert_eq!(c.outbox.poll_interval_ms, 200);
         assert_eq!(c.outbox.max_retries, 7);
         assert!(!c.outbox.mark_completed);
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_and_are_checked() {
+        let mut c = valid();
+        assert_eq!(c.runtime.worker_threads, 1);
+        c.apply_env(env(&[("OUTBOX_WORKER_THREADS", "4")])).unwrap();
+        assert_eq!(c.runtime.worker_threads, 4);
+        c.validate().unwrap();
+        let e = c
+            .apply_env(env(&[("OUTBOX_WORKER_THREADS", "many")]))
+            .unwrap_err();
+        assert_eq!(e.field, "OUTBOX_WORKER_THREADS");
+        let mut c = valid();
+        c.runtime = Config::from_toml("[runtime]\nworker_threads = 0\n")
+            .unwrap()
+            .runtime;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "runtime.worker_threads");
+        assert!(e.problem.contains("1..=256"), "{}", e.problem);
+    }
+
+    #[test]
+    fn mark_linger_is_bounded() {
+        let mut c = valid();
+        assert_eq!(c.cdc.mark_linger_ms, 20);
+        c.cdc = Config::from_toml("[cdc]\nmark_linger_ms = 0\n")
+            .unwrap()
+            .cdc;
+        c.validate().unwrap();
+        c.cdc.mark_linger_ms = 5000;
+        assert_eq!(c.validate().unwrap_err().field, "cdc.mark_linger_ms");
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub use privileges::{
     grant_relay_role, grant_statements, Password, PasswordSource, PrivilegeError, RelayRole,
     RelayRoleReport, RELAY_PASSWORD_ENV, STATUS_COLUMNS,
 };
-pub use status::{Mark, MarkKind, RowKey, StatusWriter};
+pub use status::{Batching, Mark, MarkKind, RowKey, StatusWriter};
 
 use tokio_postgres::GenericClient;
 use uuid::Uuid;

@@ -202,13 +202,16 @@ impl Session<'_> {
         let sink = (sink, deliveries);
         let pg = self.pg.clone();
         let (schema, table) = (cfg.outbox.schema.clone(), cfg.outbox.table.clone());
-        let batch = cfg.cdc.mark_batch_size;
+        let batching = crate::outbox::Batching {
+            size: cfg.cdc.mark_batch_size,
+            linger: Duration::from_millis(cfg.cdc.mark_linger_ms),
+        };
         Ok(Pipeline::new(
             sink,
             self.router.clone(),
             cfg.kafka.max_in_flight_events,
             cfg.kafka.max_in_flight_bytes,
-            move |done| StatusWriter::spawn(pg, &schema, &table, batch, done),
+            move |done| StatusWriter::spawn(pg, &schema, &table, batching, done),
             cfg.outbox.mark_completed,
         ))
     }
