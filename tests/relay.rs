@@ -478,11 +478,8 @@ async fn status_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_al
     let (pending_id, pending_at): (i64, String) = (rows[1].get(0), rows[1].get(1));
     let later_id: i64 = rows[1].get(2);
 
-    let mut config = pgoutbox::config::Config::default();
-    config
-        .apply_env(|k| (k == "DATABASE_URL").then(|| common::services().database_url.clone()))
-        .unwrap();
-    let settings = pgoutbox::database::settings(&config).expect("settings");
+    let settings =
+        common::harness::database_settings(&common::services().database_url).expect("settings");
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let writer = StatusWriter::spawn(
         settings,

@@ -17,10 +17,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::harness::{read_until_all, wait_for, TestOutbox};
+use common::harness::{database_settings as settings, read_until_all, wait_for, TestOutbox};
 use common::services;
-use pgoutbox::config::{ConfigError, DatabaseUrl};
-use pgoutbox::database::{Settings, TlsError};
+use pgoutbox::database::TlsError;
 use pgoutbox::replication::{ReplicationClient, ReplicationError};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
@@ -250,13 +249,6 @@ fn url(user: &str, password: &str, host: &str, params: &str) -> String {
     let port = base.get_ports().first().copied().unwrap_or(5432);
     let db = base.get_dbname().unwrap_or("pgoutbox");
     format!("postgres://{user}:{password}@{host}:{port}/{db}?{params}")
-}
-
-/// pgoutbox's own connection settings for `url`, as `run` builds them.
-fn settings(url: &str) -> Result<Settings, ConfigError> {
-    let mut config = pgoutbox::config::Config::default();
-    config.database.url = DatabaseUrl::new(url);
-    pgoutbox::database::settings(&config)
 }
 
 fn tls_error(e: &tokio_postgres::Error) -> Option<&TlsError> {

@@ -25,6 +25,15 @@ pub async fn connect() -> Client {
     client
 }
 
+/// pgoutbox's own connection settings for `url`, as `run` builds them.
+pub fn database_settings(
+    url: &str,
+) -> Result<pgoutbox::database::Settings, pgoutbox::config::ConfigError> {
+    let mut config = pgoutbox::config::Config::default();
+    config.database.url = pgoutbox::config::DatabaseUrl::new(url);
+    pgoutbox::database::settings(&config)
+}
+
 /// The least-privilege role every relay started through the harness runs
 /// as (created and granted by `pgoutbox migrate --relay-role`, which the
 /// harness runs as the admin role of `services().database_url`).
