@@ -1,14 +1,15 @@
 //! Decoder throughput on captured pgoutput traffic (the outbox inserts in
 //! `tests/fixtures/pgoutput/pg15/insert.proto1.hex`, recorded from a real
 //! PostgreSQL 15), with criterion: Insert messages decoded per second on one
-//! core, and the same plus mapping the row to an outbox event and rendering
-//! its topic. Run: `cargo bench --bench decode`.
+//! core, and the same plus mapping the row to an outbox event and building
+//! its Kafka record. Run: `cargo bench --bench decode`.
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use pgoutbox::config::TopicTemplate;
 use pgoutbox::outbox::OutboxColumns;
 use pgoutbox::pgoutput::{Decoder, LogicalMessage};
-use pgoutbox::route::TopicTemplate;
+use pgoutbox::pipeline::RecordBuilder;
 
 fn hex(line: &str) -> Vec<u8> {
     (0..line.len())
@@ -48,7 +49,10 @@ fn captured() -> (Vec<Bytes>, OutboxColumns) {
 
 fn decode(c: &mut Criterion) {
     let (inserts, columns) = captured();
-    let topic = TopicTemplate::parse("{aggregate_type}.{event_type}").expect("template");
+    let builder = RecordBuilder::new(
+        TopicTemplate::parse("{aggregate_type}.{event_type}").expect("template"),
+        vec![],
+    );
     let mut group = c.benchmark_group("pgoutput");
     group.throughput(Throughput::Elements(inserts.len() as u64));
     group.bench_function("decode_insert", |b| {
@@ -65,7 +69,7 @@ fn decode(c: &mut Criterion) {
             for m in &inserts {
                 if let LogicalMessage::Insert(ins) = decoder.decode(m.clone()).expect("decode") {
                     let event = columns.event(&ins.new).expect("event");
-                    std::hint::black_box(topic.render(&event).expect("topic"));
+                    std::hint::black_box(builder.build(&event).expect("record"));
                 }
             }
         })

@@ -33,7 +33,7 @@ use std::time::Duration;
 use clap::Parser;
 use pgoutbox::config::quote_ident;
 use pgoutbox::idempotency::{IdempotencyStore, Processed};
-use pgoutbox::route::header;
+use pgoutbox::pipeline::header;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};

@@ -46,6 +46,18 @@ impl Error {
         }
     }
 
+    /// The same error met at start-up, where every error is reported and the
+    /// relay exits: an unreachable host or a wrong password is for the
+    /// operator to fix, not to retry forever.
+    pub fn at_start(self) -> Error {
+        match self {
+            Error::Transient(msg) => Error::Fatal(format!(
+                "{msg}; check that PostgreSQL is running and reachable at the host and port in DATABASE_URL"
+            )),
+            other => other,
+        }
+    }
+
     /// Classifies an error from an ordinary PostgreSQL connection; `doing`
     /// says what was being attempted.
     pub fn postgres(doing: &str, e: &tokio_postgres::Error) -> Error {
@@ -87,18 +99,4 @@ impl Error {
     }
 }
 
-/// The useful text of a tokio-postgres error: the server's message, or the
-/// whole chain of causes (tokio-postgres alone prints just "db error").
-pub fn postgres_text(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        return db.message().to_owned();
-    }
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
+pub use crate::redact::postgres_text;

@@ -17,7 +17,7 @@
 //! applies). The Kafka offset is committed only after `process_once` returns;
 //! a crash in between redelivers the event, which is then skipped.
 //!
-//! [`TRACKING_ID`]: crate::route::header::TRACKING_ID
+//! [`TRACKING_ID`]: crate::pipeline::header::TRACKING_ID
 
 use std::fmt;
 use std::future::Future;

@@ -2,7 +2,7 @@
 //!
 //! An [`Lsn`] is a byte position in the WAL. PostgreSQL prints it as two
 //! hexadecimal halves, `16/B374D848`. The relay only ever moves the position
-//! it confirms forward (see `relay::progress`).
+//! it confirms forward (see `pipeline::progress`).
 
 use std::fmt;
 use std::str::FromStr;

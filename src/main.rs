@@ -98,7 +98,7 @@ enum PartitionsCommand {
         dry_run: bool,
         /// How long to wait for the outbox's lock before keeping a
         /// partition for the next run (e.g. 5s, 1m).
-        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = dead_letter::parse_duration)]
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = pgoutbox::config::parse_duration)]
         lock_timeout: Duration,
         /// JSON output.
         #[arg(long)]
@@ -120,7 +120,7 @@ enum DleCommand {
         #[arg(long)]
         event_type: Option<String>,
         /// Only rows created longer ago than this (e.g. 30m, 2h, 7d).
-        #[arg(long, value_name = "AGE", value_parser = dead_letter::parse_duration)]
+        #[arg(long, value_name = "AGE", value_parser = pgoutbox::config::parse_duration)]
         older_than: Option<Duration>,
         /// At most this many rows, newest first.
         #[arg(long, default_value_t = 50)]
@@ -163,7 +163,7 @@ struct ActionArgs {
     #[arg(long)]
     dry_run: bool,
     /// statement_timeout for the transaction (e.g. 30s, 5m).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = dead_letter::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = pgoutbox::config::parse_duration)]
     statement_timeout: Duration,
     /// JSON output.
     #[arg(long)]

@@ -70,6 +70,22 @@ fn password_of(source: &str) -> Option<String> {
         .map(|p| String::from_utf8_lossy(p).into_owned())
 }
 
+/// The useful text of a tokio-postgres error: the server's message, or the
+/// whole chain of causes (tokio-postgres alone prints just "db error").
+pub fn postgres_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_owned();
+    }
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

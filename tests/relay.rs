@@ -452,7 +452,7 @@ async fn sigkill_mid_stream_loses_nothing_and_resends_only_unconfirmed_events() 
 /// it was and reported at once; a pending row is marked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alone() {
-    use pgoutbox::outbox::{Batching, Mark, MarkKind, RowKey, StatusWriter};
+    use pgoutbox::outbox::{Batching, Mark, MarkKind, MarkWriter, RowKey};
 
     let outbox = TestOutbox::new("mark_unseen").await;
     let schema = outbox.name.clone();
@@ -480,8 +480,7 @@ async fn status_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_al
 
     let settings =
         common::harness::database_settings(&common::services().database_url).expect("settings");
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
-    let writer = StatusWriter::spawn(
+    let (writer, mut done_rx) = MarkWriter::spawn(
         settings,
         &schema,
         "outbox",
@@ -489,7 +488,6 @@ async fn status_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_al
             size: 100,
             linger: Duration::from_millis(20),
         },
-        done_tx,
     );
     for (ticket, k) in [
         (1, key(done_id, &done_at)),

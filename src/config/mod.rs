@@ -10,10 +10,12 @@
 //! `OUTBOX_POLL_INTERVAL_MS`, `OUTBOX_MAX_RETRIES`) and add `KAFKA_BROKERS` and
 //! the `OUTBOX_*` settings listed in [`ENV_VARS`].
 
+mod duration;
 mod identifier;
 mod metrics;
 mod partitions;
 mod tls;
+mod topic;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -23,12 +25,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use duration::parse_duration;
 pub use identifier::{quote_ident, validate_identifier, validate_slot_name};
 pub use metrics::MetricsConfig;
 pub use partitions::{PartitionInterval, PartitionsConfig};
 pub use tls::{split_tls_params, RootCerts, Sourced, TlsMode, TlsSettings, UrlTls};
-
-use crate::route::TopicTemplate;
+pub use topic::{TopicError, TopicField, TopicTemplate};
 
 /// A configuration problem: which field, and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +87,7 @@ impl DatabaseUrl {
                 "database.url",
                 format!(
                     "not a valid PostgreSQL URL or key=value string ({}); expected postgres://user:password@host:port/dbname",
-                    crate::redact::error_text(&crate::error::postgres_text(&e), &self.0)
+                    crate::redact::error_text(&crate::redact::postgres_text(&e), &self.0)
                 ),
             )
         })?;
@@ -409,6 +411,43 @@ impl Default for CdcConfig {
             fallback_to_poll: false,
         }
     }
+}
+
+/// librdkafka properties pgoutbox sets itself; configuring them through
+/// `kafka.properties` is rejected (they have dedicated settings or protect
+/// the delivery guarantees).
+pub const MANAGED_PROPERTIES: &[&str] = &[
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "compression.type",
+    "compression.codec",
+    "linger.ms",
+    "queue.buffering.max.ms",
+    "message.max.bytes",
+    "enable.gapless.guarantee",
+];
+
+/// The suffix of the audit trigger function's name, `<table>_status_audit_fn`:
+/// the longest name derived from `outbox.table`.
+pub const AUDIT_FUNCTION_SUFFIX: &str = "_status_audit_fn";
+
+/// Checks that the names the audit derives from `table` fit PostgreSQL's 63
+/// bytes (PostgreSQL would silently truncate them).
+pub fn check_audit_names(table: &str) -> Result<(), ConfigError> {
+    let max = 63 - AUDIT_FUNCTION_SUFFIX.len();
+    if table.len() > max {
+        return Err(ConfigError::new(
+            "outbox.audit",
+            format!(
+                "the audit needs the table name to be at most {max} bytes (it names <table>{AUDIT_FUNCTION_SUFFIX}); {table:?} has {}",
+                table.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The Kafka producer. Its `Debug` output hides secret-looking
@@ -748,7 +787,7 @@ impl Config {
         validate_identifier("outbox.schema", &self.outbox.schema)?;
         validate_identifier("outbox.table", &self.outbox.table)?;
         if self.outbox.audit == Some(true) {
-            crate::outbox::audit::check_names(&self.outbox.table)?;
+            check_audit_names(&self.outbox.table)?;
         }
         validate_slot_name("cdc.slot", &self.cdc.slot)?;
         validate_identifier("cdc.publication", &self.cdc.publication)?;
@@ -869,7 +908,7 @@ impl Config {
             1 << 34,
         )?;
         for key in self.kafka.properties.keys() {
-            if crate::sink::MANAGED_PROPERTIES.contains(&key.as_str()) {
+            if MANAGED_PROPERTIES.contains(&key.as_str()) {
                 return Err(ConfigError::new(
                     format!("kafka.properties.{key}"),
                     "is set by pgoutbox for delivery guarantees and cannot be overridden",
@@ -1081,6 +1120,14 @@ mod tests {
             set(&mut c);
             assert_eq!(c.validate().unwrap_err().field, field);
         }
+    }
+
+    #[test]
+    fn a_table_name_too_long_for_the_audit_names_is_refused() {
+        check_audit_names(&"t".repeat(47)).unwrap();
+        let e = check_audit_names(&"t".repeat(48)).unwrap_err();
+        assert_eq!(e.field, "outbox.audit");
+        assert!(e.problem.contains("at most 47"), "{e}");
     }
 
     #[test]

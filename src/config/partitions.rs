@@ -82,8 +82,8 @@ impl PartitionsConfig {
         if text.is_empty() || text.eq_ignore_ascii_case("off") {
             return Ok(None);
         }
-        let d = crate::outbox::dead_letter::parse_duration(text)
-            .map_err(|e| ConfigError::new("partitions.retain", e))?;
+        let d =
+            super::parse_duration(text).map_err(|e| ConfigError::new("partitions.retain", e))?;
         if d < Duration::from_secs(86_400) {
             return Err(ConfigError::new(
                 "partitions.retain",

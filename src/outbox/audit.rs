@@ -26,13 +26,10 @@
 
 use tokio_postgres::Client;
 
-use crate::config::{quote_ident, ConfigError};
+use crate::config::quote_ident;
 
 /// The trigger's name on the outbox table.
 pub const TRIGGER: &str = "pgoutbox_status_audit";
-
-/// The longest suffix added to the table's name (`<table>_status_audit_fn`).
-const LONGEST_SUFFIX: &str = "_status_audit_fn";
 
 /// The audit table of `table`: `<table>_status_audit`.
 pub fn audit_table(table: &str) -> String {
@@ -41,24 +38,7 @@ pub fn audit_table(table: &str) -> String {
 
 /// The trigger function of `table`: `<table>_status_audit_fn`.
 pub fn audit_function(table: &str) -> String {
-    format!("{table}_status_audit_fn")
-}
-
-/// Checks that the names derived from `table` fit PostgreSQL's 63 bytes
-/// (PostgreSQL would silently truncate them).
-pub fn check_names(table: &str) -> Result<(), ConfigError> {
-    let max = 63 - LONGEST_SUFFIX.len();
-    if table.len() > max {
-        return Err(ConfigError::new(
-            "outbox.audit",
-            format!(
-                "the audit needs the table name to be at most {max} bytes (it names {}); {table:?} has {}",
-                audit_function("<table>"),
-                table.len()
-            ),
-        ));
-    }
-    Ok(())
+    format!("{table}{}", crate::config::AUDIT_FUNCTION_SUFFIX)
 }
 
 /// The statements that create (or bring up to date) the audit table and its
@@ -224,13 +204,5 @@ mod tests {
         let trigger = trigger_statement("Shop", "Out\"box");
         assert!(trigger.contains("AFTER UPDATE OF status ON \"Shop\".\"Out\"\"box\" FOR EACH ROW"));
         assert!(trigger.contains("WHEN (OLD.status IS DISTINCT FROM NEW.status)"));
-    }
-
-    #[test]
-    fn a_table_name_too_long_for_the_audit_names_is_refused() {
-        check_names(&"t".repeat(47)).unwrap();
-        let e = check_names(&"t".repeat(48)).unwrap_err();
-        assert_eq!(e.field, "outbox.audit");
-        assert!(e.problem.contains("at most 47"), "{e}");
     }
 }

@@ -1,24 +1,22 @@
-//! Finding the outbox columns in a replicated relation by name, and reading
-//! an [`OutboxEvent`] out of a row's tuple without copying.
+//! Finding the outbox columns ([`OUTBOX_COLUMNS`]) in a replicated
+//! relation by name, and reading an [`OutboxEvent`] out of a row's tuple
+//! without copying.
 
 use bytes::Bytes;
 
+use super::event::{OutboxEvent, OUTBOX_COLUMNS};
 use crate::pgoutput::{Relation, Tuple, TupleValue};
-use crate::route::OutboxEvent;
+
+/// Position of `metadata`, the one optional column, in [`OUTBOX_COLUMNS`].
+const METADATA: usize = 7;
 
 /// Positions of the outbox columns in a relation, found by name from its
 /// Relation message (so column order and extra columns do not matter).
 #[derive(Clone, Debug)]
 pub struct OutboxColumns {
     table: Bytes,
-    id: usize,
-    created_at: usize,
-    tracking_id: usize,
-    aggregate_id: usize,
-    aggregate_type: usize,
-    event_type: usize,
-    payload: usize,
-    metadata: Option<usize>,
+    /// Where each of [`OUTBOX_COLUMNS`] is in the relation.
+    at: [Option<usize>; OUTBOX_COLUMNS.len()],
     status: Option<usize>,
 }
 
@@ -55,31 +53,34 @@ impl OutboxColumns {
     /// Locates the outbox columns in `relation`.
     pub fn from_relation(relation: &Relation) -> Result<OutboxColumns, ColumnError> {
         let find = |name: &str| relation.columns.iter().position(|c| c.name == name);
-        let need = |name: &'static str| {
-            find(name).ok_or_else(|| ColumnError::Missing {
-                relation: format!("{}.{}", relation.namespace, relation.name),
-                column: name,
-            })
-        };
+        let mut at = [None; OUTBOX_COLUMNS.len()];
+        for (i, name) in OUTBOX_COLUMNS.iter().enumerate() {
+            at[i] = find(name);
+            if at[i].is_none() && i != METADATA {
+                return Err(ColumnError::Missing {
+                    relation: format!("{}.{}", relation.namespace, relation.name),
+                    column: *name,
+                });
+            }
+        }
         Ok(OutboxColumns {
             table: Bytes::copy_from_slice(relation.name.as_bytes()),
-            id: need("id")?,
-            created_at: need("created_at")?,
-            tracking_id: need("tracking_id")?,
-            aggregate_id: need("aggregate_id")?,
-            aggregate_type: need("aggregate_type")?,
-            event_type: need("event_type")?,
-            payload: need("payload")?,
-            metadata: find("metadata"),
+            at,
             status: find("status"),
         })
+    }
+
+    /// The text of required column `i` of [`OUTBOX_COLUMNS`].
+    fn required(&self, tuple: &Tuple, i: usize) -> Result<Bytes, ColumnError> {
+        // Every required position was found in `from_relation`.
+        text(tuple, self.at[i].unwrap_or(usize::MAX), OUTBOX_COLUMNS[i])
     }
 
     /// The row's key `(id, created_at)` as text, when both are present: used
     /// to dead-letter a row even when the rest of it is unreadable.
     pub fn row_key(&self, tuple: &Tuple) -> Option<super::RowKey> {
-        let id = text(tuple, self.id, "id").ok()?;
-        let created_at = text(tuple, self.created_at, "created_at").ok()?;
+        let id = self.required(tuple, 0).ok()?;
+        let created_at = self.required(tuple, 1).ok()?;
         Some(super::RowKey { id, created_at })
     }
 
@@ -99,19 +100,16 @@ impl OutboxColumns {
     pub fn event(&self, tuple: &Tuple) -> Result<OutboxEvent, ColumnError> {
         Ok(OutboxEvent {
             table: self.table.clone(),
-            id: text(tuple, self.id, "id")?,
-            created_at: text(tuple, self.created_at, "created_at")?,
-            tracking_id: text(tuple, self.tracking_id, "tracking_id")?,
-            aggregate_id: text(tuple, self.aggregate_id, "aggregate_id")?,
-            aggregate_type: text(tuple, self.aggregate_type, "aggregate_type")?,
-            event_type: text(tuple, self.event_type, "event_type")?,
-            payload: text(tuple, self.payload, "payload")?,
-            metadata: match self.metadata {
-                Some(i) => match tuple.0.get(i) {
-                    Some(TupleValue::Text(b)) => Some(b.clone()),
-                    _ => None,
-                },
-                None => None,
+            id: self.required(tuple, 0)?,
+            created_at: self.required(tuple, 1)?,
+            tracking_id: self.required(tuple, 2)?,
+            aggregate_id: self.required(tuple, 3)?,
+            aggregate_type: self.required(tuple, 4)?,
+            event_type: self.required(tuple, 5)?,
+            payload: self.required(tuple, 6)?,
+            metadata: match self.at[METADATA].and_then(|i| tuple.0.get(i)) {
+                Some(TupleValue::Text(b)) => Some(b.clone()),
+                _ => None,
             },
         })
     }

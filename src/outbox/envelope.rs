@@ -21,8 +21,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::OutboxEvent;
 use crate::outbox::RowKey;
-use crate::route::OutboxEvent;
 
 /// Why a logical message is not a valid outbox envelope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,6 +1,7 @@
-//! The outbox table contract: its migrations, the publishing API, the
-//! mapping from a replicated row to an [`OutboxEvent`](crate::route::OutboxEvent), and the status
-//! updates the relay leaves on rows.
+//! The outbox table contract: the [`OutboxEvent`] and its one mapping from
+//! a row, the table's migrations, the publishing API, the marks the relay
+//! leaves on rows, dead letters, the audit trail and the relay role's
+//! privileges.
 //!
 //! Statuses are the seed's: `PENDING`, `PROCESSING`, `COMPLETED`, `FAILED`,
 //! `DEAD_LETTER`. Both relay modes leave the same statuses, so either can take
@@ -10,17 +11,22 @@ pub mod audit;
 mod columns;
 pub mod dead_letter;
 pub mod envelope;
+mod event;
+mod marks;
 mod migrate;
+pub mod partitioning;
 mod privileges;
-mod status;
 
 pub use columns::{ColumnError, OutboxColumns};
+#[cfg(test)]
+pub(crate) use event::sample_event;
+pub use event::{select_list, OutboxEvent, TraceContext, OUTBOX_COLUMNS};
+pub use marks::{Batching, Mark, MarkKind, MarkWriter, RowKey};
 pub use migrate::{migrate, MigrationTarget, MIGRATIONS};
 pub use privileges::{
     grant_relay_role, grant_statements, Password, PasswordSource, PrivilegeError, RelayRole,
     RelayRoleReport, RELAY_PASSWORD_ENV, STATUS_COLUMNS,
 };
-pub use status::{Batching, Mark, MarkKind, RowKey, StatusWriter};
 
 use tokio_postgres::GenericClient;
 use uuid::Uuid;

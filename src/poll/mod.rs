@@ -7,8 +7,8 @@
 //! optional insert trigger notifies.
 //!
 //! The statuses are the ones CDC leaves, so a table can move from polling to
-//! CDC and back on a live system; [`crate::serving`] makes sure only one
-//! mode serves it at a time.
+//! CDC and back on a live system; the runner's serving lock
+//! (`crate::runner::serving`) makes sure only one mode serves it at a time.
 
 mod reaper;
 pub mod schema;
@@ -23,18 +23,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::config::{Config, Mode, PollOrdering};
+use crate::config::{Config, Mode};
 use crate::error::Error;
+use crate::metrics::health;
 use crate::metrics::health::Phase;
-use crate::metrics::{health, metrics};
-use crate::route::Router;
-use crate::serving::ServingLock;
+use crate::pipeline::{Delivery, RecordBuilder};
 use crate::sink::Sink;
 
-pub use reaper::period as reaper_period;
 pub use statements::Statements;
-pub use wakeup::channel as notify_channel;
-pub use worker::retry_delay;
 
 /// Counters of one poll relay, logged periodically.
 #[derive(Debug, Default)]
@@ -58,160 +54,65 @@ pub struct Stats {
     pub reaped: AtomicU64,
 }
 
-/// Checks what only an operator can fix before polling.
-async fn preflight(client: &tokio_postgres::Client, config: &Config) -> Result<(), Error> {
-    crate::relay::check_migrations(client, config).await?;
-    if config.poll.ordering == PollOrdering::Aggregate
-        && !schema::has_ordering_index(client, config)
-            .await
-            .map_err(|e| Error::postgres("checking the ordering index", &e))?
-    {
-        return Err(Error::Fatal(format!(
-            "poll.ordering = \"aggregate\" needs the index {}: run `pgoutbox migrate` with the same configuration",
-            schema::ordering_index(config)
-        )));
-    }
-    let slot = client
-        .query_opt(
-            "SELECT active, pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)) \
-               FROM pg_replication_slots WHERE slot_name = $1",
-            &[&config.cdc.slot],
-        )
-        .await;
-    if let Ok(Some(row)) = slot {
-        let retained: Option<String> = row.get(1);
-        tracing::warn!(
-            slot = %config.cdc.slot,
-            retained = retained.as_deref().unwrap_or("unknown"),
-            "the CDC replication slot still exists and keeps WAL while polling; drop it if CDC is not coming back soon (see docs/switching-modes.md)"
-        );
-    }
-    Ok(())
+/// The poll relay between session restarts: what each session needs.
+pub struct Poll {
+    shared: Arc<worker::Shared>,
 }
 
-/// Runs the poll relay until `shutdown` turns true or a definite error.
-pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
-    let pg = crate::database::settings(&config)?;
-    let router = Router::from_config(&config.kafka)
-        .map_err(|e| crate::config::ConfigError::new("kafka.topic", e.to_string()))?;
-    let statements = Statements::new(&config);
-    {
-        let client = crate::database::connect(&pg).await.map_err(|e| {
-            crate::relay::fatal_at_start(Error::postgres("connecting to PostgreSQL", &e))
-        })?;
-        preflight(&client, &config).await?;
-        crate::relay::ensure_partitions(&client, &config).await;
-        let adopted = client
-            .execute(&statements.adopt_failed, &[])
-            .await
-            .map_err(|e| Error::postgres("adopting FAILED rows", &e))?;
-        if adopted > 0 {
-            tracing::info!(
-                adopted,
-                "rows left FAILED by an earlier poller are PENDING again"
-            );
+impl Poll {
+    /// A poll relay for `config`, publishing with `builder`'s records.
+    /// Rows an earlier poller left `FAILED` should be adopted first
+    /// ([`Poll::adopt_failed`]).
+    pub fn new(config: Config, pg: crate::database::Settings, builder: RecordBuilder) -> Poll {
+        let statements = Statements::new(&config);
+        Poll {
+            shared: Arc::new(worker::Shared {
+                config,
+                pg,
+                statements,
+                builder,
+                stats: Arc::new(Stats::default()),
+            }),
         }
     }
-    if config.poll.concurrency > 1 && config.poll.ordering == PollOrdering::None {
-        tracing::warn!(
-            concurrency = config.poll.concurrency,
-            "event order is NOT preserved with more than one worker (nor across retries); set poll.ordering = \"aggregate\" for per-aggregate order"
-        );
+
+    /// Makes rows an earlier poller left `FAILED` `PENDING` again; returns
+    /// how many.
+    pub async fn adopt_failed(&self, client: &tokio_postgres::Client) -> Result<u64, Error> {
+        client
+            .execute(&self.shared.statements.adopt_failed, &[])
+            .await
+            .map_err(|e| Error::postgres("adopting FAILED rows", &e))
     }
-    tracing::info!(
-        table = %format!("{}.{}", config.outbox.schema, config.outbox.table),
-        workers = config.poll.concurrency,
-        batch_size = config.outbox.batch_size,
-        lease_seconds = config.outbox.lease_seconds,
-        poll_interval_ms = config.outbox.poll_interval_ms,
-        ordering = ?config.poll.ordering,
-        topic = %router,
-        brokers = %config.kafka.brokers,
-        database = %config.database.url,
-        "starting poll relay"
-    );
-    let stats = Arc::new(Stats::default());
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        health().set_phase(Phase::Connecting, "taking the serving lock");
-        let mut lock = match ServingLock::acquire(&pg, &config, Mode::Poll, &mut shutdown).await {
-            Ok(Some(lock)) => lock,
-            Ok(None) => return Ok(()),
-            Err(e @ (Error::Fatal(_) | Error::Config(_))) => return Err(e),
-            Err(e) => {
-                health().set_phase(Phase::Reconnecting, e.to_string());
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot take the serving lock; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => return Ok(()),
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                continue;
-            }
-        };
-        let (mut sink, deliveries) =
-            Sink::new(&config.kafka, Mode::Poll).map_err(|e| Error::Fatal(e.to_string()))?;
+
+    /// One session: builds the producer, runs the workers, the reaper and
+    /// the listener until `shutdown` turns true (`Ok`, after the workers
+    /// settled their batches) or a worker fails (`Err`).
+    pub async fn serve(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
+        let (mut sink, deliveries) = Sink::new(&self.shared.config.kafka, Mode::Poll)
+            .map_err(|e| Error::Fatal(e.to_string()))?;
         sink.probe_cluster();
-        let shared = Arc::new(worker::Shared {
-            config: config.clone(),
-            pg: pg.clone(),
-            statements: statements.clone(),
-            router: router.clone(),
-            sink: Arc::new(sink),
-            stats: stats.clone(),
-        });
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let served_since = tokio::time::Instant::now();
+        let sink = Arc::new(sink);
         // Ready once a worker's claim succeeds too (see metrics::health).
         health().set_phase(Phase::Serving, "polling");
-        let outcome = serve(&shared, deliveries, stop_rx, &mut lock, &mut shutdown).await;
-        if served_since.elapsed() > Duration::from_secs(60) {
-            backoff = Duration::from_millis(200);
-        }
-        let _ = stop_tx.send(true);
-        shared.sink.flush(Duration::from_secs(5));
-        match outcome {
-            Served::Shutdown => return Ok(()),
-            Served::Failed(e @ (Error::Fatal(_) | Error::Config(_))) => return Err(e),
-            Served::Failed(e) => {
-                health().set_phase(Phase::Reconnecting, e.to_string());
-                metrics().reconnects.with_label_values(&["poll"]).inc();
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "poll relay restarting");
-            }
-            Served::LockLost => {
-                health().set_phase(
-                    Phase::Reconnecting,
-                    "the serving lock was lost (its connection ended)",
-                );
-                metrics().reconnects.with_label_values(&["poll"]).inc();
-                tracing::warn!("the serving lock was lost (its connection ended); taking it again");
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => return Ok(()),
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        let outcome = serve(&self.shared, &sink, deliveries, shutdown).await;
+        sink.flush(Duration::from_secs(5));
+        outcome
     }
 }
 
-enum Served {
-    Shutdown,
-    Failed(Error),
-    LockLost,
-}
-
-/// Runs the workers, the reaper and the listener under the serving lock.
+/// Runs the workers, the reaper and the listener until shutdown or the
+/// first worker failure. Dropping it (a lost serving lock) aborts them all.
 async fn serve(
     shared: &Arc<worker::Shared>,
-    mut deliveries: mpsc::UnboundedReceiver<crate::sink::Delivery>,
-    stop: watch::Receiver<bool>,
-    lock: &mut ServingLock,
+    sink: &Arc<Sink>,
+    mut deliveries: mpsc::UnboundedReceiver<Delivery>,
     shutdown: &mut watch::Receiver<bool>,
-) -> Served {
+) -> Result<(), Error> {
     let config = &shared.config;
-    // The workers see `stop` turn true on shutdown as well as on a lost lock.
-    let (worker_stop_tx, worker_stop) = watch::channel(false);
+    // The workers see `stop` turn true on shutdown and on a failed worker;
+    // the reaper and the listener end when it is dropped.
+    let (stop_tx, stop) = watch::channel(false);
     let (wake_tx, wake_rx) = watch::channel(0u64);
     let mut tasks = JoinSet::new();
     let mut routes = Vec::new();
@@ -221,14 +122,16 @@ async fn serve(
         let w = worker::Worker {
             index,
             shared: shared.clone(),
+            sink: sink.clone(),
             deliveries: rx,
             wake: wake_rx.clone(),
-            shutdown: worker_stop.clone(),
+            shutdown: stop.clone(),
         };
         tasks.spawn(w.run());
     }
+    let mut helpers = JoinSet::new();
     // Delivery reports to the worker that sent the record.
-    tokio::spawn(async move {
+    helpers.spawn(async move {
         while let Some(d) = deliveries.recv().await {
             let index = (d.ticket >> worker::TICKET_BITS) as usize;
             if let Some(route) = routes.get(index) {
@@ -236,18 +139,18 @@ async fn serve(
             }
         }
     });
-    tokio::spawn(reaper::run(
+    helpers.spawn(reaper::run(
         reaper::Reaper {
             pg: shared.pg.clone(),
             sql: shared.statements.reap.clone(),
             every: reaper::period(config.outbox.lease_seconds),
             stats: shared.stats.clone(),
-            router: shared.router.clone(),
+            builder: shared.builder.clone(),
             table: config.outbox.table.clone(),
         },
         stop.clone(),
     ));
-    tokio::spawn(wakeup::run(
+    helpers.spawn(wakeup::run(
         shared.pg.clone(),
         wakeup::channel(config),
         wake_tx,
@@ -255,35 +158,29 @@ async fn serve(
     ));
     let mut report = tokio::time::interval(Duration::from_secs(10));
     report.tick().await;
-    let mut outcome: Option<Served> = None;
+    let mut outcome: Option<Result<(), Error>> = None;
     loop {
         tokio::select! {
             joined = tasks.join_next() => {
-                match joined {
-                    None => return outcome.unwrap_or(Served::Shutdown),
-                    Some(Ok(Ok(()))) => {}
-                    Some(Ok(Err(e))) => {
-                        let _ = worker_stop_tx.send(true);
-                        outcome.get_or_insert(Served::Failed(e));
-                    }
-                    Some(Err(e)) => {
-                        let _ = worker_stop_tx.send(true);
-                        outcome.get_or_insert(Served::Failed(Error::Transient(format!("a poll worker failed: {e}"))));
-                    }
+                let failure = match joined {
+                    None => break,
+                    Some(Ok(Ok(()))) => None,
+                    Some(Ok(Err(e))) => Some(e),
+                    Some(Err(e)) => Some(Error::Transient(format!("a poll worker failed: {e}"))),
+                };
+                if let Some(e) = failure {
+                    let _ = stop_tx.send(true);
+                    outcome.get_or_insert(Err(e));
                 }
             }
-            _ = lock.lost(), if outcome.is_none() => {
-                // Another relay may take over at once: stop delivering now.
-                tasks.abort_all();
-                outcome = Some(Served::LockLost);
-            }
             _ = shutdown.changed(), if outcome.is_none() => {
-                let _ = worker_stop_tx.send(true);
-                outcome = Some(Served::Shutdown);
+                let _ = stop_tx.send(true);
+                outcome = Some(Ok(()));
             }
             _ = report.tick() => log_progress(&shared.stats),
         }
     }
+    outcome.unwrap_or(Ok(()))
 }
 
 fn log_progress(stats: &Stats) {

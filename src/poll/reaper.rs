@@ -13,7 +13,8 @@ use tokio::sync::watch;
 use super::Stats;
 use crate::config::Mode;
 use crate::metrics::metrics;
-use crate::route::{OutboxEvent, Router};
+use crate::outbox::OutboxEvent;
+use crate::pipeline::RecordBuilder;
 
 /// The reaper's period for a lease of `lease_seconds`.
 pub fn period(lease_seconds: u32) -> Duration {
@@ -22,7 +23,12 @@ pub fn period(lease_seconds: u32) -> Duration {
 
 /// The topic a row of `table` with these types is published to (`""` when
 /// none can be rendered), for the metrics' `topic` label.
-fn topic_of(router: &Router, table: &str, aggregate_type: &str, event_type: &str) -> String {
+fn topic_of(
+    builder: &RecordBuilder,
+    table: &str,
+    aggregate_type: &str,
+    event_type: &str,
+) -> String {
     let event = OutboxEvent {
         table: Bytes::copy_from_slice(table.as_bytes()),
         aggregate_type: Bytes::copy_from_slice(aggregate_type.as_bytes()),
@@ -34,7 +40,7 @@ fn topic_of(router: &Router, table: &str, aggregate_type: &str, event_type: &str
         payload: Bytes::new(),
         metadata: None,
     };
-    router.render(&event).unwrap_or_default()
+    builder.topic(&event).unwrap_or_default()
 }
 
 /// What the reaper needs besides its statement.
@@ -44,7 +50,7 @@ pub(super) struct Reaper {
     pub every: Duration,
     pub stats: Arc<Stats>,
     /// For the topic label of rows it dead-letters.
-    pub router: Router,
+    pub builder: RecordBuilder,
     /// The outbox table's name.
     pub table: String,
 }
@@ -57,7 +63,7 @@ pub(super) async fn run(reaper: Reaper, mut shutdown: watch::Receiver<bool>) {
         sql,
         every,
         stats,
-        router,
+        builder,
         table,
     } = reaper;
     let mut client: Option<tokio_postgres::Client> = None;
@@ -79,7 +85,7 @@ pub(super) async fn run(reaper: Reaper, mut shutdown: watch::Receiver<bool>) {
                 let dead_events: Vec<String> = row.get(2);
                 let dead = dead_types.len() as i64;
                 for (a, e) in dead_types.iter().zip(&dead_events) {
-                    metrics().dead_lettered(Mode::Poll, &topic_of(&router, &table, a, e), 1);
+                    metrics().dead_lettered(Mode::Poll, &topic_of(&builder, &table, a, e), 1);
                 }
                 if pending + dead > 0 {
                     stats.reaped.fetch_add(pending as u64, Relaxed);
@@ -110,12 +116,12 @@ mod tests {
             topic: "{aggregate_type}.{event_type}".into(),
             ..Default::default()
         };
-        let router = Router::from_config(&cfg).unwrap();
+        let builder = RecordBuilder::from_config(&cfg).unwrap();
         assert_eq!(
-            topic_of(&router, "outbox", "Order", "Created"),
+            topic_of(&builder, "outbox", "Order", "Created"),
             "Order.Created"
         );
-        assert_eq!(topic_of(&router, "outbox", "Or der", "Created"), "");
+        assert_eq!(topic_of(&builder, "outbox", "Or der", "Created"), "");
     }
 
     #[test]

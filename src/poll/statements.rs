@@ -10,11 +10,15 @@
 
 use crate::config::{quote_ident, Config, PollOrdering};
 
-/// The columns a claim returns, in this order.
-pub(super) const CLAIMED_COLUMNS: &str = "o.id::text AS id, o.created_at::text AS created_at, \
-     o.tracking_id::text AS tracking_id, o.aggregate_id::text AS aggregate_id, o.aggregate_type, \
-     o.event_type, o.payload::text AS payload, o.metadata::text AS metadata, o.retry_count, \
-     o.max_retries, o.created_at AS created_ts";
+/// What a claim returns: the outbox columns as text (the one list,
+/// [`crate::outbox::select_list`]), then the attempt counters and the
+/// creation time for ordering.
+fn claimed_columns() -> String {
+    format!(
+        "{}, o.retry_count, o.max_retries, o.created_at AS created_ts",
+        crate::outbox::select_list("o")
+    )
+}
 
 /// The statements of one outbox table.
 #[derive(Clone, Debug)]
@@ -78,6 +82,7 @@ impl Statements {
                       AND (b.created_at, b.id) < (c.created_at, c.id))"
             ),
         };
+        let claimed = claimed_columns();
         let claim = format!(
             "WITH due AS ( \
                SELECT c.id, c.created_at FROM {t} AS c \
@@ -90,7 +95,7 @@ impl Statements {
                       locked_until = now() + make_interval(secs => $2::float8), \
                       lock_token = $3::int8, retry_count = o.retry_count + 1 \
                  FROM due WHERE o.id = due.id AND o.created_at = due.created_at \
-               RETURNING {CLAIMED_COLUMNS}) \
+               RETURNING {claimed}) \
              SELECT * FROM claimed ORDER BY created_ts, id::bigint"
         );
         let complete = format!(

@@ -26,8 +26,9 @@ use super::Stats;
 use crate::config::{Config, Mode};
 use crate::error::Error;
 use crate::metrics::{self, health, metrics};
-use crate::route::{OutboxEvent, Router};
-use crate::sink::{Delivery, Failure, SendError, Sink};
+use crate::outbox::OutboxEvent;
+use crate::pipeline::{Delivery, Failure, RecordBuilder, RecordError, SendError};
+use crate::sink::Sink;
 
 /// Bits of a ticket that number a worker's sends; the worker's index is
 /// above them.
@@ -48,8 +49,7 @@ pub(super) struct Shared {
     pub config: Config,
     pub pg: crate::database::Settings,
     pub statements: Statements,
-    pub router: Router,
-    pub sink: Arc<Sink>,
+    pub builder: RecordBuilder,
     pub stats: Arc<Stats>,
 }
 
@@ -87,27 +87,15 @@ struct Claimed {
 }
 
 impl Claimed {
+    /// The claimed row: the outbox columns first (read with
+    /// [`crate::outbox::select_list`]), then the claim's own.
     fn from_row(row: &Row, table: &Bytes) -> Claimed {
-        let text = |name: &str| -> Bytes {
-            Bytes::from(row.get::<_, Option<String>>(name).unwrap_or_default())
-        };
-        let id: String = row.get("id");
-        let created_at: String = row.get("created_at");
+        let event = OutboxEvent::from_text_row(table, |i| row.get(i));
         Claimed {
             attempt: row.get("retry_count"),
-            event: OutboxEvent {
-                table: table.clone(),
-                id: Bytes::from(id.clone()),
-                created_at: Bytes::from(created_at.clone()),
-                tracking_id: text("tracking_id"),
-                aggregate_id: text("aggregate_id"),
-                aggregate_type: text("aggregate_type"),
-                event_type: text("event_type"),
-                payload: text("payload"),
-                metadata: row.get::<_, Option<String>>("metadata").map(Bytes::from),
-            },
-            id,
-            created_at,
+            id: String::from_utf8_lossy(&event.id).into_owned(),
+            created_at: String::from_utf8_lossy(&event.created_at).into_owned(),
+            event,
         }
     }
 }
@@ -147,6 +135,7 @@ impl Verdicts {
 pub(super) struct Worker {
     pub index: u32,
     pub shared: Arc<Shared>,
+    pub sink: Arc<Sink>,
     pub deliveries: mpsc::UnboundedReceiver<Delivery>,
     pub wake: watch::Receiver<u64>,
     pub shutdown: watch::Receiver<bool>,
@@ -172,7 +161,7 @@ impl Worker {
             if *self.shutdown.borrow() {
                 return Ok(());
             }
-            if self.shared.sink.is_fatal() {
+            if self.sink.is_fatal() {
                 return Err(Error::Transient(
                     "the Kafka producer hit a fatal error and must be rebuilt".into(),
                 ));
@@ -305,19 +294,26 @@ impl Worker {
         };
         let mut heartbeat = Heartbeat::new(lease);
         for (i, row) in claimed.iter().enumerate() {
-            let topic = match shared.router.render(&row.event) {
-                Ok(t) => t,
+            let record = match shared.builder.build(&row.event) {
+                Ok(r) => r,
                 Err(e) => {
-                    verdicts.dead.push((i, format!("no valid topic: {e}")));
+                    if let Ok(topic) = shared.builder.topic(&row.event) {
+                        verdicts.topics[i] = topic;
+                    }
+                    let why = match e {
+                        RecordError::Topic(e) => format!("no valid topic: {e}"),
+                        too_large @ RecordError::TooLarge { .. } => too_large.to_string(),
+                    };
+                    verdicts.dead.push((i, why));
                     continue;
                 }
             };
-            verdicts.topics[i].clone_from(&topic);
+            verdicts.topics[i].clone_from(&record.topic);
             loop {
                 *seq += 1;
                 let ticket =
                     (u64::from(self.index) << TICKET_BITS) | (*seq & ((1 << TICKET_BITS) - 1));
-                match shared.sink.send(ticket, &topic, &row.event) {
+                match self.sink.send(ticket, &record) {
                     Ok(()) => {
                         outstanding.insert(ticket, i);
                         break;
@@ -404,7 +400,7 @@ impl Worker {
 
     /// Whether Kafka answers at all (asked only after failed sends).
     async fn kafka_reachable(&self) -> bool {
-        let sink = self.shared.sink.clone();
+        let sink = self.sink.clone();
         tokio::task::spawn_blocking(move || sink.cluster_reachable(Duration::from_secs(5)))
             .await
             .unwrap_or(false)

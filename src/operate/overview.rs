@@ -3,7 +3,7 @@
 //! PostgreSQL alone (no Kafka) into a serializable [`Overview`]. The JSON
 //! keys are stable; docs/status.md lists them.
 //!
-//! Who serves the table comes from the serving lock (see [`crate::serving`]):
+//! Who serves the table comes from the serving lock (see [`crate::runner::serving`]):
 //! an advisory lock with keys (`0x70676f62`, `hashtext('schema.table')`),
 //! held exclusively by a CDC relay and shared by pollers, read from
 //! `pg_locks` joined to `pg_stat_activity`. Waiting relays (a CDC standby,
@@ -19,10 +19,10 @@
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use super::partitions::{rfc3339, BOUNDS_SQL};
 use crate::config::{quote_ident, Config};
 use crate::error::Error;
-use crate::partitions::{rfc3339, BOUNDS_SQL};
-use crate::serving::LOCK_CLASS;
+use crate::runner::serving::LOCK_CLASS;
 
 /// Everything `pgoutbox status` shows.
 #[derive(Clone, Debug, Serialize)]

@@ -37,55 +37,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{KafkaConfig, Mode};
 use crate::metrics::{self, health, metrics};
-use crate::route::{header, OutboxEvent};
-
-/// librdkafka properties pgoutbox sets itself; configuring them through
-/// `kafka.properties` is rejected (they have dedicated settings or protect
-/// the delivery guarantees).
-pub const MANAGED_PROPERTIES: &[&str] = &[
-    "enable.idempotence",
-    "acks",
-    "request.required.acks",
-    "bootstrap.servers",
-    "metadata.broker.list",
-    "compression.type",
-    "compression.codec",
-    "linger.ms",
-    "queue.buffering.max.ms",
-    "message.max.bytes",
-    "enable.gapless.guarantee",
-];
-
-/// Why a record could not be published.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Failure {
-    /// Never publishable as it is (too large, invalid topic): dead-letter it.
-    #[error("{0}")]
-    Permanent(String),
-    /// Kafka is unavailable or the producer failed: restart the session.
-    #[error("{0}")]
-    Transient(String),
-}
-
-/// The outcome of one record, reported by librdkafka's delivery callback.
-#[derive(Debug)]
-pub struct Delivery {
-    /// The ticket passed to [`Sink::send`].
-    pub ticket: u64,
-    /// `Ok` once the broker has acknowledged it with `acks=all`.
-    pub result: Result<(), Failure>,
-}
-
-/// Why [`Sink::send`] did not enqueue the record.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    /// librdkafka's local queue is full: wait for deliveries and retry.
-    #[error("producer queue is full")]
-    QueueFull,
-    /// The record was refused.
-    #[error(transparent)]
-    Failed(#[from] Failure),
-}
+use crate::pipeline::{Delivery, Failure, KafkaRecord, RecordSink, SendError};
 
 /// The producer could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -218,7 +170,6 @@ fn read_password_file(path: &str) -> Result<String, SinkError> {
 pub struct Sink {
     producer: Arc<ThreadedProducer<Context>>,
     fatal: Arc<AtomicBool>,
-    message_max_bytes: usize,
     mode: Mode,
     probe: Option<tokio::task::AbortHandle>,
 }
@@ -317,7 +268,6 @@ impl Sink {
             Sink {
                 producer: Arc::new(producer),
                 fatal,
-                message_max_bytes: cfg.message_max_bytes,
                 mode,
                 probe: None,
             },
@@ -363,54 +313,20 @@ impl Sink {
         }
     }
 
-    /// Enqueues one event for `topic`. Its outcome arrives later as a
-    /// [`Delivery`] carrying `ticket`.
-    pub fn send(&self, ticket: u64, topic: &str, event: &OutboxEvent) -> Result<(), SendError> {
-        if event.wire_size() > self.message_max_bytes {
-            return Err(Failure::Permanent(format!(
-                "message of about {} bytes exceeds kafka.message_max_bytes ({})",
-                event.wire_size(),
-                self.message_max_bytes
-            ))
-            .into());
-        }
-        let trace = event.trace_context();
-        let mut headers = OwnedHeaders::new_with_capacity(7)
-            .insert(Header {
-                key: header::TRACKING_ID,
-                value: Some(&event.tracking_id[..]),
-            })
-            .insert(Header {
-                key: header::AGGREGATE_TYPE,
-                value: Some(&event.aggregate_type[..]),
-            })
-            .insert(Header {
-                key: header::AGGREGATE_ID,
-                value: Some(&event.aggregate_id[..]),
-            })
-            .insert(Header {
-                key: header::EVENT_TYPE,
-                value: Some(&event.event_type[..]),
-            })
-            .insert(Header {
-                key: header::CREATED_AT,
-                value: Some(&event.created_at[..]),
-            });
-        if let Some(tp) = &trace.traceparent {
+    /// Enqueues one record. Its outcome arrives later as a [`Delivery`]
+    /// carrying `ticket`.
+    pub fn send(&self, ticket: u64, record: &KafkaRecord) -> Result<(), SendError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in &record.headers {
             headers = headers.insert(Header {
-                key: header::TRACEPARENT,
-                value: Some(tp.as_bytes()),
+                key,
+                value: Some(&value[..]),
             });
         }
-        if let Some(ts) = &trace.tracestate {
-            headers = headers.insert(Header {
-                key: header::TRACESTATE,
-                value: Some(ts.as_bytes()),
-            });
-        }
+        let topic = record.topic.as_str();
         let record = BaseRecord::with_opaque_to(topic, ticket as usize)
-            .key(&event.aggregate_id[..])
-            .payload(&event.payload[..])
+            .key(&record.key[..])
+            .payload(&record.value[..])
             .headers(headers);
         // Counted before the send: its report may come before `send` returns.
         let context = self.producer.context();
@@ -468,10 +384,19 @@ impl Sink {
     pub fn flush(&self, timeout: Duration) -> bool {
         self.producer.flush(timeout).is_ok()
     }
+}
 
-    /// Records enqueued and not yet reported.
-    pub fn in_flight(&self) -> i32 {
-        self.producer.in_flight_count()
+impl RecordSink for Sink {
+    fn send(&self, ticket: u64, record: &KafkaRecord) -> Result<(), SendError> {
+        Sink::send(self, ticket, record)
+    }
+
+    fn is_fatal(&self) -> bool {
+        Sink::is_fatal(self)
+    }
+
+    fn flush(&self, timeout: Duration) -> bool {
+        Sink::flush(self, timeout)
     }
 }
 
@@ -580,21 +505,5 @@ mod tests {
             .to_string();
         assert!(e.contains("ssl"), "{e}");
         assert!(!e.contains("hunter2"), "{e}");
-    }
-
-    #[test]
-    fn oversized_event_is_refused_before_it_is_sent() {
-        let cfg = KafkaConfig {
-            brokers: "127.0.0.1:1".into(),
-            message_max_bytes: 1000,
-            ..KafkaConfig::default()
-        };
-        let (sink, _rx) = Sink::new(&cfg, Mode::Cdc).unwrap();
-        let mut e = crate::route::sample_event();
-        e.payload = bytes::Bytes::from(vec![b'x'; 2000]);
-        assert!(matches!(
-            sink.send(1, "t", &e),
-            Err(SendError::Failed(Failure::Permanent(_)))
-        ));
     }
 }

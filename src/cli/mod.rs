@@ -5,7 +5,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::metrics::sampler::bytes;
+use crate::operate::sampler::bytes;
 use crate::outbox::dead_letter::{
     self, ActionOutcome, ActionRequest, DeadLetterError, DeadLetterRow, ListFilter, Listing,
     OutboxTable, Selection,
@@ -13,15 +13,9 @@ use crate::outbox::dead_letter::{
 use crate::outbox::{
     grant_relay_role, migrate as apply_migrations, MigrationTarget, PrivilegeError, RelayRole,
 };
-use crate::relay::{self, RunOptions};
+use crate::runner::{self, RunOptions};
 
-/// The version string: crate version and the git revision it was built from.
-pub const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (",
-    env!("PGOUTBOX_GIT_REVISION"),
-    ")"
-);
+pub use crate::VERSION;
 
 /// Sets up `tracing` from the config (`RUST_LOG` wins over `log.filter`).
 pub fn init_logging(config: &Config) {
@@ -149,13 +143,25 @@ pub async fn run(config: Config, recreate_slot: bool) -> Result<(), Error> {
     });
     // /metrics, /healthz, /readyz from the start (a standby answers too);
     // served until this function returns.
-    let _metrics = crate::metrics::serve(&config.metrics, rx.clone()).await?;
+    let _metrics = crate::operate::serve(&config.metrics, rx.clone()).await?;
+    // The gauges read from the database, for as long as the relay runs.
+    let sampler = tokio::spawn(crate::operate::sampler::run(config.clone(), rx.clone()));
+    let _sampler = AbortOnDrop(sampler);
     // On a worker thread rather than the runtime's main thread: the
     // replication reader hands messages to this task, and wake-ups between
     // workers are cheaper than waking the thread blocked in `block_on`.
-    tokio::spawn(relay::run(config, RunOptions { recreate_slot }, rx))
+    tokio::spawn(runner::run(config, RunOptions { recreate_slot }, rx))
         .await
         .map_err(|e| Error::Fatal(format!("the relay task failed: {e}")))?
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn wait_for_signal() {
@@ -520,7 +526,7 @@ async fn connect_for_command(config: &Config) -> Result<tokio_postgres::Client, 
     let pg = crate::database::settings(config)?;
     crate::database::connect(&pg)
         .await
-        .map_err(|e| crate::relay::fatal_at_start(Error::postgres("connecting to PostgreSQL", &e)))
+        .map_err(|e| Error::postgres("connecting to PostgreSQL", &e).at_start())
 }
 
 /// `pgoutbox status [--json]`: mode, slot, rows and partitions of the
@@ -528,7 +534,7 @@ async fn connect_for_command(config: &Config) -> Result<tokio_postgres::Client, 
 /// only.
 pub async fn status(config: &Config, json: bool) -> Result<(), Error> {
     let client = connect_for_command(config).await?;
-    let overview = crate::overview::read(&client, config).await?;
+    let overview = crate::operate::overview::read(&client, config).await?;
     if json {
         println!("{}", to_json(&overview)?);
     } else {
@@ -553,7 +559,7 @@ fn age(seconds: f64) -> String {
 }
 
 /// The text form of `pgoutbox status`.
-pub fn format_overview(o: &crate::overview::Overview) -> String {
+pub fn format_overview(o: &crate::operate::overview::Overview) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let dash = "-";
@@ -711,7 +717,7 @@ pub struct MaintainArgs {
 pub async fn partitions_maintain(config: &Config, args: MaintainArgs) -> Result<(), Error> {
     let mut client = connect_for_command(config).await?;
     let clock = match &args.now {
-        None => crate::partitions::Clock::Server,
+        None => crate::operate::partitions::Clock::Server,
         Some(text) => {
             let at: std::time::SystemTime = client
                 .query_one("SELECT $1::text::timestamptz", &[text])
@@ -723,16 +729,16 @@ pub async fn partitions_maintain(config: &Config, args: MaintainArgs) -> Result<
                     ))
                 })?
                 .get(0);
-            crate::partitions::Clock::Fixed(at)
+            crate::operate::partitions::Clock::Fixed(at)
         }
     };
-    let options = crate::partitions::MaintainOptions {
+    let options = crate::operate::partitions::MaintainOptions {
         archive_dir: args.archive_dir,
         dry_run: args.dry_run,
         lock_timeout: args.lock_timeout,
         clock,
     };
-    let report = crate::partitions::maintain(&mut client, config, &options).await?;
+    let report = crate::operate::partitions::maintain(&mut client, config, &options).await?;
     if args.json {
         println!("{}", to_json(&report)?);
     } else {
@@ -745,7 +751,7 @@ pub async fn partitions_maintain(config: &Config, args: MaintainArgs) -> Result<
 }
 
 /// The text form of `pgoutbox partitions maintain`.
-pub fn format_maintain(r: &crate::partitions::MaintainReport) -> String {
+pub fn format_maintain(r: &crate::operate::partitions::MaintainReport) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let (would, created, retired) = if r.dry_run {

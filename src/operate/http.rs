@@ -16,9 +16,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use super::{health, metrics};
 use crate::config::{ConfigError, MetricsConfig};
 use crate::error::Error;
+use crate::metrics::{health, metrics};
 
 /// Connections served at once; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 32;

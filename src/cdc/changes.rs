@@ -15,12 +15,10 @@
 
 use std::collections::HashMap;
 
-use super::pipeline::{Pipeline, Source};
-use super::progress::{Progress, TxId};
 use crate::error::Error;
-use crate::outbox::{envelope, OutboxColumns, RowKey};
+use crate::outbox::{envelope, OutboxColumns, OutboxEvent, RowKey};
 use crate::pgoutput::{Insert, LogicalMessage, Message};
-use crate::route::OutboxEvent;
+use crate::pipeline::{Pipeline, Source, TxId};
 
 /// Which logical messages are outbox events.
 #[derive(Clone, Debug)]
@@ -73,17 +71,16 @@ impl Changes {
         &mut self,
         message: LogicalMessage,
         pipeline: &mut Pipeline,
-        progress: &mut Progress,
     ) -> Result<(), Error> {
         match message {
             LogicalMessage::Begin(_) => {
-                self.open_tx = Some(progress.begin());
+                self.open_tx = Some(pipeline.begin());
             }
             LogicalMessage::Commit(c) => {
                 let tx = self.open_tx.take().ok_or_else(|| {
                     Error::Fatal(format!("Commit at {} without Begin", c.end_lsn))
                 })?;
-                progress.commit(tx, c.end_lsn);
+                pipeline.commit(tx, c.end_lsn);
             }
             LogicalMessage::Relation(r) => {
                 let cols = match OutboxColumns::from_relation(&r) {
@@ -98,7 +95,7 @@ impl Changes {
             LogicalMessage::Insert(ins) => {
                 let sub = ins.xid;
                 if let Some(item) = self.insert(&ins)? {
-                    self.route(sub, item, pipeline, progress).await?;
+                    self.route(sub, item, pipeline).await?;
                 }
             }
             LogicalMessage::Message(m) => {
@@ -114,15 +111,13 @@ impl Changes {
                         return Ok(());
                     }
                     // Outside any transaction: confirmable at its own LSN.
-                    let tx = progress.begin();
-                    self.publish(tx, message_item(&m), pipeline, progress)
-                        .await?;
-                    progress.commit(tx, m.lsn);
+                    let tx = pipeline.begin();
+                    self.publish(tx, message_item(&m), pipeline).await?;
+                    pipeline.commit(tx, m.lsn);
                     return Ok(());
                 }
                 let sub = m.xid;
-                self.route(sub, message_item(&m), pipeline, progress)
-                    .await?;
+                self.route(sub, message_item(&m), pipeline).await?;
             }
             LogicalMessage::StreamStart(s) => {
                 self.in_stream = Some(s.xid);
@@ -133,16 +128,12 @@ impl Changes {
             }
             LogicalMessage::StreamCommit(c) => {
                 let items = self.streamed.remove(&c.xid).unwrap_or_default();
-                let tx = progress.begin();
+                let tx = pipeline.begin();
                 for (_, item) in items {
-                    while !pipeline.has_room() {
-                        if !pipeline.next(progress).await? {
-                            return Err(Error::Transient("the Kafka producer went away".into()));
-                        }
-                    }
-                    self.publish(tx, item, pipeline, progress).await?;
+                    pipeline.wait_for_room().await?;
+                    self.publish(tx, item, pipeline).await?;
                 }
-                progress.commit(tx, c.end_lsn);
+                pipeline.commit(tx, c.end_lsn);
             }
             LogicalMessage::StreamAbort(a) => {
                 if a.subxid == a.xid {
@@ -204,7 +195,6 @@ impl Changes {
         sub: Option<u32>,
         item: Item,
         pipeline: &mut Pipeline,
-        progress: &mut Progress,
     ) -> Result<(), Error> {
         if let Some(top) = self.in_stream {
             self.streamed
@@ -216,20 +206,14 @@ impl Changes {
         let tx = self
             .open_tx
             .ok_or_else(|| Error::Fatal("a change arrived outside a transaction".into()))?;
-        self.publish(tx, item, pipeline, progress).await
+        self.publish(tx, item, pipeline).await
     }
 
-    async fn publish(
-        &self,
-        tx: TxId,
-        item: Item,
-        pipeline: &mut Pipeline,
-        progress: &mut Progress,
-    ) -> Result<(), Error> {
+    async fn publish(&self, tx: TxId, item: Item, pipeline: &mut Pipeline) -> Result<(), Error> {
         match item {
-            Item::Event(event, source) => pipeline.offer(progress, tx, event, source).await,
+            Item::Event(event, source) => pipeline.offer(tx, event, source).await,
             Item::Unreadable(source, why) => {
-                pipeline.dead_letter_unread(progress, tx, source, why);
+                pipeline.dead_letter_unread(tx, source, why);
                 Ok(())
             }
         }

@@ -15,8 +15,6 @@
 //! configured slot, `status` and `kind` fixed sets.
 
 pub mod health;
-pub mod sampler;
-mod server;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -31,7 +29,6 @@ use crate::config::Mode;
 use crate::Lsn;
 
 pub use health::{health, Health};
-pub use server::{serve, Endpoint};
 
 /// The metric names (see `docs/metrics.md`).
 pub mod names {
@@ -192,7 +189,7 @@ pub fn metrics() -> &'static Metrics {
 }
 
 /// `version` and `revision` from a version string such as
-/// `0.1.0 (abc1234)` ([`crate::cli::VERSION`]).
+/// `0.1.0 (abc1234)` ([`crate::VERSION`]).
 pub fn version_parts(version: &str) -> (&str, &str) {
     match version.split_once(" (") {
         Some((v, rest)) => (v.trim(), rest.trim_end_matches(')').trim()),
@@ -361,7 +358,7 @@ impl Metrics {
             topics: [Mutex::new(HashMap::new()), Mutex::new(HashMap::new())],
             registry,
         };
-        let (version, revision) = version_parts(crate::cli::VERSION);
+        let (version, revision) = version_parts(crate::VERSION);
         m.build_info.with_label_values(&[version, revision]).set(1);
         for mode in MODES {
             m.mode_gauge.with_label_values(&[mode]).set(0);
@@ -506,7 +503,7 @@ mod tests {
             ("1.2.3", "abc1234-dirty")
         );
         assert_eq!(version_parts("0.1.0"), ("0.1.0", "unknown"));
-        let (v, r) = version_parts(crate::cli::VERSION);
+        let (v, r) = version_parts(crate::VERSION);
         assert_eq!(v, env!("CARGO_PKG_VERSION"));
         assert!(!r.is_empty() && !r.contains(')'), "{r}");
     }

@@ -21,8 +21,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
-use super::{metrics, WAL_STATUSES};
 use crate::config::{quote_ident, Config, Mode};
+use crate::metrics::{metrics, WAL_STATUSES};
 use crate::Lsn;
 
 /// The share of `max_slot_wal_keep_size` (or, when that is -1, the byte
@@ -138,7 +138,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
         match c.query_one(&rows, &[]).await {
             Ok(r) => {
                 let m = metrics();
-                for (i, status) in super::ROW_STATUSES.iter().enumerate() {
+                for (i, status) in crate::metrics::ROW_STATUSES.iter().enumerate() {
                     m.outbox_rows
                         .with_label_values(&[status])
                         .set(r.get::<_, i64>(i));

@@ -8,19 +8,17 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::changes::{Changes, MessageFilter};
-use super::pipeline::Pipeline;
-use super::progress::Progress;
 use super::slot::{self, SlotState};
 use crate::config::{Config, Mode};
 use crate::error::Error;
 use crate::metrics::health::Phase;
 use crate::metrics::{self, health, metrics};
-use crate::outbox::StatusWriter;
+use crate::outbox::MarkWriter;
 use crate::pgoutput::Decoder;
+use crate::pipeline::{Limits, Pipeline, RecordBuilder};
 use crate::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, SnapshotAction, StandbyStatus,
 };
-use crate::route::Router;
 use crate::sink::Sink;
 use crate::Lsn;
 
@@ -90,7 +88,7 @@ pub(super) fn negotiate(config: &Config, version_num: u32) -> Result<Negotiated,
 pub(super) struct Session<'a> {
     pub config: &'a Config,
     pub pg: &'a crate::database::Settings,
-    pub router: Router,
+    pub builder: &'a RecordBuilder,
     pub status_interval: Duration,
 }
 
@@ -132,12 +130,8 @@ impl Session<'_> {
         let mut repl = ReplicationClient::connect(self.pg)
             .await
             .map_err(|e| replication_error("opening the replication connection", e))?;
-        let mut progress;
-        let mut pipeline = self.pipeline()?;
-        match state {
-            SlotState::Ready { confirmed_flush } => {
-                progress = Progress::new(confirmed_flush);
-            }
+        let pipeline = match state {
+            SlotState::Ready { confirmed_flush } => self.pipeline(confirmed_flush)?,
             SlotState::Create { drop_first } => {
                 if drop_first {
                     tracing::warn!(slot = %cfg.cdc.slot, "a previous run died during the initial backfill; recreating the slot to redo it");
@@ -150,21 +144,20 @@ impl Session<'_> {
                     .map_err(|e| replication_error("creating the replication slot", e))?;
                 *recreate = false;
                 tracing::info!(slot = %cfg.cdc.slot, consistent_point = %created.consistent_point, "created replication slot");
-                progress = Progress::new(created.consistent_point);
+                let mut pipeline = self.pipeline(created.consistent_point)?;
                 let snapshot = created.snapshot_name.clone().ok_or_else(|| {
                     Error::Fatal("the server exported no snapshot for the new slot".into())
                 })?;
                 health().set_phase(Phase::Backfilling, "");
+                let mut rows = super::backfill::SnapshotRows::open(cfg, self.pg, &snapshot).await?;
                 let n = super::backfill::run(
-                    cfg,
-                    self.pg,
-                    &snapshot,
+                    &mut rows,
                     created.consistent_point,
                     &mut pipeline,
-                    &mut progress,
                     shutdown,
                 )
                 .await?;
+                rows.close().await?;
                 slot::record_backfilled(
                     &client,
                     &cfg.outbox.schema,
@@ -173,9 +166,10 @@ impl Session<'_> {
                 )
                 .await?;
                 tracing::info!(rows = n, "initial backfill of pending rows finished");
+                pipeline
             }
             SlotState::Busy { .. } => unreachable!("handled above"),
-        }
+        };
         drop(client);
         let version = repl.server_version_num().unwrap_or(0);
         let negotiated = negotiate(cfg, version)?;
@@ -190,29 +184,37 @@ impl Session<'_> {
             .await
             .map_err(|e| replication_error("starting replication", e))?;
         health().set_phase(Phase::Serving, "streaming");
-        self.stream(stream, negotiated.proto, pipeline, progress, shutdown)
+        self.stream(stream, negotiated.proto, pipeline, shutdown)
             .await
     }
 
-    fn pipeline(&self) -> Result<Pipeline, Error> {
+    /// The pipeline of this session, starting from `confirmed`: the Kafka
+    /// sink and the mark writer behind the pipeline's traits.
+    fn pipeline(&self, confirmed: Lsn) -> Result<Pipeline, Error> {
         let cfg = self.config;
         let (mut sink, deliveries) =
             Sink::new(&cfg.kafka, Mode::Cdc).map_err(|e| Error::Fatal(e.to_string()))?;
         sink.probe_cluster();
-        let sink = (sink, deliveries);
-        let pg = self.pg.clone();
-        let (schema, table) = (cfg.outbox.schema.clone(), cfg.outbox.table.clone());
         let batching = crate::outbox::Batching {
             size: cfg.cdc.mark_batch_size,
             linger: Duration::from_millis(cfg.cdc.mark_linger_ms),
         };
+        let (marker, durable) = MarkWriter::spawn(
+            self.pg.clone(),
+            &cfg.outbox.schema,
+            &cfg.outbox.table,
+            batching,
+        );
         Ok(Pipeline::new(
-            sink,
-            self.router.clone(),
-            cfg.kafka.max_in_flight_events,
-            cfg.kafka.max_in_flight_bytes,
-            move |done| StatusWriter::spawn(pg, &schema, &table, batching, done),
-            cfg.outbox.mark_completed,
+            (Box::new(sink), deliveries),
+            (Box::new(marker), durable),
+            self.builder.clone(),
+            Limits {
+                max_events: cfg.kafka.max_in_flight_events,
+                max_bytes: cfg.kafka.max_in_flight_bytes,
+                mark_completed: cfg.outbox.mark_completed,
+            },
+            confirmed,
         ))
     }
 
@@ -221,7 +223,6 @@ impl Session<'_> {
         mut stream: crate::replication::ReplicationStream,
         proto: u32,
         mut pipeline: Pipeline,
-        mut progress: Progress,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), Error> {
         let feedback = stream.feedback();
@@ -232,34 +233,35 @@ impl Session<'_> {
         });
         let mut changes = Changes::new(filter);
         let mut batch = Vec::with_capacity(READ_BATCH);
-        let mut received = progress.flushed();
+        let mut received = pipeline.flushed();
         let mut ticker = tokio::time::interval(self.status_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut report = tokio::time::interval(Duration::from_secs(10));
         report.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_report = pipeline.counters;
         let m = metrics();
-        // Every status sent is also what the flushed LSN gauge shows.
-        let status = |received: Lsn, progress: &Progress, reply: bool| {
-            m.flushed_lsn(progress.flushed());
+        // Every status sent is also what the flushed LSN gauge shows. The
+        // relay never asks the server for a reply.
+        let status = |received: Lsn, flushed: Lsn| {
+            m.flushed_lsn(flushed);
             StandbyStatus {
-                write: received.max(progress.flushed()),
-                flush: progress.flushed(),
-                apply: progress.flushed(),
-                reply_requested: reply,
+                write: received.max(flushed),
+                flush: flushed,
+                apply: flushed,
+                reply_requested: false,
             }
         };
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                r = pipeline.next(&mut progress) => { r?; }
+                r = pipeline.next() => { r?; }
                 _ = ticker.tick() => {
                     if pipeline.sink_failed() {
                         return Err(Error::Transient("the Kafka producer failed fatally; rebuilding it".into()));
                     }
                     feedback
-                        .send_status(status(received, &progress, false))
+                        .send_status(status(received, pipeline.flushed()))
                         .await
                         .map_err(|e| replication_error("sending a status update", e))?;
                 }
@@ -268,7 +270,7 @@ impl Session<'_> {
                     if c.sent != last_report.sent || c.dead_lettered != last_report.dead_lettered {
                         tracing::info!(
                             sent = c.sent, acked = c.acked, dead_lettered = c.dead_lettered,
-                            in_flight = pipeline.in_flight(), held = changes.held(), flushed = %progress.flushed(),
+                            in_flight = pipeline.in_flight(), held = changes.held(), flushed = %pipeline.flushed(),
                             "relay progress"
                         );
                     }
@@ -291,15 +293,15 @@ impl Session<'_> {
                                 let message = decoder.decode(data).map_err(|e| {
                                     Error::Fatal(format!("undecodable pgoutput message near {wal_end}: {e}"))
                                 })?;
-                                changes.apply(message, &mut pipeline, &mut progress).await?;
+                                changes.apply(message, &mut pipeline).await?;
                             }
                             ReplicationMessage::PrimaryKeepAlive { wal_end, reply_requested, .. } => {
                                 received = received.max(wal_end);
                                 server_end = server_end.max(wal_end);
-                                progress.keepalive(wal_end);
+                                pipeline.keepalive(wal_end);
                                 if reply_requested {
                                     feedback
-                                        .send_status(status(received, &progress, false))
+                                        .send_status(status(received, pipeline.flushed()))
                                         .await
                                         .map_err(|e| replication_error("answering a keepalive", e))?;
                                 }
@@ -319,9 +321,9 @@ impl Session<'_> {
         let deadline = Instant::now() + Duration::from_secs(self.config.cdc.shutdown_timeout_s);
         loop {
             let step = (Instant::now() + self.status_interval).min(deadline);
-            let settled = pipeline.settle(&mut progress, step).await?;
+            let settled = pipeline.settle(step).await?;
             let _ = feedback
-                .send_status(status(received, &progress, false))
+                .send_status(status(received, pipeline.flushed()))
                 .await;
             if settled || Instant::now() >= deadline {
                 if !settled {
@@ -335,12 +337,12 @@ impl Session<'_> {
         }
         pipeline.flush(Duration::from_secs(1));
         if let Err(e) = stream
-            .finish(Some(status(received, &progress, false)))
+            .finish(Some(status(received, pipeline.flushed())))
             .await
         {
             tracing::debug!(error = %e, "replication stream did not close cleanly");
         }
-        tracing::info!(flushed = %progress.flushed(), "stopped");
+        tracing::info!(flushed = %pipeline.flushed(), "stopped");
         Ok(())
     }
 }

@@ -1,8 +1,10 @@
-//! Status updates the CDC relay leaves on rows after Kafka's verdict:
+//! Marks: the row statuses the CDC relay leaves after Kafka's verdict,
 //! `COMPLETED` with `processed_at`, or `DEAD_LETTER` with `last_error`.
+//! (Not to be confused with `pgoutbox status`, the operator's overview in
+//! `crate::operate::overview`.)
 //!
-//! Updates are batched (one statement per batch, up to `OUTBOX_BATCH_SIZE`
-//! rows) on a connection of their own, retried until they succeed, and each
+//! Updates are batched (one statement per batch, up to `cdc.mark_batch_size`
+//! rows, gathered for up to `cdc.mark_linger_ms`) on a connection of their own, retried until they succeed, and each
 //! row's ticket is reported back once its update has committed: only then
 //! does the relay count the event as durable and let the flush LSN pass it.
 //!
@@ -74,26 +76,26 @@ pub struct Batching {
 
 /// Handle to the background task that applies [`Mark`]s.
 #[derive(Clone)]
-pub struct StatusWriter {
+pub struct MarkWriter {
     marks: mpsc::UnboundedSender<Mark>,
 }
 
-impl StatusWriter {
-    /// Starts the writer for `schema.table`. Committed tickets are sent on
-    /// `done` as `Ok`, a lost database as `Err`; the task ends when every
-    /// handle is dropped or `done` is closed.
+impl MarkWriter {
+    /// Starts the writer for `schema.table`. Committed tickets arrive on
+    /// the returned channel as `Ok`, a lost database as `Err`; the task ends
+    /// when every handle is dropped or the channel is closed.
     pub fn spawn(
         pg: crate::database::Settings,
         schema: &str,
         table: &str,
         batching: Batching,
-        done: mpsc::UnboundedSender<Result<u64, String>>,
-    ) -> StatusWriter {
+    ) -> (MarkWriter, mpsc::UnboundedReceiver<Result<u64, String>>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (done, durable) = mpsc::unbounded_channel();
         let target = format!("{}.{}", quote_ident(schema), quote_ident(table));
         let dead = format!("{}.pgoutbox_dead_letters", quote_ident(schema));
         tokio::spawn(run(pg, target, dead, batching, rx, done));
-        StatusWriter { marks: tx }
+        (MarkWriter { marks: tx }, durable)
     }
 
     /// Queues an update. Returns false if the writer has stopped.

@@ -1,0 +1,175 @@
+//! No loss at the very start: rows committed before a new slot's consistent
+//! point are not in its stream, so the relay reads the ones still waiting
+//! (`PENDING`, `PROCESSING`, `FAILED`) from the slot's exported snapshot and
+//! publishes them, oldest first, before streaming begins. Rows committed
+//! after the consistent point come from the stream, so none is missed and
+//! none is read twice.
+//!
+//! The whole backfill is one pipeline transaction that "commits" at the
+//! consistent point: the slot is confirmed past it only once every row is
+//! durable. Where the rows come from is a [`PendingRows`] source, so the
+//! publishing half is tested without a database.
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::config::{quote_ident, Config};
+use crate::error::Error;
+use crate::outbox::{select_list, OutboxEvent, RowKey, OUTBOX_COLUMNS};
+use crate::pipeline::{Pipeline, Source};
+use crate::Lsn;
+
+/// Rows fetched per round trip.
+const CHUNK: u32 = 1000;
+
+/// Pending rows, chunk by chunk, oldest first.
+pub(super) trait PendingRows {
+    /// The next chunk; `None` when every row has been read.
+    async fn next_chunk(&mut self) -> Result<Option<Vec<OutboxEvent>>, Error>;
+}
+
+/// Publishes every row of `rows` as one transaction that commits at
+/// `consistent_point`, and waits until all are durable. Returns the number
+/// of rows.
+pub(super) async fn run(
+    rows: &mut impl PendingRows,
+    consistent_point: Lsn,
+    pipeline: &mut Pipeline,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<u64, Error> {
+    let interrupted = || {
+        Error::Transient(
+            "shutdown requested during the initial backfill; it restarts on the next run".into(),
+        )
+    };
+    let tx = pipeline.begin();
+    let mut read = 0u64;
+    while let Some(chunk) = rows.next_chunk().await? {
+        for event in chunk {
+            pipeline.wait_for_room().await?;
+            pipeline.drain()?;
+            let key = RowKey {
+                id: event.id.clone(),
+                created_at: event.created_at.clone(),
+            };
+            pipeline.offer(tx, event, Source::Row(key)).await?;
+            read += 1;
+        }
+        if *shutdown.borrow() {
+            return Err(interrupted());
+        }
+    }
+    pipeline.commit(tx, consistent_point);
+    let far = tokio::time::Instant::now() + std::time::Duration::from_secs(365 * 24 * 3600);
+    tokio::select! {
+        settled = pipeline.settle(far) => { settled?; }
+        _ = shutdown.changed() => return Err(interrupted()),
+    }
+    Ok(read)
+}
+
+/// The pending rows of every outbox table of the publication, read inside
+/// the new slot's exported snapshot through a cursor per table.
+pub(super) struct SnapshotRows {
+    client: tokio_postgres::Client,
+    /// Tables still to read, last first.
+    tables: Vec<(String, String)>,
+    /// The table the open cursor reads.
+    current: Option<Bytes>,
+}
+
+fn db(e: tokio_postgres::Error) -> Error {
+    Error::postgres("backfilling pending rows", &e)
+}
+
+impl SnapshotRows {
+    /// Opens a read-only repeatable-read transaction on `snapshot` and finds
+    /// every outbox table of the publication (the configured one and any
+    /// other table carrying the outbox columns).
+    pub(super) async fn open(
+        config: &Config,
+        pg: &crate::database::Settings,
+        snapshot: &str,
+    ) -> Result<SnapshotRows, Error> {
+        let client = crate::database::connect(pg).await.map_err(db)?;
+        client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+                snapshot.replace('\'', "''")
+            ))
+            .await
+            .map_err(db)?;
+        let columns: Vec<&str> = OUTBOX_COLUMNS.iter().copied().chain(["status"]).collect();
+        let mut tables: Vec<(String, String)> = client
+            .query(
+                "SELECT t.schemaname::text, t.tablename::text FROM pg_publication_tables t \
+                  WHERE t.pubname = $1 AND (SELECT count(*) FROM information_schema.columns c \
+                         WHERE c.table_schema = t.schemaname AND c.table_name = t.tablename \
+                           AND c.column_name = ANY($2)) = cardinality($2) \
+                  ORDER BY 1, 2",
+                &[&config.cdc.publication, &columns],
+            )
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        tables.reverse();
+        Ok(SnapshotRows {
+            client,
+            tables,
+            current: None,
+        })
+    }
+
+    /// Ends the snapshot's transaction.
+    pub(super) async fn close(self) -> Result<(), Error> {
+        self.client.batch_execute("COMMIT").await.map_err(db)
+    }
+}
+
+impl PendingRows for SnapshotRows {
+    async fn next_chunk(&mut self) -> Result<Option<Vec<OutboxEvent>>, Error> {
+        loop {
+            let table = match &self.current {
+                Some(t) => t.clone(),
+                None => {
+                    let Some((schema, table)) = self.tables.pop() else {
+                        return Ok(None);
+                    };
+                    let sql = format!(
+                        "DECLARE pgoutbox_backfill NO SCROLL CURSOR FOR \
+                         SELECT {} FROM {}.{} AS o \
+                          WHERE o.status IN ('PENDING', 'PROCESSING', 'FAILED') \
+                          ORDER BY o.created_at, o.id",
+                        select_list("o"),
+                        quote_ident(&schema),
+                        quote_ident(&table)
+                    );
+                    self.client.batch_execute(&sql).await.map_err(db)?;
+                    let name = Bytes::copy_from_slice(table.as_bytes());
+                    self.current = Some(name.clone());
+                    name
+                }
+            };
+            let rows = self
+                .client
+                .query(&format!("FETCH {CHUNK} FROM pgoutbox_backfill"), &[])
+                .await
+                .map_err(db)?;
+            if rows.is_empty() {
+                self.client
+                    .batch_execute("CLOSE pgoutbox_backfill")
+                    .await
+                    .map_err(db)?;
+                self.current = None;
+                continue;
+            }
+            let events = rows
+                .iter()
+                .map(|row| OutboxEvent::from_text_row(&table, |i| row.get(i)))
+                .collect();
+            return Ok(Some(events));
+        }
+    }
+}

@@ -1,0 +1,442 @@
+//! The delivery pipeline, shared by the snapshot backfill and the stream:
+//! events go out as Kafka records through a [`RecordSink`], Kafka's verdicts
+//! come back, rows are marked in the table through a [`Marker`], and the
+//! pipeline's [`Progress`] learns when each event is durable, which is what
+//! moves the flush LSN (ARCHITECTURE.md, invariants 1 and 2).
+//!
+//! The pipeline owns the in-flight window (bounded in events and bytes) and
+//! the progress tracker. It knows neither rdkafka nor PostgreSQL: the Kafka
+//! sink and the mark writer plug in through the two small traits below, and
+//! the unit tests (`tests.rs`) drive it with in-memory fakes. When the
+//! window is full the CDC session stops reading the replication socket
+//! (backpressure), but never stops sending feedback (invariant 3).
+
+pub mod progress;
+pub mod record;
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
+mod window;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::config::Mode;
+use crate::error::Error;
+use crate::metrics::metrics;
+use crate::outbox::{Mark, MarkKind, OutboxEvent, RowKey};
+use crate::Lsn;
+
+pub use progress::{Progress, TxId};
+pub use record::{header, KafkaRecord, RecordBuilder, RecordError};
+use window::Window;
+
+/// Why a record could not be published.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// Never publishable as it is (too large, invalid topic): dead-letter it.
+    #[error("{0}")]
+    Permanent(String),
+    /// Kafka is unavailable or the producer failed: restart the session.
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// The outcome of one record, as the sink reports it.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The ticket passed to [`RecordSink::send`].
+    pub ticket: u64,
+    /// `Ok` once the broker has acknowledged it durably (`acks=all`).
+    pub result: Result<(), Failure>,
+}
+
+/// Why [`RecordSink::send`] did not take the record.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The sink's local queue is full: wait for deliveries and retry.
+    #[error("producer queue is full")]
+    QueueFull,
+    /// The record was refused.
+    #[error(transparent)]
+    Failed(#[from] Failure),
+}
+
+/// Where records go. Each record taken is answered later by exactly one
+/// [`Delivery`] with its ticket, on the channel handed to
+/// [`Pipeline::new`] beside the sink.
+pub trait RecordSink: Send {
+    /// Enqueues `record`; its outcome arrives later as a [`Delivery`].
+    fn send(&self, ticket: u64, record: &KafkaRecord) -> Result<(), SendError>;
+    /// True once the sink failed for good and must be rebuilt.
+    fn is_fatal(&self) -> bool;
+    /// Waits up to `timeout` for everything enqueued to be delivered.
+    fn flush(&self, timeout: Duration) -> bool;
+}
+
+/// Where row marks go. Each mark taken is answered later by its ticket
+/// (`Ok`) once the mark is durable, or by `Err` when the marker lost its
+/// database, on the channel handed to [`Pipeline::new`] beside it.
+pub trait Marker: Send {
+    /// Queues a mark. Returns false if the marker has stopped.
+    fn mark(&self, mark: Mark) -> bool;
+}
+
+impl Marker for crate::outbox::MarkWriter {
+    fn mark(&self, mark: Mark) -> bool {
+        crate::outbox::MarkWriter::mark(self, mark)
+    }
+}
+
+/// The answers of a [`Marker`]: a durable ticket, or why marking stopped.
+pub type MarkVerdict = Result<u64, String>;
+
+/// Where an event came from: what to mark once Kafka has its verdict.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// An outbox row: marked `COMPLETED` or `DEAD_LETTER`.
+    Row(RowKey),
+    /// A logical message: nothing to mark when delivered; recorded in
+    /// `pgoutbox_dead_letters` when it can never be.
+    Message {
+        /// Its LSN.
+        lsn: Lsn,
+        /// Its prefix.
+        prefix: String,
+        /// Its content as sent.
+        content: Bytes,
+    },
+}
+
+/// One event in the window.
+struct InFlight {
+    tx: TxId,
+    source: Source,
+    /// Its topic, once built (`""` if it has none), for the metrics.
+    topic: String,
+}
+
+/// Counters for one session, logged periodically.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    /// Events handed to Kafka.
+    pub sent: u64,
+    /// Events acknowledged by Kafka.
+    pub acked: u64,
+    /// Rows dead-lettered.
+    pub dead_lettered: u64,
+}
+
+/// How big the in-flight window may grow, and whether rows are marked.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Events in flight, at most.
+    pub max_events: usize,
+    /// Bytes in flight, about at most.
+    pub max_bytes: usize,
+    /// Mark acknowledged rows `COMPLETED` before they count as durable.
+    pub mark_completed: bool,
+}
+
+/// Events between "read" and "durable", and the position that is safe to
+/// confirm.
+pub struct Pipeline {
+    sink: Box<dyn RecordSink>,
+    deliveries: mpsc::UnboundedReceiver<Delivery>,
+    marker: Box<dyn Marker>,
+    durable: mpsc::UnboundedReceiver<MarkVerdict>,
+    mark_completed: bool,
+    builder: RecordBuilder,
+    window: Window<InFlight>,
+    progress: Progress,
+    /// Counters since the session began.
+    pub counters: Counters,
+    /// `pgoutbox_events_read_total{mode="cdc"}`.
+    read: prometheus::IntCounter,
+}
+
+impl Pipeline {
+    /// A pipeline that starts from `confirmed` (the slot's confirmed flush
+    /// position), sends through `sink` and marks through `marker`, each
+    /// with the channel its verdicts arrive on. Dead-lettered rows always
+    /// go through the marker; acknowledged rows only with
+    /// [`Limits::mark_completed`].
+    pub fn new(
+        sink: (Box<dyn RecordSink>, mpsc::UnboundedReceiver<Delivery>),
+        marker: (Box<dyn Marker>, mpsc::UnboundedReceiver<MarkVerdict>),
+        builder: RecordBuilder,
+        limits: Limits,
+        confirmed: Lsn,
+    ) -> Pipeline {
+        Pipeline {
+            sink: sink.0,
+            deliveries: sink.1,
+            marker: marker.0,
+            durable: marker.1,
+            mark_completed: limits.mark_completed,
+            builder,
+            window: Window::new(limits.max_events, limits.max_bytes),
+            progress: Progress::new(confirmed),
+            counters: Counters::default(),
+            read: metrics()
+                .events_read
+                .with_label_values(&[Mode::Cdc.as_str()]),
+        }
+    }
+
+    /// A transaction began (in stream order); its events follow.
+    pub fn begin(&mut self) -> TxId {
+        self.progress.begin()
+    }
+
+    /// The transaction `tx` committed at `end_lsn`: once its events (and
+    /// every earlier transaction's) are durable, the flush position passes
+    /// it.
+    pub fn commit(&mut self, tx: TxId, end_lsn: Lsn) {
+        self.progress.commit(tx, end_lsn);
+    }
+
+    /// A keepalive reported the server's WAL end.
+    pub fn keepalive(&mut self, wal_end: Lsn) {
+        self.progress.keepalive(wal_end);
+    }
+
+    /// The position safe to confirm to PostgreSQL.
+    pub fn flushed(&self) -> Lsn {
+        self.progress.flushed()
+    }
+
+    /// True while more events may be sent.
+    pub fn has_room(&self) -> bool {
+        self.window.has_room()
+    }
+
+    /// Events sent and not yet durable.
+    pub fn in_flight(&self) -> usize {
+        self.window.len()
+    }
+
+    /// True when the sink failed for good: the session must end.
+    pub fn sink_failed(&self) -> bool {
+        self.sink.is_fatal()
+    }
+
+    /// Waits, applying verdicts, until the window has room for another
+    /// event. The one place anything waits for room.
+    pub async fn wait_for_room(&mut self) -> Result<(), Error> {
+        while !self.window.has_room() {
+            if !self.next().await? {
+                return Err(Error::Transient(
+                    "the Kafka producer went away while the in-flight window was full".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `event` (of transaction `tx`), or dead-letters it when it can
+    /// never be published. Errors only for transient Kafka failures.
+    pub async fn offer(
+        &mut self,
+        tx: TxId,
+        event: OutboxEvent,
+        source: Source,
+    ) -> Result<(), Error> {
+        self.read.inc();
+        self.progress.add_event(tx);
+        let record = match self.builder.build(&event) {
+            Ok(r) => r,
+            Err(e) => {
+                let ticket = self.window.push(
+                    0,
+                    InFlight {
+                        tx,
+                        source,
+                        topic: String::new(),
+                    },
+                );
+                self.dead_letter(ticket, e.to_string());
+                return Ok(());
+            }
+        };
+        let ticket = self.window.push(
+            record.size(),
+            InFlight {
+                tx,
+                source,
+                topic: String::new(),
+            },
+        );
+        let refused = loop {
+            match self.sink.send(ticket, &record) {
+                Ok(()) => break None,
+                Err(SendError::QueueFull) => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err(SendError::Failed(Failure::Permanent(why))) => break Some(why),
+                Err(SendError::Failed(Failure::Transient(why))) => {
+                    return Err(self.kafka_failed("kafka refused an event", why));
+                }
+            }
+        };
+        if let Some(f) = self.window.get_mut(ticket) {
+            f.topic = record.topic;
+        }
+        match refused {
+            None => self.counters.sent += 1,
+            Some(why) => self.dead_letter(ticket, why),
+        }
+        Ok(())
+    }
+
+    /// The session-ending error for a transient Kafka failure, naming a
+    /// fatal producer error (the next session builds a new producer).
+    fn kafka_failed(&self, what: &str, why: String) -> Error {
+        if self.sink.is_fatal() {
+            Error::Transient(format!(
+                "the Kafka producer failed fatally ({what}: {why}); rebuilding it"
+            ))
+        } else {
+            Error::Transient(format!("{what}: {why}"))
+        }
+    }
+
+    /// Dead-letters an event that could not even be read (unreadable row
+    /// columns, a malformed message envelope).
+    pub fn dead_letter_unread(&mut self, tx: TxId, source: Source, why: String) {
+        self.read.inc();
+        self.progress.add_event(tx);
+        let ticket = self.window.push(
+            0,
+            InFlight {
+                tx,
+                source,
+                topic: String::new(),
+            },
+        );
+        self.dead_letter(ticket, why);
+    }
+
+    fn dead_letter(&mut self, ticket: u64, why: String) {
+        let Some(f) = self.window.get(ticket) else {
+            return;
+        };
+        let kind = match &f.source {
+            Source::Row(key) => {
+                tracing::warn!(id = %String::from_utf8_lossy(&key.id), error = %why, "dead-lettering a row that can never be published");
+                MarkKind::DeadLetter(key.clone(), why)
+            }
+            Source::Message {
+                lsn,
+                prefix,
+                content,
+            } => {
+                tracing::warn!(%lsn, error = %why, "recording a logical message that can never be published");
+                MarkKind::DeadMessage {
+                    lsn: *lsn,
+                    prefix: prefix.clone(),
+                    content: content.clone(),
+                    error: why,
+                }
+            }
+        };
+        metrics().dead_lettered(Mode::Cdc, &f.topic, 1);
+        self.counters.dead_lettered += 1;
+        self.mark(Mark { ticket, kind });
+    }
+
+    fn mark(&mut self, mark: Mark) {
+        let queued = self.marker.mark(mark);
+        debug_assert!(queued, "the marker stopped");
+    }
+
+    /// Waits for the next verdict (delivery or durable mark) and applies it.
+    /// Returns `Ok(false)` if neither channel can deliver any more.
+    pub async fn next(&mut self) -> Result<bool, Error> {
+        tokio::select! {
+            biased;
+            Some(d) = self.deliveries.recv() => { self.on_delivery(d)?; Ok(true) }
+            Some(t) = self.durable.recv() => { self.on_durable(t)?; Ok(true) }
+            else => Ok(false),
+        }
+    }
+
+    /// Applies every verdict already waiting, without blocking.
+    pub fn drain(&mut self) -> Result<(), Error> {
+        while let Ok(d) = self.deliveries.try_recv() {
+            self.on_delivery(d)?;
+        }
+        while let Ok(t) = self.durable.try_recv() {
+            self.on_durable(t)?;
+        }
+        Ok(())
+    }
+
+    fn on_durable(&mut self, t: MarkVerdict) -> Result<(), Error> {
+        match t {
+            Ok(ticket) => {
+                self.release(ticket);
+                Ok(())
+            }
+            Err(why) => Err(Error::Transient(why)),
+        }
+    }
+
+    fn on_delivery(&mut self, d: Delivery) -> Result<(), Error> {
+        match d.result {
+            Ok(()) => {
+                self.counters.acked += 1;
+                let row = match self.window.get(d.ticket) {
+                    Some(InFlight {
+                        source: Source::Row(key),
+                        ..
+                    }) => Some(key.clone()),
+                    _ => None,
+                };
+                match row {
+                    Some(key) if self.mark_completed => {
+                        self.mark(Mark {
+                            ticket: d.ticket,
+                            kind: MarkKind::Completed(key),
+                        });
+                    }
+                    _ => self.release(d.ticket),
+                }
+                Ok(())
+            }
+            Err(Failure::Permanent(why)) => {
+                self.dead_letter(d.ticket, why);
+                Ok(())
+            }
+            Err(Failure::Transient(why)) => Err(self.kafka_failed("kafka delivery failed", why)),
+        }
+    }
+
+    fn release(&mut self, ticket: u64) {
+        if let Some(f) = self.window.release(ticket) {
+            self.progress.done(f.tx);
+        }
+    }
+
+    /// Waits until every event sent is durable, or `deadline` passes.
+    /// Returns whether the window emptied.
+    pub async fn settle(&mut self, deadline: tokio::time::Instant) -> Result<bool, Error> {
+        while self.window.len() > 0 {
+            match tokio::time::timeout_at(deadline, self.next()).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => return Ok(false),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Flushes the sink for at most `timeout`.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        self.sink.flush(timeout)
+    }
+}

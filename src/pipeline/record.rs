@@ -1,0 +1,295 @@
+//! From an outbox event to a Kafka record: the one place that decides a
+//! record's topic, key, value and headers (ARCHITECTURE.md, "The Kafka
+//! record"). Sinks only send what this builds.
+//!
+//! The contract:
+//! - topic: a template over the event, default `{aggregate_type}.{event_type}`,
+//!   or the event's table's own template (`kafka.table_topics`);
+//! - key: `aggregate_id`, so one aggregate's events share a partition;
+//! - value: `payload`, byte for byte as PostgreSQL sent it;
+//! - headers: `tracking_id`, `aggregate_type`, `aggregate_id`, `event_type`,
+//!   `created_at`, and `traceparent` / `tracestate` when `metadata` holds them.
+//!
+//! A record that can never be published (no legal topic, larger than
+//! `kafka.message_max_bytes`) is a [`RecordError`]: the caller dead-letters
+//! the event (invariant 5).
+
+use std::fmt;
+
+use bytes::Bytes;
+
+use crate::config::{KafkaConfig, TopicError, TopicField, TopicTemplate};
+use crate::outbox::OutboxEvent;
+
+/// Kafka header names set on records.
+pub mod header {
+    /// The event id consumers deduplicate on.
+    pub const TRACKING_ID: &str = "tracking_id";
+    /// The aggregate type.
+    pub const AGGREGATE_TYPE: &str = "aggregate_type";
+    /// The aggregate id (also the key).
+    pub const AGGREGATE_ID: &str = "aggregate_id";
+    /// The event type.
+    pub const EVENT_TYPE: &str = "event_type";
+    /// When the row was created, as PostgreSQL prints it.
+    pub const CREATED_AT: &str = "created_at";
+    /// W3C traceparent, when `metadata` has one.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C tracestate, when `metadata` has one.
+    pub const TRACESTATE: &str = "tracestate";
+}
+
+/// Bytes a record costs beyond its key, value and header values (header
+/// names, record framing), for the size estimate.
+const RECORD_OVERHEAD: usize = 96;
+
+/// One record, ready to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaRecord {
+    /// The topic.
+    pub topic: String,
+    /// The key (the aggregate id).
+    pub key: Bytes,
+    /// The value (the payload, unchanged).
+    pub value: Bytes,
+    /// Headers, in order.
+    pub headers: Vec<(&'static str, Bytes)>,
+}
+
+impl KafkaRecord {
+    /// Bytes this record occupies in the producer (key + value + headers and
+    /// framing), for the in-flight window and the size limit.
+    pub fn size(&self) -> usize {
+        self.key.len()
+            + self.value.len()
+            + self.headers.iter().map(|(_, v)| v.len()).sum::<usize>()
+            + RECORD_OVERHEAD
+    }
+}
+
+/// Why an event has no record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// No legal topic could be rendered for it.
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    /// It is larger than the producer accepts.
+    #[error("message of about {size} bytes exceeds kafka.message_max_bytes ({max})")]
+    TooLarge {
+        /// The record's estimated size.
+        size: usize,
+        /// `kafka.message_max_bytes`.
+        max: usize,
+    },
+}
+
+/// Builds records from events: picks the topic template (the table's own
+/// when configured, by table name or `schema.table`, else the default) and
+/// lays out key, value and headers.
+#[derive(Clone, Debug)]
+pub struct RecordBuilder {
+    default: TopicTemplate,
+    per_table: Vec<(String, TopicTemplate)>,
+    max_bytes: usize,
+}
+
+impl RecordBuilder {
+    /// A builder over `default` and per-table `(name, template)` pairs, with
+    /// no size limit.
+    pub fn new(default: TopicTemplate, per_table: Vec<(String, TopicTemplate)>) -> RecordBuilder {
+        RecordBuilder {
+            default,
+            per_table,
+            max_bytes: usize::MAX,
+        }
+    }
+
+    /// The builder for the Kafka configuration (topics and size limit).
+    pub fn from_config(cfg: &KafkaConfig) -> Result<RecordBuilder, TopicError> {
+        let default = TopicTemplate::parse(&cfg.topic)?;
+        let per_table = cfg
+            .table_topics
+            .iter()
+            .map(|(t, tpl)| Ok((t.clone(), TopicTemplate::parse(tpl)?)))
+            .collect::<Result<_, TopicError>>()?;
+        Ok(RecordBuilder {
+            max_bytes: cfg.message_max_bytes,
+            ..RecordBuilder::new(default, per_table)
+        })
+    }
+
+    fn template(&self, table: &[u8]) -> &TopicTemplate {
+        self.per_table
+            .iter()
+            .find(|(name, _)| {
+                name.as_bytes() == table
+                    || name
+                        .rsplit_once('.')
+                        .is_some_and(|(_, t)| t.as_bytes() == table)
+            })
+            .map(|(_, t)| t)
+            .unwrap_or(&self.default)
+    }
+
+    /// The topic for `event`, or why it has none.
+    pub fn topic(&self, event: &OutboxEvent) -> Result<String, TopicError> {
+        self.template(&event.table).render_with(|f| match f {
+            TopicField::AggregateType => &event.aggregate_type[..],
+            TopicField::EventType => &event.event_type[..],
+            TopicField::Table => &event.table[..],
+        })
+    }
+
+    /// The record for `event`, or why it can never be published.
+    pub fn build(&self, event: &OutboxEvent) -> Result<KafkaRecord, RecordError> {
+        let topic = self.topic(event)?;
+        let mut headers = Vec::with_capacity(7);
+        headers.push((header::TRACKING_ID, event.tracking_id.clone()));
+        headers.push((header::AGGREGATE_TYPE, event.aggregate_type.clone()));
+        headers.push((header::AGGREGATE_ID, event.aggregate_id.clone()));
+        headers.push((header::EVENT_TYPE, event.event_type.clone()));
+        headers.push((header::CREATED_AT, event.created_at.clone()));
+        let trace = event.trace_context();
+        if let Some(tp) = trace.traceparent {
+            headers.push((header::TRACEPARENT, Bytes::from(tp)));
+        }
+        if let Some(ts) = trace.tracestate {
+            headers.push((header::TRACESTATE, Bytes::from(ts)));
+        }
+        let record = KafkaRecord {
+            topic,
+            key: event.aggregate_id.clone(),
+            value: event.payload.clone(),
+            headers,
+        };
+        let size = record.size();
+        if size > self.max_bytes {
+            return Err(RecordError::TooLarge {
+                size,
+                max: self.max_bytes,
+            });
+        }
+        Ok(record)
+    }
+}
+
+impl fmt::Display for RecordBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.default)?;
+        for (t, tpl) in &self.per_table {
+            write!(f, ", {t}: {tpl}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::sample_event;
+
+    fn builder(template: &str) -> RecordBuilder {
+        RecordBuilder::new(TopicTemplate::parse(template).unwrap(), vec![])
+    }
+
+    #[test]
+    fn default_template_routes_by_type_and_event() {
+        let b = builder("{aggregate_type}.{event_type}");
+        assert_eq!(b.topic(&sample_event()).unwrap(), "Order.OrderCreated");
+        assert_eq!(b.to_string(), "{aggregate_type}.{event_type}");
+    }
+
+    #[test]
+    fn fixed_and_partial_templates() {
+        let e = sample_event();
+        assert_eq!(builder("events").topic(&e).unwrap(), "events");
+        assert_eq!(builder("{aggregate_type}").topic(&e).unwrap(), "Order");
+        assert_eq!(
+            builder("svc.{table}.{aggregate_type}").topic(&e).unwrap(),
+            "svc.outbox.Order"
+        );
+    }
+
+    #[test]
+    fn illegal_rendered_names_are_errors_not_panics() {
+        let b = builder("{aggregate_type}.{event_type}");
+        let mut e = sample_event();
+        e.event_type = Bytes::from_static(b"Order Created!");
+        assert!(matches!(
+            b.build(&e),
+            Err(RecordError::Topic(TopicError::Name { .. }))
+        ));
+        e.event_type = Bytes::from(vec![b'x'; 300]);
+        assert!(matches!(b.topic(&e), Err(TopicError::Name { .. })));
+        e.event_type = Bytes::from_static("é".as_bytes());
+        assert!(b.topic(&e).is_err());
+        e.event_type = Bytes::from_static(b"..");
+        assert!(builder("{event_type}").topic(&e).is_err());
+    }
+
+    #[test]
+    fn tables_route_by_their_own_template() {
+        let b = RecordBuilder::new(
+            TopicTemplate::parse("{aggregate_type}.{event_type}").unwrap(),
+            vec![
+                (
+                    "billing_outbox".into(),
+                    TopicTemplate::parse("billing.{event_type}").unwrap(),
+                ),
+                (
+                    "shop.orders_outbox".into(),
+                    TopicTemplate::parse("orders").unwrap(),
+                ),
+            ],
+        );
+        let mut e = sample_event();
+        assert_eq!(b.topic(&e).unwrap(), "Order.OrderCreated");
+        e.table = Bytes::from_static(b"billing_outbox");
+        assert_eq!(b.topic(&e).unwrap(), "billing.OrderCreated");
+        e.table = Bytes::from_static(b"orders_outbox");
+        assert_eq!(b.topic(&e).unwrap(), "orders");
+    }
+
+    #[test]
+    fn a_record_carries_key_value_and_the_contract_headers() {
+        let e = sample_event();
+        let r = builder("{aggregate_type}.{event_type}").build(&e).unwrap();
+        assert_eq!(r.topic, "Order.OrderCreated");
+        assert_eq!(r.key, e.aggregate_id);
+        assert_eq!(r.value, e.payload, "the payload goes out byte for byte");
+        let names: Vec<&str> = r.headers.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            names,
+            [
+                "tracking_id",
+                "aggregate_type",
+                "aggregate_id",
+                "event_type",
+                "created_at",
+                "traceparent"
+            ]
+        );
+        assert_eq!(r.headers[5].1, Bytes::from_static(b"00-abc-def-01"));
+        let mut plain = e.clone();
+        plain.metadata = None;
+        let r = builder("t").build(&plain).unwrap();
+        assert_eq!(r.headers.len(), 5, "no trace context, no trace headers");
+    }
+
+    #[test]
+    fn records_larger_than_the_producer_takes_are_refused() {
+        let mut b = builder("t");
+        let e = sample_event();
+        let size = b.build(&e).unwrap().size();
+        b.max_bytes = size - 1;
+        assert_eq!(
+            b.build(&e),
+            Err(RecordError::TooLarge {
+                size,
+                max: size - 1
+            })
+        );
+        b.max_bytes = size;
+        assert!(b.build(&e).is_ok());
+    }
+}
