@@ -1,4 +1,4 @@
-//! Keeping secrets out of logs, errors and metrics (invariant 10).
+//! Keeping secrets out of logs, errors and metrics (ARCHITECTURE.md, invariant 10).
 
 /// A connection string with its password replaced by `***`, for logs.
 /// Handles both URLs (`postgres://user:pw@host/db`) and libpq key/value

@@ -6,7 +6,7 @@ mod common;
 use std::process::Output;
 use std::time::Duration;
 
-use common::harness::{read_until_all, wait_for, TestOutbox};
+use common::harness::{read_until_all, run_with_timeout, wait_for, TestOutbox};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -20,27 +20,6 @@ fn error_line(out: &Output) -> String {
     );
     assert!(!stderr.contains("panicked"), "no panic:\n{stderr}");
     last
-}
-
-fn run_with_timeout(mut cmd: std::process::Command, timeout: Duration) -> Output {
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn pgoutbox");
-    let pid = child.id() as i32;
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(timeout);
-        // SAFETY: kill(2) on our own child's pid; harmless if it exited.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    });
-    let out = child.wait_with_output().expect("wait pgoutbox");
-    drop(killer);
-    assert!(
-        out.status.code().is_some(),
-        "pgoutbox hung and was killed after {timeout:?}"
-    );
-    out
 }
 
 #[tokio::test]

@@ -32,33 +32,21 @@ struct SaslSsl {
     password: String,
 }
 
-/// Reads the SASL_SSL listener from `scripts/services env`, which follows
-/// PGOUTBOX_SERVICES_DIR (scripts/pg-matrix runs the tests against services
-/// of its own) and, with external services, echoes the PGOUTBOX_KAFKA_*
-/// variables given to it.
+/// Reads the SASL_SSL listener from `scripts/services env` (with external
+/// services, the PGOUTBOX_KAFKA_* variables given to it).
 fn sasl_ssl() -> SaslSsl {
     // Starts the local services when DATABASE_URL / KAFKA_BROKERS are unset.
     let _ = common::services();
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = Command::new("bash")
-        .arg(format!("{root}/scripts/services"))
-        .arg("env")
-        .output()
-        .expect("run scripts/services env");
-    assert!(out.status.success(), "scripts/services env failed");
-    let text = String::from_utf8(out.stdout).expect("utf-8 env output");
+    let env = common::ServicesEnv::read();
     let get = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .map(|v| v.trim_matches('\'').to_owned())
-            .unwrap_or_else(|| {
-                panic!(
-                    "scripts/services env printed no {key}: run `scripts/services up` (it makes the \
-                     broker's SASL_SSL listener), or with external services set \
-                     PGOUTBOX_KAFKA_SASL_SSL_BROKERS, PGOUTBOX_KAFKA_CA_FILE, \
-                     PGOUTBOX_KAFKA_SASL_USER and PGOUTBOX_KAFKA_SASL_PASSWORD"
-                )
-            })
+        env.get(key).unwrap_or_else(|| {
+            panic!(
+                "scripts/services env printed no {key}: run `scripts/services up` (it makes the \
+                 broker's SASL_SSL listener), or with external services set \
+                 PGOUTBOX_KAFKA_SASL_SSL_BROKERS, PGOUTBOX_KAFKA_CA_FILE, \
+                 PGOUTBOX_KAFKA_SASL_USER and PGOUTBOX_KAFKA_SASL_PASSWORD"
+            )
+        })
     };
     SaslSsl {
         brokers: get("PGOUTBOX_KAFKA_SASL_SSL_BROKERS"),

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::harness::{read_until_all, wait_for, Relay, TestOutbox};
+use common::harness::{create_topic, read_until_all, wait_for, Relay, TestOutbox};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -150,25 +150,6 @@ fn sample_value(exposition: &str, series: &str) -> Option<f64> {
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
     })
-}
-
-/// Creates `topic` (4 partitions), for a relay that may not auto-create it.
-async fn create_topic(topic: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    use rdkafka::config::ClientConfig;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &common::services().kafka_brokers)
-        .create()
-        .expect("admin client");
-    let new = NewTopic::new(topic, 4, TopicReplication::Fixed(1));
-    for r in admin
-        .create_topics([&new], &AdminOptions::new())
-        .await
-        .expect("create topic")
-    {
-        r.expect("topic created");
-    }
 }
 
 /// Waits until the outbox holds exactly `want` rows per listed status.

@@ -7,7 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::harness::{delivery_counts, missing, read_until_all, wait_for, Relay, TestOutbox};
+use common::harness::{
+    create_topic, delivery_counts, missing, read_until_all, wait_for, Relay, TestOutbox,
+};
 use common::ledger::reorders;
 use uuid::Uuid;
 
@@ -249,28 +251,9 @@ async fn stale_completion_after_lease_expiry_touches_no_row() {
     }
 }
 
-/// Creates `topic` (4 partitions). The relays of the failure tests run with
-/// `allow.auto.create.topics = false`, so a topic not created yet fails
-/// every send with a retriable error until this runs.
-async fn create_topic(topic: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    use rdkafka::config::ClientConfig;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &common::services().kafka_brokers)
-        .create()
-        .expect("admin client");
-    let new = NewTopic::new(topic, 4, TopicReplication::Fixed(1));
-    for r in admin
-        .create_topics([&new], &AdminOptions::new())
-        .await
-        .expect("create topic")
-    {
-        r.expect("topic created");
-    }
-}
-
-/// Relay settings under which a missing topic is a retriable failure.
+/// Relay settings under which a missing topic is a retriable failure: the
+/// relays of the failure tests run with these, so a topic not created yet
+/// (`create_topic`) fails every send with a retriable error until it is.
 const NO_AUTO_CREATE: &str = "\n[kafka.properties]\n\"message.timeout.ms\" = \"1500\"\n\"allow.auto.create.topics\" = \"false\"\n";
 
 #[tokio::test]

@@ -38,7 +38,7 @@ use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const PARTITIONS: i32 = 3;
-/// The line `src/sink.rs` logs when librdkafka reports a fatal error.
+/// The line `src/sink/kafka.rs` logs when librdkafka reports a fatal error.
 const FATAL_LINE: &str = "kafka producer hit a fatal error; it will be rebuilt";
 
 type Mock = MockCluster<'static, DefaultProducerContext>;

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use common::harness::{
     assert_no_secrets, connect, output_checked, read_until_all, relay_database_url,
-    relay_database_url_with, relay_password, wait_for, TestOutbox, RELAY_ROLE,
+    relay_database_url_with, relay_password, run_with_timeout_checked, wait_for, TestOutbox,
+    RELAY_ROLE,
 };
 use serde_json::json;
 use tokio_postgres::NoTls;
@@ -58,28 +59,6 @@ fn bare_command(config: &str, env: &[(&str, &str)]) -> Command {
         cmd.env(k, v);
     }
     cmd
-}
-
-fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn pgoutbox");
-    let pid = child.id() as i32;
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(timeout);
-        // SAFETY: kill(2) on our own child's pid; harmless if it exited.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    });
-    let out = child.wait_with_output().expect("wait pgoutbox");
-    drop(killer);
-    assert!(
-        out.status.code().is_some(),
-        "pgoutbox hung and was killed after {timeout:?}"
-    );
-    assert_no_secrets(&format!("the output of {cmd:?}"), &all_output(&out));
-    out
 }
 
 fn all_output(out: &Output) -> String {
@@ -154,7 +133,7 @@ fn hostile_identifiers_are_config_errors_before_any_connection() {
                 let what = format!("{subcommand} with {toml_field} = {value:?}");
                 let mut cmd = bare_command(&config, &[]);
                 cmd.arg(subcommand);
-                let out = run_with_timeout(cmd, Duration::from_secs(30));
+                let out = run_with_timeout_checked(cmd, Duration::from_secs(30));
                 if value.len() == 64 && !long_is_illegal {
                     // A legal topic name: validation passes, and the
                     // unreachable database is what stops the command.
@@ -187,7 +166,7 @@ fn hostile_identifiers_from_the_environment_are_config_errors_too() {
             for subcommand in ["run", "migrate"] {
                 let mut cmd = bare_command("", &[(var, value)]);
                 cmd.arg(subcommand);
-                let out = run_with_timeout(cmd, Duration::from_secs(30));
+                let out = run_with_timeout_checked(cmd, Duration::from_secs(30));
                 assert_config_error(&out, field, &format!("{subcommand} with {var}={value:?}"));
             }
         }
@@ -205,7 +184,7 @@ fn the_relay_role_name_and_password_file_are_checked_before_connecting() {
     ] {
         let mut cmd = bare_command("", &[]);
         cmd.args(["migrate", "--relay-role", name]);
-        let out = run_with_timeout(cmd, Duration::from_secs(30));
+        let out = run_with_timeout_checked(cmd, Duration::from_secs(30));
         assert_config_error(&out, "--relay-role", &format!("--relay-role {name:?}"));
     }
     let missing = temp_file("no-such-password", "txt");
@@ -217,7 +196,7 @@ fn the_relay_role_name_and_password_file_are_checked_before_connecting() {
         "--relay-password-file",
     ])
     .arg(&missing);
-    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    let out = run_with_timeout_checked(cmd, Duration::from_secs(30));
     assert_config_error(&out, "--relay-password-file", "a missing password file");
 }
 
@@ -730,7 +709,8 @@ async fn a_wrong_password_is_reported_without_showing_it() {
             vec!["run", "--mode", "poll"],
             vec!["dle", "list"],
         ] {
-            let out = run_with_timeout(outbox.command_with_args(&args), Duration::from_secs(60));
+            let out =
+                run_with_timeout_checked(outbox.command_with_args(&args), Duration::from_secs(60));
             let text = all_output(&out);
             assert_eq!(out.status.code(), Some(1), "{args:?}: {text}");
             let last = stderr(&out).lines().last().unwrap_or_default().to_owned();

@@ -173,3 +173,102 @@ impl PendingRows for SnapshotRows {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::pipeline::testing::{event, Rig, RigOptions};
+
+    /// Rows from memory, in chunks.
+    struct Chunks(VecDeque<Vec<OutboxEvent>>);
+
+    impl PendingRows for Chunks {
+        async fn next_chunk(&mut self) -> Result<Option<Vec<OutboxEvent>>, Error> {
+            Ok(self.0.pop_front())
+        }
+    }
+
+    fn chunks(rows: u64, per_chunk: u64) -> Chunks {
+        let all: Vec<OutboxEvent> = (1..=rows)
+            .map(|i| event(i, &format!("agg-{}", i % 7)))
+            .collect();
+        Chunks(
+            all.chunks(per_chunk as usize)
+                .map(<[OutboxEvent]>::to_vec)
+                .collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn every_pending_row_is_sent_in_order_and_confirmed_at_the_consistent_point() {
+        let mut r = Rig::new(RigOptions {
+            max_events: 50,
+            instant: true,
+            ..RigOptions::default()
+        });
+        let (_stop, mut shutdown) = watch::channel(false);
+        let n = run(
+            &mut chunks(2_500, 1_000),
+            Lsn(900),
+            &mut r.pipeline,
+            &mut shutdown,
+        )
+        .await
+        .unwrap();
+        assert_eq!(n, 2_500);
+        let keys: Vec<bytes::Bytes> = r.sent().into_iter().map(|(_, rec)| rec.key).collect();
+        let expected: Vec<bytes::Bytes> = (1..=2_500u64)
+            .map(|i| bytes::Bytes::from(format!("agg-{}", i % 7)))
+            .collect();
+        assert_eq!(
+            keys, expected,
+            "every row, oldest first, through a window of 50"
+        );
+        assert_eq!(r.marked("completed").len(), 2_500, "every row marked");
+        assert_eq!(r.pipeline.flushed(), Lsn(900));
+        assert_eq!(r.pipeline.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_backfill_stopped_half_way_confirms_nothing() {
+        let mut r = Rig::new(RigOptions {
+            instant: true,
+            ..RigOptions::default()
+        });
+        let (stop, mut shutdown) = watch::channel(false);
+        stop.send(true).unwrap();
+        let e = run(
+            &mut chunks(300, 100),
+            Lsn(900),
+            &mut r.pipeline,
+            &mut shutdown,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, Error::Transient(_)), "{e}");
+        assert_eq!(r.sent().len(), 100, "stopped after the first chunk");
+        assert_eq!(
+            r.pipeline.flushed(),
+            Lsn(100),
+            "the slot's start, not the consistent point"
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_pending_confirms_the_consistent_point_at_once() {
+        let mut r = Rig::new(RigOptions::default());
+        let (_stop, mut shutdown) = watch::channel(false);
+        let n = run(
+            &mut Chunks(VecDeque::new()),
+            Lsn(900),
+            &mut r.pipeline,
+            &mut shutdown,
+        )
+        .await
+        .unwrap();
+        assert_eq!(n, 0);
+        assert_eq!(r.pipeline.flushed(), Lsn(900));
+    }
+}

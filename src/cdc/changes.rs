@@ -233,3 +233,243 @@ fn message_item(m: &Message) -> Item {
         Err(e) => Item::Unreadable(source, e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::pgoutput::{
+        Begin, Commit, Relation, RelationColumn, StreamAbort, StreamCommit, StreamStart, Tuple,
+        TupleValue,
+    };
+    use crate::pipeline::testing::{Rig, RigOptions};
+    use crate::Lsn;
+
+    const OUTBOX: &[&str] = &[
+        "id",
+        "created_at",
+        "tracking_id",
+        "aggregate_id",
+        "aggregate_type",
+        "event_type",
+        "payload",
+        "metadata",
+        "status",
+    ];
+
+    fn relation(id: u32, name: &str, columns: &[&str]) -> LogicalMessage {
+        LogicalMessage::Relation(Relation {
+            xid: None,
+            id,
+            namespace: "public".into(),
+            name: name.into(),
+            replica_identity: b'd',
+            columns: columns
+                .iter()
+                .map(|c| RelationColumn {
+                    flags: 0,
+                    name: (*c).into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        })
+    }
+
+    fn insert(relation_id: u32, id: u64, status: &str, xid: Option<u32>) -> LogicalMessage {
+        let text = |s: String| TupleValue::Text(Bytes::from(s));
+        LogicalMessage::Insert(Insert {
+            xid,
+            relation_id,
+            new: Tuple(vec![
+                text(id.to_string()),
+                text("2026-12-02 10:00:00+00".into()),
+                text(format!("00000000-0000-4000-8000-{id:012}")),
+                text("11111111-1111-4111-8111-111111111111".into()),
+                text("Order".into()),
+                text("Created".into()),
+                text("{}".into()),
+                TupleValue::Null,
+                text(status.into()),
+            ]),
+        })
+    }
+
+    fn begin(xid: u32) -> LogicalMessage {
+        LogicalMessage::Begin(Begin {
+            final_lsn: Lsn(0),
+            commit_time: 0,
+            xid,
+        })
+    }
+
+    fn commit(end: u64) -> LogicalMessage {
+        LogicalMessage::Commit(Commit {
+            flags: 0,
+            commit_lsn: Lsn(end - 8),
+            end_lsn: Lsn(end),
+            commit_time: 0,
+        })
+    }
+
+    fn message(transactional: bool, prefix: &str, lsn: u64) -> LogicalMessage {
+        let content = r#"{"tracking_id": "0b6b7d5e-8c1a-4a51-9a3b-2f8d3c1e9f00", "aggregate_type": "Cart", "aggregate_id": "8f14e45f-ceea-467f-a0e6-1c7a5f9d2b11", "event_type": "Emptied", "payload": {}}"#;
+        LogicalMessage::Message(Message {
+            xid: transactional.then_some(7),
+            transactional,
+            lsn: Lsn(lsn),
+            prefix: prefix.into(),
+            content: Bytes::from_static(content.as_bytes()),
+        })
+    }
+
+    fn changes() -> Changes {
+        Changes::new(Some(MessageFilter {
+            prefix: "outbox".into(),
+            non_transactional: false,
+        }))
+    }
+
+    async fn apply_all(c: &mut Changes, r: &mut Rig, msgs: Vec<LogicalMessage>) {
+        for m in msgs {
+            c.apply(m, &mut r.pipeline).await.expect("applied");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_and_a_row_in_one_transaction_confirm_together() {
+        let mut r = Rig::new(RigOptions::default());
+        let mut c = changes();
+        let msgs = vec![
+            relation(1, "outbox", OUTBOX),
+            begin(7),
+            insert(1, 1, "PENDING", None),
+            message(true, "outbox", 150),
+            message(true, "not-ours", 160),
+            commit(200),
+        ];
+        apply_all(&mut c, &mut r, msgs).await;
+        let sent = r.sent();
+        let topics: Vec<&str> = sent.iter().map(|(_, rec)| rec.topic.as_str()).collect();
+        assert_eq!(
+            topics,
+            ["Order.Created", "Cart.Emptied"],
+            "other prefixes are not events"
+        );
+        r.ack(1);
+        assert_eq!(r.settle().unwrap(), Lsn(100));
+        r.ack(0);
+        assert_eq!(r.settle().unwrap(), Lsn(100), "the row is not marked yet");
+        assert_eq!(
+            r.marked("completed"),
+            [0],
+            "the row is marked, the message is not"
+        );
+        r.durable(0);
+        assert_eq!(r.settle().unwrap(), Lsn(200));
+    }
+
+    #[tokio::test]
+    async fn tables_without_outbox_columns_and_rows_not_pending_are_skipped() {
+        let mut r = Rig::new(RigOptions::default());
+        let mut c = changes();
+        let msgs = vec![
+            relation(1, "outbox", OUTBOX),
+            relation(2, "orders", &["id", "total"]),
+            begin(7),
+            LogicalMessage::Insert(Insert {
+                xid: None,
+                relation_id: 2,
+                new: Tuple(vec![TupleValue::Null, TupleValue::Null]),
+            }),
+            insert(1, 1, "COMPLETED", None),
+            commit(200),
+        ];
+        apply_all(&mut c, &mut r, msgs).await;
+        assert!(r.sent().is_empty());
+        assert_eq!(
+            r.settle().unwrap(),
+            Lsn(200),
+            "an empty transaction confirms"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_row_is_dead_lettered_and_its_transaction_waits_for_it() {
+        let mut r = Rig::new(RigOptions::default());
+        let mut c = changes();
+        let mut bad = insert(1, 5, "PENDING", None);
+        if let LogicalMessage::Insert(i) = &mut bad {
+            i.new.0[6] = TupleValue::Null; // payload
+        }
+        apply_all(
+            &mut c,
+            &mut r,
+            vec![relation(1, "outbox", OUTBOX), begin(7), bad, commit(200)],
+        )
+        .await;
+        assert!(r.sent().is_empty());
+        assert_eq!(r.marked("dead_letter"), [0]);
+        assert_eq!(r.settle().unwrap(), Lsn(100));
+        r.durable(0);
+        assert_eq!(r.settle().unwrap(), Lsn(200));
+    }
+
+    #[tokio::test]
+    async fn streamed_transactions_publish_at_commit_and_drop_aborted_subtransactions() {
+        let mut r = Rig::new(RigOptions {
+            max_events: 2,
+            instant: true,
+            ..RigOptions::default()
+        });
+        let mut c = changes();
+        let start = || {
+            LogicalMessage::StreamStart(StreamStart {
+                xid: 9,
+                first_segment: true,
+            })
+        };
+        let msgs = vec![
+            relation(1, "outbox", OUTBOX),
+            start(),
+            insert(1, 1, "PENDING", Some(9)),
+            insert(1, 2, "PENDING", Some(10)),
+            insert(1, 3, "PENDING", Some(9)),
+            insert(1, 4, "PENDING", Some(9)),
+            LogicalMessage::StreamStop,
+        ];
+        apply_all(&mut c, &mut r, msgs).await;
+        assert!(r.sent().is_empty(), "nothing before the commit");
+        assert_eq!(c.held(), 4);
+        let msgs = vec![
+            LogicalMessage::StreamAbort(StreamAbort {
+                xid: 9,
+                subxid: 10,
+                abort_lsn: None,
+                abort_time: None,
+            }),
+            LogicalMessage::StreamCommit(StreamCommit {
+                xid: 9,
+                flags: 0,
+                commit_lsn: Lsn(290),
+                end_lsn: Lsn(300),
+                commit_time: 0,
+            }),
+        ];
+        apply_all(&mut c, &mut r, msgs).await;
+        let ids: Vec<_> = r
+            .sent()
+            .iter()
+            .map(|(_, rec)| rec.headers[0].1.clone())
+            .collect();
+        assert_eq!(ids.len(), 3, "the aborted subtransaction's row is dropped");
+        assert!(!ids.contains(&Bytes::from("00000000-0000-4000-8000-000000000002")));
+        assert_eq!(c.held(), 0);
+        assert_eq!(
+            r.settle().unwrap(),
+            Lsn(300),
+            "three events through a window of two"
+        );
+    }
+}

@@ -1,7 +1,7 @@
 //! The CDC source: the replication slot → pgoutput decoder → pipeline.
 //!
 //! - [`slot`]: find the slot, create it (with a snapshot backfill), or stop
-//!   loudly when it was lost (invariant 9);
+//!   loudly when it was lost (ARCHITECTURE.md, invariant 9);
 //! - `session`: one replication session — connect, negotiate, stream, feed
 //!   the pipeline, send feedback on a timer of its own;
 //! - `changes`: which decoded messages are outbox events, in which

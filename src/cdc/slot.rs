@@ -9,7 +9,7 @@
 //! - slot missing, never created by us: create it and backfill;
 //! - slot missing but recorded as created, or `wal_status = 'lost'`: the slot
 //!   was dropped or invalidated, and events may have been skipped. Stop
-//!   (invariant 9); the operator decides (`pgoutbox run --recreate-slot`).
+//!   (ARCHITECTURE.md, invariant 9); the operator decides (`pgoutbox run --recreate-slot`).
 
 use tokio_postgres::Client;
 

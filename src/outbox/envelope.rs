@@ -74,14 +74,9 @@ fn slice(content: &Bytes, s: &str) -> Bytes {
     }
 }
 
-/// Reads an outbox event from a logical message's content. `prefix` becomes
-/// the event's table name (for `{table}` routing).
-pub fn parse(prefix: &str, content: &Bytes) -> Result<OutboxEvent, EnvelopeError> {
-    parse_with_row(prefix, content).map(|(event, _)| event)
-}
-
-/// Like [`parse`], and also the key of the outbox row the message stands
-/// for when it carries one (`"row": {"table", "id", "created_at"}`, written
+/// Reads an outbox event from a logical message's content (`prefix` becomes
+/// the event's table name, for `{table}` routing), and the key of the outbox
+/// row the message stands for when it carries one (`"row": {"table", "id", "created_at"}`, written
 /// by `pgoutbox dle redrive`): the relay marks that row once delivered, and
 /// the event's table is the row's.
 pub fn parse_with_row(
@@ -143,7 +138,7 @@ mod tests {
     #[test]
     fn payload_is_sliced_byte_for_byte() {
         let content = Bytes::from_static(GOOD.as_bytes());
-        let e = parse("outbox", &content).unwrap();
+        let e = parse_with_row("outbox", &content).unwrap().0;
         assert_eq!(&e.payload[..], br#"{"b": [1, 2], "a": "x"}"#);
         assert_eq!(&e.aggregate_type[..], b"Order");
         assert_eq!(&e.table[..], b"outbox");
@@ -179,7 +174,7 @@ mod tests {
     #[test]
     fn escaped_strings_are_unescaped() {
         let text = GOOD.replace("\"Order\"", "\"Or\\u0064er\"");
-        let e = parse("outbox", &Bytes::from(text)).unwrap();
+        let e = parse_with_row("outbox", &Bytes::from(text)).unwrap().0;
         assert_eq!(&e.aggregate_type[..], b"Order");
     }
 
@@ -195,7 +190,7 @@ mod tests {
             &GOOD.replace("\"metadata\"", "\"extra\""),
         ] {
             assert!(
-                parse("outbox", &Bytes::from(bad.to_owned())).is_err(),
+                parse_with_row("outbox", &Bytes::from(bad.to_owned())).is_err(),
                 "{bad}"
             );
         }

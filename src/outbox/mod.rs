@@ -5,7 +5,7 @@
 //!
 //! Statuses are the seed's: `PENDING`, `PROCESSING`, `COMPLETED`, `FAILED`,
 //! `DEAD_LETTER`. Both relay modes leave the same statuses, so either can take
-//! over from the other (invariant 8).
+//! over from the other (ARCHITECTURE.md, invariant 8).
 
 pub mod audit;
 mod columns;
@@ -24,8 +24,8 @@ pub use event::{select_list, OutboxEvent, TraceContext, OUTBOX_COLUMNS};
 pub use marks::{Batching, Mark, MarkKind, MarkWriter, RowKey};
 pub use migrate::{migrate, MigrationTarget, MIGRATIONS};
 pub use privileges::{
-    grant_relay_role, grant_statements, Password, PasswordSource, PrivilegeError, RelayRole,
-    RelayRoleReport, RELAY_PASSWORD_ENV, STATUS_COLUMNS,
+    grant_relay_role, Password, PasswordSource, PrivilegeError, RelayRole, RelayRoleReport,
+    RELAY_PASSWORD_ENV,
 };
 
 use tokio_postgres::GenericClient;

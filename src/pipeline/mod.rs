@@ -9,7 +9,7 @@
 //! sink and the mark writer plug in through the two small traits below, and
 //! the unit tests (`tests.rs`) drive it with in-memory fakes. When the
 //! window is full the CDC session stops reading the replication socket
-//! (backpressure), but never stops sending feedback (invariant 3).
+//! (backpressure), but never stops sending feedback (ARCHITECTURE.md, invariant 3).
 
 pub mod progress;
 pub mod record;

@@ -8,7 +8,7 @@
 //! So the flush position is a promise: everything before it is durable
 //! downstream.
 //!
-//! The invariants this module keeps (DESIGN.md, invariants 1 and 2):
+//! The invariants this module keeps (ARCHITECTURE.md, invariants 1 and 2):
 //! 1. The flush position is the end LSN of a Commit such that every event of
 //!    that transaction and of every earlier one is durable (acknowledged by
 //!    Kafka, or dead-lettered in the table). Never merely the received
@@ -66,11 +66,6 @@ impl Progress {
         });
         self.open = Some(id);
         id
-    }
-
-    /// The transaction that is open (between Begin and Commit), if any.
-    pub fn open(&self) -> Option<TxId> {
-        self.open
     }
 
     fn tx_mut(&mut self, id: TxId) -> Option<&mut Tx> {

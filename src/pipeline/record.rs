@@ -12,7 +12,7 @@
 //!
 //! A record that can never be published (no legal topic, larger than
 //! `kafka.message_max_bytes`) is a [`RecordError`]: the caller dead-letters
-//! the event (invariant 5).
+//! the event (ARCHITECTURE.md, invariant 5).
 
 use std::fmt;
 

@@ -1,9 +1,6 @@
 //! The replication connection before streaming: connect, authenticate, run
 //! replication commands, then hand the socket to a [`ReplicationStream`].
 
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_postgres::config::Host;
-
 use postgres_protocol::message::frontend;
 
 use super::command::{self, SnapshotAction};
@@ -53,7 +50,6 @@ pub struct CreatedSlot {
 /// [`ReplicationError::Closed`]: reconnect.
 pub struct ReplicationClient {
     conn: Connection<BoxedSocket>,
-    user: String,
     /// Set while a command runs; still set afterwards means the command
     /// failed half-way or was cancelled.
     busy: bool,
@@ -111,29 +107,6 @@ impl ReplicationClient {
             })?
     }
 
-    /// Runs TLS negotiation (as [`ReplicationClient::connect`] does), startup
-    /// and authentication over an already connected, unencrypted `stream`
-    /// (a TCP or Unix socket, or a test double), using the user, password,
-    /// database, application name and TLS policy of `config`; the
-    /// certificate is checked against its first host. Its hosts are not
-    /// connected to and its timeouts are not applied. With `allow`, no TLS.
-    pub async fn connect_with_stream<S>(
-        stream: S,
-        config: impl Into<Settings>,
-    ) -> Result<ReplicationClient, ReplicationError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let settings: Settings = config.into();
-        let params = StartupParams::from_config(settings.pg())?;
-        let host = match settings.pg().get_hosts().first() {
-            Some(Host::Tcp(name)) => Some(name.as_str()),
-            Some(Host::Unix(_)) => None,
-            None => Some("localhost"),
-        };
-        Self::handshake(Box::new(stream), host, settings.tls(), &params).await
-    }
-
     async fn handshake(
         socket: BoxedSocket,
         host: Option<&str>,
@@ -154,16 +127,7 @@ impl ReplicationClient {
             server_version = conn.parameters.get("server_version").map(String::as_str),
             "replication connection ready"
         );
-        Ok(ReplicationClient {
-            conn,
-            user: params.user.clone(),
-            busy: false,
-        })
-    }
-
-    /// The role this connection logged in as.
-    pub fn user(&self) -> &str {
-        &self.user
+        Ok(ReplicationClient { conn, busy: false })
     }
 
     /// A run-time parameter the server reported (`ParameterStatus`), for

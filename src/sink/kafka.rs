@@ -1,7 +1,7 @@
 //! The Kafka sink: an idempotent rdkafka producer whose delivery reports come
 //! back to the relay as [`Delivery`] values on a channel.
 //!
-//! Guarantees it is configured for (invariant 4): `enable.idempotence=true`,
+//! Guarantees it is configured for (ARCHITECTURE.md, invariant 4): `enable.idempotence=true`,
 //! `acks=all`, and librdkafka's bounded in-flight requests per connection, so
 //! records with the same key (the aggregate id) land on one partition in the
 //! order they were sent, even across retries.

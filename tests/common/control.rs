@@ -3,13 +3,9 @@
 //! that use these stop services other tests use, so they run one at a time
 //! in their own test binaries.
 
-use std::process::Command;
-
 /// Runs `scripts/services <cmd> [arg]` and panics if it fails.
 pub fn services(cmd: &str, arg: Option<&str>) {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let mut c = Command::new("bash");
-    c.arg(format!("{root}/scripts/services")).arg(cmd);
+    let mut c = super::services_script(cmd);
     if let Some(a) = arg {
         c.arg(a);
     }

@@ -2,8 +2,9 @@
 //! the relay as a real child process, and Kafka read back with a consumer.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -155,6 +156,13 @@ pub fn assert_no_secrets(what: &str, text: &str) {
 /// for secrets.
 pub fn output_checked(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("run pgoutbox");
+    assert_output_has_no_secrets(cmd, &out);
+    out
+}
+
+/// Panics (unless already panicking) if `cmd`'s stdout or stderr contains a
+/// secret.
+fn assert_output_has_no_secrets(cmd: &Command, out: &Output) {
     assert_no_secrets(
         &format!("the output of {cmd:?}"),
         &format!(
@@ -163,6 +171,67 @@ pub fn output_checked(cmd: &mut Command) -> Output {
             String::from_utf8_lossy(&out.stderr)
         ),
     );
+}
+
+/// Runs `cmd` to completion, capturing stdout and stderr, as
+/// `Command::output` does; a `cmd` still running after `timeout` is killed
+/// (SIGKILL) and the test fails: a hang is a failure, not a stalled run.
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
+    output_within(&mut cmd, timeout)
+}
+
+/// `run_with_timeout`, then checks stdout and stderr for secrets as
+/// `output_checked` does.
+pub fn run_with_timeout_checked(mut cmd: Command, timeout: Duration) -> Output {
+    let out = output_within(&mut cmd, timeout);
+    assert_output_has_no_secrets(&cmd, &out);
+    out
+}
+
+fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pgoutbox");
+    // Both pipes drained while waiting, so a chatty child cannot block on a
+    // full one.
+    fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    }
+    let stdout = drain(child.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.stderr.take().expect("piped stderr"));
+    let deadline = Instant::now() + timeout;
+    // Killed only while not yet waited for, so never a recycled pid.
+    let (status, killed) = loop {
+        if let Some(status) = child.try_wait().expect("wait pgoutbox") {
+            break (status, false);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break (child.wait().expect("wait pgoutbox"), true);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = Output {
+        status,
+        stdout: stdout.join().expect("read stdout"),
+        stderr: stderr.join().expect("read stderr"),
+    };
+    if out.status.code().is_none() {
+        if killed {
+            panic!("pgoutbox hung and was killed after {timeout:?}");
+        }
+        panic!(
+            "pgoutbox died of a signal ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     out
 }
 
@@ -779,6 +848,25 @@ impl CommitLog {
         let _ = client
             .execute("SELECT pg_drop_replication_slot($1)", &[&self.slot])
             .await;
+    }
+}
+
+/// Creates `topic` with 4 partitions, for a relay that may not auto-create
+/// it (`allow.auto.create.topics = false`).
+pub async fn create_topic(topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &services().kafka_brokers)
+        .create()
+        .expect("admin client");
+    let new = NewTopic::new(topic, 4, TopicReplication::Fixed(1));
+    for r in admin
+        .create_topics([&new], &AdminOptions::new())
+        .await
+        .expect("create topic")
+    {
+        r.expect("topic created");
     }
 }
 

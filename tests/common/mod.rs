@@ -31,32 +31,54 @@ pub fn services() -> &'static Services {
                 kafka_brokers,
             };
         }
-        let root = env!("CARGO_MANIFEST_DIR");
-        let status = Command::new("bash")
-            .arg(format!("{root}/scripts/services"))
-            .arg("up")
+        let status = services_script("up")
             .status()
             .expect("run scripts/services up");
         assert!(status.success(), "scripts/services up failed");
-        let out = Command::new("bash")
-            .arg(format!("{root}/scripts/services"))
-            .arg("env")
-            .output()
-            .expect("run scripts/services env");
-        assert!(out.status.success(), "scripts/services env failed");
-        let text = String::from_utf8(out.stdout).expect("utf-8 env output");
+        let env = ServicesEnv::read();
         let get = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            env.get(key)
                 .unwrap_or_else(|| panic!("scripts/services env printed no {key}"))
-                .trim_matches('\'')
-                .to_owned()
         };
         Services {
             database_url: get("DATABASE_URL"),
             kafka_brokers: get("KAFKA_BROKERS"),
         }
     })
+}
+
+/// `bash scripts/services <cmd>`, to be run.
+pub fn services_script(cmd: &str) -> Command {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut c = Command::new("bash");
+    c.arg(format!("{root}/scripts/services")).arg(cmd);
+    c
+}
+
+/// What `scripts/services env` prints: `KEY=value` lines. It follows
+/// `PGOUTBOX_SERVICES_DIR` (scripts/pg-matrix runs the tests against
+/// services of its own) and, with external services, echoes the variables
+/// given to it.
+pub struct ServicesEnv(String);
+
+impl ServicesEnv {
+    /// Runs `scripts/services env`; panics if it fails.
+    pub fn read() -> ServicesEnv {
+        let out = services_script("env")
+            .output()
+            .expect("run scripts/services env");
+        assert!(out.status.success(), "scripts/services env failed");
+        ServicesEnv(String::from_utf8(out.stdout).expect("utf-8 env output"))
+    }
+
+    /// The value printed for `key` (surrounding single quotes removed), if
+    /// one was.
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(|v| v.trim_matches('\'').to_owned())
+    }
 }
 
 pub mod control;
