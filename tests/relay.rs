@@ -445,13 +445,13 @@ async fn sigkill_mid_stream_loses_nothing_and_resends_only_unconfirmed_events() 
     drop(relay);
 }
 
-/// The status writer on its own, against the real table: a key whose row
+/// The mark writer on its own, against the real table: a key whose row
 /// is not visible yet is retried until it is (logical decoding can deliver
 /// a transaction a moment before its commit is visible), never reported
 /// durable before its row is marked; a row already `COMPLETED` is left as
 /// it was and reported at once; a pending row is marked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn status_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alone() {
+async fn mark_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alone() {
     use pgoutbox::outbox::{Batching, Mark, MarkKind, MarkWriter, RowKey};
 
     let outbox = TestOutbox::new("mark_unseen").await;

@@ -105,7 +105,7 @@ impl SnapshotRows {
                 "SELECT t.schemaname::text, t.tablename::text FROM pg_publication_tables t \
                   WHERE t.pubname = $1 AND (SELECT count(*) FROM information_schema.columns c \
                          WHERE c.table_schema = t.schemaname AND c.table_name = t.tablename \
-                           AND c.column_name = ANY($2)) = cardinality($2) \
+                           AND c.column_name::text = ANY($2::text[])) = cardinality($2::text[]) \
                   ORDER BY 1, 2",
                 &[&config.cdc.publication, &columns],
             )

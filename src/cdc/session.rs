@@ -222,128 +222,167 @@ impl Session<'_> {
         &self,
         mut stream: crate::replication::ReplicationStream,
         proto: u32,
-        mut pipeline: Pipeline,
+        pipeline: Pipeline,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), Error> {
-        let feedback = stream.feedback();
-        let mut decoder = Decoder::new(proto);
         let filter = self.config.cdc.messages.then(|| MessageFilter {
             prefix: self.config.cdc.message_prefix.clone(),
             non_transactional: self.config.cdc.non_transactional_messages,
         });
-        let mut changes = Changes::new(filter);
+        let mut s = Streaming {
+            feedback: stream.feedback(),
+            decoder: Decoder::new(proto),
+            changes: Changes::new(filter),
+            received: pipeline.flushed(),
+            pipeline,
+        };
         let mut batch = Vec::with_capacity(READ_BATCH);
-        let mut received = pipeline.flushed();
         let mut ticker = tokio::time::interval(self.status_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut report = tokio::time::interval(Duration::from_secs(10));
         report.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut last_report = pipeline.counters;
-        let m = metrics();
-        // Every status sent is also what the flushed LSN gauge shows. The
-        // relay never asks the server for a reply.
-        let status = |received: Lsn, flushed: Lsn| {
-            m.flushed_lsn(flushed);
-            StandbyStatus {
-                write: received.max(flushed),
-                flush: flushed,
-                apply: flushed,
-                reply_requested: false,
-            }
-        };
+        let mut last_report = s.pipeline.counters;
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                r = pipeline.next() => { r?; }
+                r = s.pipeline.next() => { r?; }
                 _ = ticker.tick() => {
-                    if pipeline.sink_failed() {
+                    if s.pipeline.sink_failed() {
                         return Err(Error::Transient("the Kafka producer failed fatally; rebuilding it".into()));
                     }
-                    feedback
-                        .send_status(status(received, pipeline.flushed()))
-                        .await
-                        .map_err(|e| replication_error("sending a status update", e))?;
+                    s.send_status("sending a status update").await?;
                 }
-                _ = report.tick() => {
-                    let c = pipeline.counters;
-                    if c.sent != last_report.sent || c.dead_lettered != last_report.dead_lettered {
-                        tracing::info!(
-                            sent = c.sent, acked = c.acked, dead_lettered = c.dead_lettered,
-                            in_flight = pipeline.in_flight(), held = changes.held(), flushed = %pipeline.flushed(),
-                            "relay progress"
-                        );
-                    }
-                    last_report = c;
-                }
-                n = stream.recv_many(&mut batch, READ_BATCH), if pipeline.has_room() => {
+                _ = report.tick() => last_report = s.report(last_report),
+                n = stream.recv_many(&mut batch, READ_BATCH), if s.pipeline.has_room() => {
                     if n == 0 {
                         return Err(Error::Transient("the replication stream closed".into()));
                     }
-                    m.batch(metrics::batch::REPLICATION_READ, n);
-                    let mut server_end = Lsn::ZERO;
-                    // Everything already buffered, in one go: one wake-up
-                    // per socket read rather than per message.
-                    for msg in batch.drain(..) {
-                        let msg = msg.map_err(|e| replication_error("reading the replication stream", e))?;
-                        match msg {
-                            ReplicationMessage::XLogData { wal_end, data, .. } => {
-                                received = received.max(wal_end);
-                                server_end = server_end.max(wal_end);
-                                let message = decoder.decode(data).map_err(|e| {
-                                    Error::Fatal(format!("undecodable pgoutput message near {wal_end}: {e}"))
-                                })?;
-                                changes.apply(message, &mut pipeline).await?;
-                            }
-                            ReplicationMessage::PrimaryKeepAlive { wal_end, reply_requested, .. } => {
-                                received = received.max(wal_end);
-                                server_end = server_end.max(wal_end);
-                                pipeline.keepalive(wal_end);
-                                if reply_requested {
-                                    feedback
-                                        .send_status(status(received, pipeline.flushed()))
-                                        .await
-                                        .map_err(|e| replication_error("answering a keepalive", e))?;
-                                }
-                            }
-                        }
-                    }
-                    m.received_lsn(received);
-                    m.server_lsn(server_end);
+                    metrics().batch(metrics::batch::REPLICATION_READ, n);
+                    s.apply(&mut batch).await?;
                 }
             }
         }
-        // Graceful shutdown: stop reading, wait (bounded) for acks, confirm.
+        self.drain(&mut s).await?;
+        if let Err(e) = stream.finish(Some(s.status())).await {
+            tracing::debug!(error = %e, "replication stream did not close cleanly");
+        }
+        tracing::info!(flushed = %s.pipeline.flushed(), "stopped");
+        Ok(())
+    }
+
+    /// Graceful shutdown: stop reading, wait (at most
+    /// `cdc.shutdown_timeout_s`) for verdicts, confirming as they come.
+    async fn drain(&self, s: &mut Streaming) -> Result<(), Error> {
         tracing::info!(
-            in_flight = pipeline.in_flight(),
+            in_flight = s.pipeline.in_flight(),
             "shutting down: draining in-flight events"
         );
         let deadline = Instant::now() + Duration::from_secs(self.config.cdc.shutdown_timeout_s);
         loop {
             let step = (Instant::now() + self.status_interval).min(deadline);
-            let settled = pipeline.settle(step).await?;
-            let _ = feedback
-                .send_status(status(received, pipeline.flushed()))
-                .await;
+            let settled = s.pipeline.settle(step).await?;
+            let _ = s.send_status("sending a status update").await;
             if settled || Instant::now() >= deadline {
                 if !settled {
                     tracing::warn!(
-                        in_flight = pipeline.in_flight(),
+                        in_flight = s.pipeline.in_flight(),
                         "shutdown timeout: unacknowledged events will be re-sent by the next run"
                     );
                 }
                 break;
             }
         }
-        pipeline.flush(Duration::from_secs(1));
-        if let Err(e) = stream
-            .finish(Some(status(received, pipeline.flushed())))
-            .await
-        {
-            tracing::debug!(error = %e, "replication stream did not close cleanly");
-        }
-        tracing::info!(flushed = %pipeline.flushed(), "stopped");
+        s.pipeline.flush(Duration::from_secs(1));
         Ok(())
+    }
+}
+
+/// The state of a streaming session: what was received, decoded and is in
+/// flight, and the handle feedback goes out through.
+struct Streaming {
+    feedback: crate::replication::FeedbackHandle,
+    decoder: Decoder,
+    changes: Changes,
+    pipeline: Pipeline,
+    /// The highest WAL position received (data or keepalive).
+    received: Lsn,
+}
+
+impl Streaming {
+    /// The standby status to send now. Every status sent is also what the
+    /// flushed LSN gauge shows; the relay never asks the server for a reply.
+    fn status(&self) -> StandbyStatus {
+        let flushed = self.pipeline.flushed();
+        metrics().flushed_lsn(flushed);
+        StandbyStatus {
+            write: self.received.max(flushed),
+            flush: flushed,
+            apply: flushed,
+            reply_requested: false,
+        }
+    }
+
+    async fn send_status(&self, doing: &str) -> Result<(), Error> {
+        self.feedback
+            .send_status(self.status())
+            .await
+            .map_err(|e| replication_error(doing, e))
+    }
+
+    /// Applies everything already buffered, in one go: one wake-up per
+    /// socket read rather than per message.
+    async fn apply(
+        &mut self,
+        batch: &mut Vec<Result<ReplicationMessage, ReplicationError>>,
+    ) -> Result<(), Error> {
+        let mut server_end = Lsn::ZERO;
+        for msg in batch.drain(..) {
+            let msg = msg.map_err(|e| replication_error("reading the replication stream", e))?;
+            match msg {
+                ReplicationMessage::XLogData { wal_end, data, .. } => {
+                    self.received = self.received.max(wal_end);
+                    server_end = server_end.max(wal_end);
+                    let message = self.decoder.decode(data).map_err(|e| {
+                        Error::Fatal(format!("undecodable pgoutput message near {wal_end}: {e}"))
+                    })?;
+                    self.changes.apply(message, &mut self.pipeline).await?;
+                }
+                ReplicationMessage::PrimaryKeepAlive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                } => {
+                    self.received = self.received.max(wal_end);
+                    server_end = server_end.max(wal_end);
+                    self.pipeline.keepalive(wal_end);
+                    if reply_requested {
+                        self.send_status("answering a keepalive").await?;
+                    }
+                }
+            }
+        }
+        metrics().received_lsn(self.received);
+        metrics().server_lsn(server_end);
+        Ok(())
+    }
+
+    /// Logs progress when anything moved since `last`; returns the counters
+    /// to compare with next time.
+    fn report(&self, last: crate::pipeline::Counters) -> crate::pipeline::Counters {
+        let c = self.pipeline.counters;
+        if c.sent != last.sent || c.dead_lettered != last.dead_lettered {
+            tracing::info!(
+                sent = c.sent,
+                acked = c.acked,
+                dead_lettered = c.dead_lettered,
+                in_flight = self.pipeline.in_flight(),
+                held = self.changes.held(),
+                flushed = %self.pipeline.flushed(),
+                "relay progress"
+            );
+        }
+        c
     }
 }
 

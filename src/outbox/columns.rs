@@ -59,7 +59,7 @@ impl OutboxColumns {
             if at[i].is_none() && i != METADATA {
                 return Err(ColumnError::Missing {
                     relation: format!("{}.{}", relation.namespace, relation.name),
-                    column: *name,
+                    column: name,
                 });
             }
         }

@@ -104,14 +104,8 @@ impl MarkWriter {
     }
 }
 
-async fn run(
-    pg: crate::database::Settings,
-    target: String,
-    dead_table: String,
-    batching: Batching,
-    mut rx: mpsc::UnboundedReceiver<Mark>,
-    done: mpsc::UnboundedSender<Result<u64, String>>,
-) {
+/// The statements of the writer for `target` and its dead-letter table.
+fn statements(target: &str, dead_table: &str) -> Statements {
     // Logical decoding can send a transaction a moment before its commit is
     // visible to other sessions, so an update may not see a row yet. Each
     // statement therefore also returns the keys it could not see at all;
@@ -141,37 +135,89 @@ async fn run(
          SELECT k.lsn::pg_lsn, k.prefix, k.content, k.err \
            FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[]) AS k(lsn, prefix, content, err)"
     );
-    let sql = Statements {
+    Statements {
         completed: completed_sql,
         dead: dead_sql,
         message: message_sql,
-    };
+    }
+}
+
+/// Waits for the next marks: the first one, then whatever arrives within
+/// the linger, up to the batch size. `false` when every sender is gone.
+async fn gather(
+    rx: &mut mpsc::UnboundedReceiver<Mark>,
+    batch: &mut Vec<Mark>,
+    batching: Batching,
+) -> bool {
+    let size = batching.size.max(1);
+    match rx.recv().await {
+        Some(m) => batch.push(m),
+        None => return false,
+    }
+    take_queued(rx, batch, size);
+    if batch.len() < size && !batching.linger.is_zero() {
+        tokio::time::sleep(batching.linger).await;
+        take_queued(rx, batch, size);
+    }
+    true
+}
+
+/// Reports the marks of an applied batch durable, except rows the update
+/// could not see yet (`unseen`), which are returned to be tried again
+/// (unless the writer has waited for them for [`UNSEEN_PATIENCE`]).
+fn report_applied(
+    batch: &mut Vec<Mark>,
+    unseen: Vec<String>,
+    gave_up: bool,
+    done: &mpsc::UnboundedSender<Result<u64, String>>,
+) -> Vec<Mark> {
+    let unseen: std::collections::HashSet<String> = unseen.into_iter().collect();
+    let mut retry = Vec::new();
+    for m in batch.drain(..) {
+        let id = match &m.kind {
+            MarkKind::Completed(k) | MarkKind::DeadLetter(k, _) => Some(text(&k.id)),
+            MarkKind::DeadMessage { .. } => None,
+        };
+        match id {
+            Some(id) if unseen.contains(id) && !gave_up => retry.push(m),
+            Some(id) if unseen.contains(id) => {
+                tracing::warn!(id, "outbox row not found after {UNSEEN_PATIENCE:?}; was it deleted? not marking it");
+                let _ = done.send(Ok(m.ticket));
+            }
+            _ => {
+                let _ = done.send(Ok(m.ticket));
+            }
+        }
+    }
+    retry
+}
+
+async fn run(
+    pg: crate::database::Settings,
+    target: String,
+    dead_table: String,
+    batching: Batching,
+    mut rx: mpsc::UnboundedReceiver<Mark>,
+    done: mpsc::UnboundedSender<Result<u64, String>>,
+) {
+    let sql = statements(&target, &dead_table);
     let mut client: Option<(tokio_postgres::Client, Prepared)> = None;
-    let batch_size = batching.size.max(1);
-    let mut batch: Vec<Mark> = Vec::with_capacity(batch_size);
+    let mut batch: Vec<Mark> = Vec::with_capacity(batching.size.max(1));
     let mut backoff = Duration::from_millis(100);
     let mut unseen_since: Option<Instant> = None;
     loop {
         if done.is_closed() {
             return;
         }
-        if batch.is_empty() {
-            match rx.recv().await {
-                Some(m) => batch.push(m),
-                None => return,
-            }
-            take_queued(&mut rx, &mut batch, batch_size);
-            if batch.len() < batch_size && !batching.linger.is_zero() {
-                tokio::time::sleep(batching.linger).await;
-                take_queued(&mut rx, &mut batch, batch_size);
-            }
+        if batch.is_empty() && !gather(&mut rx, &mut batch, batching).await {
+            return;
         }
         if client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
             match connect(&pg, &sql).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
                     let text = crate::error::postgres_text(&e);
-                    tracing::warn!(error = %text, "status writer cannot connect; retrying");
+                    tracing::warn!(error = %text, "mark writer cannot connect; retrying");
                     let _ = done.send(Err(format!(
                         "cannot reach PostgreSQL to update row statuses: {text}"
                     )));
@@ -187,25 +233,8 @@ async fn run(
         match apply(c, prepared, &batch).await {
             Ok(unseen) => {
                 backoff = Duration::from_millis(100);
-                let unseen: std::collections::HashSet<String> = unseen.into_iter().collect();
                 let gave_up = unseen_since.is_some_and(|t: Instant| t.elapsed() > UNSEEN_PATIENCE);
-                let mut retry = Vec::new();
-                for m in batch.drain(..) {
-                    let id = match &m.kind {
-                        MarkKind::Completed(k) | MarkKind::DeadLetter(k, _) => Some(text(&k.id)),
-                        MarkKind::DeadMessage { .. } => None,
-                    };
-                    match id {
-                        Some(id) if unseen.contains(id) && !gave_up => retry.push(m),
-                        Some(id) if unseen.contains(id) => {
-                            tracing::warn!(id, "outbox row not found after {UNSEEN_PATIENCE:?}; was it deleted? not marking it");
-                            let _ = done.send(Ok(m.ticket));
-                        }
-                        _ => {
-                            let _ = done.send(Ok(m.ticket));
-                        }
-                    }
-                }
+                let retry = report_applied(&mut batch, unseen, gave_up, &done);
                 if retry.is_empty() {
                     unseen_since = None;
                 } else {

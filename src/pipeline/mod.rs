@@ -68,7 +68,7 @@ pub enum SendError {
 /// Where records go. Each record taken is answered later by exactly one
 /// [`Delivery`] with its ticket, on the channel handed to
 /// [`Pipeline::new`] beside the sink.
-pub trait RecordSink: Send {
+pub trait RecordSink: Send + Sync {
     /// Enqueues `record`; its outcome arrives later as a [`Delivery`].
     fn send(&self, ticket: u64, record: &KafkaRecord) -> Result<(), SendError>;
     /// True once the sink failed for good and must be rebuilt.
@@ -80,7 +80,7 @@ pub trait RecordSink: Send {
 /// Where row marks go. Each mark taken is answered later by its ticket
 /// (`Ok`) once the mark is durable, or by `Err` when the marker lost its
 /// database, on the channel handed to [`Pipeline::new`] beside it.
-pub trait Marker: Send {
+pub trait Marker: Send + Sync {
     /// Queues a mark. Returns false if the marker has stopped.
     fn mark(&self, mark: Mark) -> bool;
 }

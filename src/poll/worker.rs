@@ -131,6 +131,27 @@ impl Verdicts {
     }
 }
 
+/// One claimed batch being settled: its rows, the claim's token, and the
+/// connection the statements run on.
+struct Settling<'a> {
+    claimed: &'a [Claimed],
+    token: i64,
+    client: &'a Client,
+    prepared: &'a Prepared,
+}
+
+impl Settling<'_> {
+    /// The keys of the rows at `idx`, as the statements take them.
+    fn keys(&self, idx: &[usize]) -> (Vec<&str>, Vec<&str>) {
+        (
+            idx.iter().map(|&i| self.claimed[i].id.as_str()).collect(),
+            idx.iter()
+                .map(|&i| self.claimed[i].created_at.as_str())
+                .collect(),
+        )
+    }
+}
+
 /// A worker and its loop.
 pub(super) struct Worker {
     pub index: u32,
@@ -415,126 +436,184 @@ impl Worker {
         client: &Client,
         prepared: &Prepared,
     ) -> Result<(), tokio_postgres::Error> {
-        let stats = &self.shared.stats;
-        let keys = |idx: &[usize]| -> (Vec<&str>, Vec<&str>) {
-            (
-                idx.iter().map(|&i| claimed[i].id.as_str()).collect(),
-                idx.iter()
-                    .map(|&i| claimed[i].created_at.as_str())
-                    .collect(),
-            )
+        let batch = Settling {
+            claimed,
+            token,
+            client,
+            prepared,
         };
         if !verdicts.delivered.is_empty() {
-            let (ids, created) = keys(&verdicts.delivered);
-            let done: i64 = client
-                .query_one(&prepared.complete, &[&token, &ids, &created])
-                .await?
-                .get(0);
-            stats
-                .published
-                .fetch_add(verdicts.delivered.len() as u64, Relaxed);
-            let stale = verdicts.delivered.len() as i64 - done;
-            if stale > 0 {
-                stats.stale_completions.fetch_add(stale as u64, Relaxed);
-                metrics().poll_stale_completions.inc_by(stale as u64);
-                tracing::warn!(
+            self.complete(&batch, &verdicts).await?;
+        }
+        if !verdicts.retry.is_empty() && !self.kafka_reachable().await {
+            self.defer(&batch, &verdicts).await?;
+        } else if !verdicts.retry.is_empty() {
+            self.retry(&batch, &verdicts).await?;
+        }
+        if !verdicts.dead.is_empty() {
+            self.dead_letter(&batch, &verdicts).await?;
+        }
+        if !verdicts.unsent.is_empty() {
+            self.release(&batch, &verdicts).await?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledged rows: `COMPLETED`.
+    async fn complete(
+        &self,
+        b: &Settling<'_>,
+        verdicts: &Verdicts,
+    ) -> Result<(), tokio_postgres::Error> {
+        let (stats, token, client, prepared) = (&self.shared.stats, b.token, b.client, b.prepared);
+        let (ids, created) = b.keys(&verdicts.delivered);
+        let done: i64 = client
+            .query_one(&prepared.complete, &[&token, &ids, &created])
+            .await?
+            .get(0);
+        stats
+            .published
+            .fetch_add(verdicts.delivered.len() as u64, Relaxed);
+        let stale = verdicts.delivered.len() as i64 - done;
+        if stale > 0 {
+            stats.stale_completions.fetch_add(stale as u64, Relaxed);
+            metrics().poll_stale_completions.inc_by(stale as u64);
+            tracing::warn!(
                     worker = self.index,
                     stale,
                     "completion of rows whose lease expired touched nothing; another worker owns them now"
                 );
-            }
         }
-        if !verdicts.retry.is_empty() && !self.kafka_reachable().await {
-            // Kafka is down or refusing us: the rows are not at fault, so
-            // their attempt is not counted (an outage must not dead-letter
-            // them). They wait one backoff step, and so does the worker.
-            let cfg = &self.shared.config.poll;
-            let idx: Vec<usize> = verdicts.retry.iter().map(|(i, _)| *i).collect();
-            let (ids, created) = keys(&idx);
-            let delay = retry_delay(
-                1,
-                Duration::from_millis(cfg.backoff_base_ms),
-                Duration::from_millis(cfg.backoff_max_ms),
-                rand::random::<f64>(),
-            );
-            let error = format!("Kafka unreachable: {}", verdicts.retry[0].1);
-            let deferred: i64 = client
-                .query_one(
-                    &prepared.defer,
-                    &[&token, &ids, &created, &(delay.as_millis() as i64), &error],
+        Ok(())
+    }
+
+    /// Kafka is down or refusing us: the rows are not at fault, so their
+    /// attempt is not counted (an outage must not dead-letter them). They
+    /// wait one backoff step, and so does the worker.
+    async fn defer(
+        &self,
+        b: &Settling<'_>,
+        verdicts: &Verdicts,
+    ) -> Result<(), tokio_postgres::Error> {
+        let (token, client, prepared) = (b.token, b.client, b.prepared);
+        let keys = |idx: &[usize]| b.keys(idx);
+        let cfg = &self.shared.config.poll;
+        let idx: Vec<usize> = verdicts.retry.iter().map(|(i, _)| *i).collect();
+        let (ids, created) = keys(&idx);
+        let delay = retry_delay(
+            1,
+            Duration::from_millis(cfg.backoff_base_ms),
+            Duration::from_millis(cfg.backoff_max_ms),
+            rand::random::<f64>(),
+        );
+        let error = format!("Kafka unreachable: {}", verdicts.retry[0].1);
+        let deferred: i64 = client
+            .query_one(
+                &prepared.defer,
+                &[&token, &ids, &created, &(delay.as_millis() as i64), &error],
+            )
+            .await?
+            .get(0);
+        tracing::warn!(
+            worker = self.index,
+            deferred,
+            error = %verdicts.retry[0].1,
+            "Kafka is unreachable; rows returned without counting an attempt"
+        );
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+
+    /// Rows whose send failed: `PENDING` again after a backoff, or
+    /// `DEAD_LETTER` when they used their attempts.
+    async fn retry(
+        &self,
+        b: &Settling<'_>,
+        verdicts: &Verdicts,
+    ) -> Result<(), tokio_postgres::Error> {
+        let (stats, claimed, token, client, prepared) =
+            (&self.shared.stats, b.claimed, b.token, b.client, b.prepared);
+        let keys = |idx: &[usize]| b.keys(idx);
+        let cfg = &self.shared.config.poll;
+        let idx: Vec<usize> = verdicts.retry.iter().map(|(i, _)| *i).collect();
+        let (ids, created) = keys(&idx);
+        let delays: Vec<i64> = idx
+            .iter()
+            .map(|&i| {
+                retry_delay(
+                    claimed[i].attempt,
+                    Duration::from_millis(cfg.backoff_base_ms),
+                    Duration::from_millis(cfg.backoff_max_ms),
+                    rand::random::<f64>(),
                 )
-                .await?
-                .get(0);
-            tracing::warn!(
-                worker = self.index,
-                deferred,
-                error = %verdicts.retry[0].1,
-                "Kafka is unreachable; rows returned without counting an attempt"
-            );
-            tokio::time::sleep(delay).await;
-        } else if !verdicts.retry.is_empty() {
-            let cfg = &self.shared.config.poll;
-            let idx: Vec<usize> = verdicts.retry.iter().map(|(i, _)| *i).collect();
-            let (ids, created) = keys(&idx);
-            let delays: Vec<i64> = idx
-                .iter()
-                .map(|&i| {
-                    retry_delay(
-                        claimed[i].attempt,
-                        Duration::from_millis(cfg.backoff_base_ms),
-                        Duration::from_millis(cfg.backoff_max_ms),
-                        rand::random::<f64>(),
-                    )
-                    .as_millis() as i64
-                })
-                .collect();
-            let errors: Vec<&str> = verdicts.retry.iter().map(|(_, e)| e.as_str()).collect();
-            let row = client
-                .query_one(&prepared.retry, &[&token, &ids, &created, &delays, &errors])
-                .await?;
-            let (retried, dead_ids): (i64, Vec<String>) = (row.get(0), row.get(1));
-            let dead = dead_ids.len();
-            verdicts.count_dead(claimed, &dead_ids);
-            stats.retried.fetch_add(retried as u64, Relaxed);
-            stats.dead_lettered.fetch_add(dead as u64, Relaxed);
-            tracing::warn!(
-                worker = self.index,
-                retried,
-                dead_lettered = dead,
-                error = %verdicts.retry[0].1,
-                "sends failed; rows will be retried after a backoff"
-            );
-        }
-        if !verdicts.dead.is_empty() {
-            let idx: Vec<usize> = verdicts.dead.iter().map(|(i, _)| *i).collect();
-            let (ids, created) = keys(&idx);
-            let errors: Vec<&str> = verdicts.dead.iter().map(|(_, e)| e.as_str()).collect();
-            let dead_ids: Vec<String> = client
-                .query_one(&prepared.dead_letter, &[&token, &ids, &created, &errors])
-                .await?
-                .get(0);
-            let dead = dead_ids.len();
-            verdicts.count_dead(claimed, &dead_ids);
-            stats.dead_lettered.fetch_add(dead as u64, Relaxed);
-            tracing::warn!(
-                worker = self.index,
-                dead_lettered = dead,
-                error = %verdicts.dead[0].1,
-                "rows that can never be published were dead-lettered"
-            );
-        }
-        if !verdicts.unsent.is_empty() {
-            let (ids, created) = keys(&verdicts.unsent);
-            let released: i64 = client
-                .query_one(&prepared.release, &[&token, &ids, &created])
-                .await?
-                .get(0);
-            tracing::info!(
-                worker = self.index,
-                released,
-                "shutting down: rows without an acknowledgement were handed back"
-            );
-        }
+                .as_millis() as i64
+            })
+            .collect();
+        let errors: Vec<&str> = verdicts.retry.iter().map(|(_, e)| e.as_str()).collect();
+        let row = client
+            .query_one(&prepared.retry, &[&token, &ids, &created, &delays, &errors])
+            .await?;
+        let (retried, dead_ids): (i64, Vec<String>) = (row.get(0), row.get(1));
+        let dead = dead_ids.len();
+        verdicts.count_dead(claimed, &dead_ids);
+        stats.retried.fetch_add(retried as u64, Relaxed);
+        stats.dead_lettered.fetch_add(dead as u64, Relaxed);
+        tracing::warn!(
+            worker = self.index,
+            retried,
+            dead_lettered = dead,
+            error = %verdicts.retry[0].1,
+            "sends failed; rows will be retried after a backoff"
+        );
+        Ok(())
+    }
+
+    /// Rows that can never be published: `DEAD_LETTER`.
+    async fn dead_letter(
+        &self,
+        b: &Settling<'_>,
+        verdicts: &Verdicts,
+    ) -> Result<(), tokio_postgres::Error> {
+        let (stats, claimed, token, client, prepared) =
+            (&self.shared.stats, b.claimed, b.token, b.client, b.prepared);
+        let keys = |idx: &[usize]| b.keys(idx);
+        let idx: Vec<usize> = verdicts.dead.iter().map(|(i, _)| *i).collect();
+        let (ids, created) = keys(&idx);
+        let errors: Vec<&str> = verdicts.dead.iter().map(|(_, e)| e.as_str()).collect();
+        let dead_ids: Vec<String> = client
+            .query_one(&prepared.dead_letter, &[&token, &ids, &created, &errors])
+            .await?
+            .get(0);
+        let dead = dead_ids.len();
+        verdicts.count_dead(claimed, &dead_ids);
+        stats.dead_lettered.fetch_add(dead as u64, Relaxed);
+        tracing::warn!(
+            worker = self.index,
+            dead_lettered = dead,
+            error = %verdicts.dead[0].1,
+            "rows that can never be published were dead-lettered"
+        );
+        Ok(())
+    }
+
+    /// Rows still without a verdict at shutdown: handed back.
+    async fn release(
+        &self,
+        b: &Settling<'_>,
+        verdicts: &Verdicts,
+    ) -> Result<(), tokio_postgres::Error> {
+        let (token, client, prepared) = (b.token, b.client, b.prepared);
+        let keys = |idx: &[usize]| b.keys(idx);
+        let (ids, created) = keys(&verdicts.unsent);
+        let released: i64 = client
+            .query_one(&prepared.release, &[&token, &ids, &created])
+            .await?
+            .get(0);
+        tracing::info!(
+            worker = self.index,
+            released,
+            "shutting down: rows without an acknowledgement were handed back"
+        );
         Ok(())
     }
 }

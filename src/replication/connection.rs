@@ -333,28 +333,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         .map_err(|e| ReplicationError::protocol(format!("md5 response: {e}")))?;
                 }
                 AuthRequest::Sasl { mechanisms } => {
-                    let offers = |m: &str| mechanisms.iter().any(|o| o == m);
-                    // The gs2 header: "p=tls-server-end-point" when binding,
-                    // "y" when we could but the server cannot, "n" without TLS.
-                    let (binding, mechanism) = match &end_point {
-                        Some(hash) if offers(SCRAM_SHA_256_PLUS) => (
-                            ChannelBinding::tls_server_end_point(hash.clone()),
-                            SCRAM_SHA_256_PLUS,
-                        ),
-                        Some(_) if offers(SCRAM_SHA_256) => {
-                            (ChannelBinding::unrequested(), SCRAM_SHA_256)
-                        }
-                        None if offers(SCRAM_SHA_256) => {
-                            (ChannelBinding::unsupported(), SCRAM_SHA_256)
-                        }
-                        _ => {
-                            return Err(auth_err(format!(
-                                "the server offers only SASL mechanisms {mechanisms:?}; this \
-                                 client supports {SCRAM_SHA_256} and, over TLS, \
-                                 {SCRAM_SHA_256_PLUS}"
-                            )))
-                        }
-                    };
+                    let (binding, mechanism) =
+                        sasl_mechanism(end_point.as_ref(), &mechanisms).map_err(auth_err)?;
                     bound = mechanism == SCRAM_SHA_256_PLUS;
                     if !bound {
                         unbound("SCRAM-SHA-256 without channel binding (the server offers no SCRAM-SHA-256-PLUS)")?;
@@ -455,6 +435,29 @@ pub(crate) fn log_notice(n: &ServerError) {
 
 /// Default for `connect_timeout` when the configuration has none.
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The SASL mechanism and channel binding to answer `mechanisms` with. The
+/// gs2 header says "p=tls-server-end-point" when binding, "y" when we could
+/// but the server cannot, "n" without TLS. `Err` is the reason for an
+/// authentication error.
+fn sasl_mechanism(
+    end_point: Option<&Vec<u8>>,
+    mechanisms: &[String],
+) -> Result<(ChannelBinding, &'static str), String> {
+    let offers = |m: &str| mechanisms.iter().any(|o| o == m);
+    match end_point {
+        Some(hash) if offers(SCRAM_SHA_256_PLUS) => Ok((
+            ChannelBinding::tls_server_end_point(hash.clone()),
+            SCRAM_SHA_256_PLUS,
+        )),
+        Some(_) if offers(SCRAM_SHA_256) => Ok((ChannelBinding::unrequested(), SCRAM_SHA_256)),
+        None if offers(SCRAM_SHA_256) => Ok((ChannelBinding::unsupported(), SCRAM_SHA_256)),
+        _ => Err(format!(
+            "the server offers only SASL mechanisms {mechanisms:?}; this client supports \
+             {SCRAM_SHA_256} and, over TLS, {SCRAM_SHA_256_PLUS}"
+        )),
+    }
+}
 
 #[cfg(test)]
 mod tests {

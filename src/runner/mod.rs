@@ -117,7 +117,7 @@ async fn run_cdc(
         status_interval,
         options.recreate_slot,
     );
-    supervise(&pg, &config, Service::Cdc(cdc), &mut shutdown).await
+    supervise(&pg, &config, Service::Cdc(Box::new(cdc)), &mut shutdown).await
 }
 
 /// Runs the poll relay until `shutdown` turns true or a definite error.

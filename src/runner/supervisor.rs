@@ -31,7 +31,7 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 /// The relay a supervisor serves with.
 pub(super) enum Service {
     /// CDC: one replication session at a time.
-    Cdc(Cdc),
+    Cdc(Box<Cdc>),
     /// Poll: one set of workers at a time.
     Poll(Poll),
 }
