@@ -24,6 +24,8 @@
 //! server presented, so SCRAM channel binding (`tls-server-end-point`,
 //! RFC 5929) exposes a man in the middle even when the chain is not
 //! verified.
+mod stream;
+mod verify;
 
 use std::fmt;
 use std::future::Future;
@@ -31,21 +33,15 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::ParsedCertificate;
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use rustls::pki_types::ServerName;
+use rustls::{CertificateError, ClientConfig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::config::{ChannelBinding as ChannelBindingMode, SslMode};
 
-use crate::config::{ConfigError, RootCerts, Sourced, TlsMode, TlsSettings};
+use crate::config::{ConfigError, TlsMode, TlsSettings};
+pub use stream::MaybeTls;
+use verify::{client_config, load_client_identity, load_roots, Verification};
 
 /// The TLS policy of connections to PostgreSQL: the mode, and the rustls
 /// configuration (roots, verifier, client certificate) built once from the
@@ -328,113 +324,6 @@ impl TlsError {
     }
 }
 
-/// A stream after negotiation: TLS, or plain when the mode allowed it.
-pub enum MaybeTls<S> {
-    /// Unencrypted.
-    Plain(S),
-    /// Encrypted.
-    Tls(Box<tokio_rustls::client::TlsStream<S>>),
-}
-
-impl<S> MaybeTls<S> {
-    /// True when encrypted.
-    pub fn is_tls(&self) -> bool {
-        matches!(self, MaybeTls::Tls(_))
-    }
-
-    /// The `tls-server-end-point` channel binding data (RFC 5929): a hash
-    /// of the server's certificate, with the hash function of its
-    /// signature (SHA-256 for MD5 and SHA-1). `None` without TLS, or when
-    /// the signature algorithm names no single hash (Ed25519, RSA-PSS).
-    pub fn tls_server_end_point(&self) -> Option<Vec<u8>> {
-        let MaybeTls::Tls(s) = self else {
-            return None;
-        };
-        let cert = s.get_ref().1.peer_certificates()?.first()?;
-        tls_server_end_point(cert)
-    }
-}
-
-fn tls_server_end_point(cert: &[u8]) -> Option<Vec<u8>> {
-    use sha2::Digest;
-    use x509_cert::der::oid::db::rfc5912 as oid;
-    use x509_cert::der::oid::ObjectIdentifier;
-    use x509_cert::der::Decode;
-    let parsed = x509_cert::Certificate::from_der(cert).ok()?;
-    let alg = parsed.signature_algorithm.oid;
-    const ECDSA_WITH_SHA_1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.1");
-    if [
-        oid::MD_5_WITH_RSA_ENCRYPTION,
-        oid::SHA_1_WITH_RSA_ENCRYPTION,
-        ECDSA_WITH_SHA_1,
-        oid::DSA_WITH_SHA_1,
-        oid::SHA_256_WITH_RSA_ENCRYPTION,
-        oid::ECDSA_WITH_SHA_256,
-        oid::DSA_WITH_SHA_256,
-    ]
-    .contains(&alg)
-    {
-        Some(sha2::Sha256::digest(cert).to_vec())
-    } else if [oid::SHA_224_WITH_RSA_ENCRYPTION, oid::ECDSA_WITH_SHA_224].contains(&alg) {
-        Some(sha2::Sha224::digest(cert).to_vec())
-    } else if [oid::SHA_384_WITH_RSA_ENCRYPTION, oid::ECDSA_WITH_SHA_384].contains(&alg) {
-        Some(sha2::Sha384::digest(cert).to_vec())
-    } else if [oid::SHA_512_WITH_RSA_ENCRYPTION, oid::ECDSA_WITH_SHA_512].contains(&alg) {
-        Some(sha2::Sha512::digest(cert).to_vec())
-    } else {
-        None
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            MaybeTls::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            MaybeTls::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
-            MaybeTls::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            MaybeTls::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for MaybeTls<S> {
-    fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
-        match self.tls_server_end_point() {
-            Some(hash) => tokio_postgres::tls::ChannelBinding::tls_server_end_point(hash),
-            None => tokio_postgres::tls::ChannelBinding::none(),
-        }
-    }
-}
-
 impl<S> tokio_postgres::tls::MakeTlsConnect<S> for Tls
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -470,270 +359,16 @@ where
     }
 }
 
-/// How much of the server's certificate is checked.
-enum Verification {
-    /// Nothing but the handshake signature (libpq's `prefer`/`require`).
-    None,
-    /// The chain up to a trusted root, not the name (`verify-ca`).
-    Chain(RootCertStore),
-    /// Chain and name (`verify-full`).
-    Full(RootCertStore),
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A client certificate chain and its key.
-type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
-
-/// Builds the rustls configuration. Fails only on a client key that does
-/// not fit its certificate (the ring provider supports the default protocol
-/// versions, and the roots are never empty).
-fn client_config(
-    verification: Verification,
-    client: Option<Identity>,
-) -> Result<ClientConfig, String> {
-    let provider = provider();
-    let verifier: Arc<dyn ServerCertVerifier> = match verification {
-        Verification::None => Arc::new(Unverified {
-            provider: Arc::clone(&provider),
-        }),
-        Verification::Chain(roots) => Arc::new(ChainOnly {
-            roots: Arc::new(roots),
-            provider: Arc::clone(&provider),
-        }),
-        Verification::Full(roots) => {
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-                .build()
-                .map_err(|e| e.to_string())?
-        }
-    };
-    let builder = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier);
-    match client {
-        Some((certs, key)) => builder
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| format!("does not fit the client certificate: {e}")),
-        None => Ok(builder.with_no_client_auth()),
-    }
-}
-
-fn load_roots(r: &Sourced<RootCerts>) -> Result<RootCertStore, ConfigError> {
-    let mut roots = RootCertStore::empty();
-    match &r.value {
-        RootCerts::File(path) => {
-            let certs = read_certs(path).map_err(|e| ConfigError::new(&r.field, e))?;
-            for cert in certs {
-                roots.add(cert).map_err(|e| {
-                    ConfigError::new(
-                        &r.field,
-                        format!("{path} holds an unusable CA certificate: {e}"),
-                    )
-                })?;
-            }
-        }
-        RootCerts::System => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
-            if roots.is_empty() {
-                let why = found
-                    .errors
-                    .first()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default();
-                return Err(ConfigError::new(
-                    &r.field,
-                    format!(
-                        "no CA certificates found in the system's trust store{why}; set \
-                         database.tls_root_cert (or sslrootcert) to the CA that signed the \
-                         server's certificate"
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(roots)
-}
-
-fn read_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("cannot read PEM certificates from {path}: {e}"))?;
-    if certs.is_empty() {
-        return Err(format!("{path} holds no PEM certificate"));
-    }
-    Ok(certs)
-}
-
-fn load_client_identity(
-    cert: &Sourced<String>,
-    key: &Sourced<String>,
-) -> Result<Identity, ConfigError> {
-    let certs = read_certs(&cert.value).map_err(|e| ConfigError::new(&cert.field, e))?;
-    let private = PrivateKeyDer::from_pem_file(&key.value).map_err(|e| {
-        ConfigError::new(
-            &key.field,
-            format!("cannot read a PEM private key from {}: {e}", key.value),
-        )
-    })?;
-    Ok((certs, private))
-}
-
-/// Accepts any certificate (libpq's `prefer` and `require`), but checks
-/// that the server holds the key of the certificate it presented.
-#[derive(Debug)]
-struct Unverified {
-    provider: Arc<CryptoProvider>,
-}
-
-/// Checks the chain up to a trusted root but not the host name
-/// (`verify-ca`).
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::verify::provider;
     use super::*;
     use crate::config::DatabaseConfig;
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair,
-        PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_ED25519,
-    };
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use rustls::pki_types::PrivateKeyDer;
     use tokio::io::{duplex, DuplexStream};
 
     const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
-
-    fn self_signed(alg: &'static rcgen::SignatureAlgorithm) -> Vec<u8> {
-        let key = KeyPair::generate_for(alg).unwrap();
-        let params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        params.self_signed(&key).unwrap().der().to_vec()
-    }
-
-    #[test]
-    fn the_end_point_hash_follows_the_certificate_signature() {
-        use sha2::Digest;
-        let p256 = self_signed(&PKCS_ECDSA_P256_SHA256);
-        assert_eq!(
-            tls_server_end_point(&p256),
-            Some(sha2::Sha256::digest(&p256).to_vec())
-        );
-        let p384 = self_signed(&PKCS_ECDSA_P384_SHA384);
-        assert_eq!(
-            tls_server_end_point(&p384),
-            Some(sha2::Sha384::digest(&p384).to_vec())
-        );
-        assert_eq!(tls_server_end_point(&self_signed(&PKCS_ED25519)), None);
-        assert_eq!(tls_server_end_point(b"not a certificate"), None);
-    }
 
     fn tls_for(url: &str) -> Tls {
         let db = DatabaseConfig {

@@ -4,10 +4,11 @@
 //! dashboards and alert rules are built from; `docs/metrics.md` describes
 //! each). All metrics live in one registry ([`metrics()`]), created on first
 //! use, so instrumented code anywhere in the crate records with one atomic
-//! operation and no plumbing. The HTTP endpoint ([`serve`]) answers
-//! `/metrics`, `/healthz` and `/readyz`; readiness is decided by
-//! [`health()`] (see [`mod@health`] for what "connected" means). The
-//! [`sampler`] runs cheap queries on a connection of its own.
+//! operation and no plumbing. The HTTP endpoint
+//! ([`serve`](crate::operate::serve)) answers `/metrics`, `/healthz` and
+//! `/readyz`; readiness is decided by [`health()`] (see [`mod@health`] for
+//! what "connected" means). The [`sampler`](crate::operate::sampler) runs
+//! cheap queries on a connection of its own.
 //!
 //! Labels never carry secrets or unbounded values: `mode` is `cdc` or
 //! `poll`, `topic` is a rendered Kafka topic (bounded by the deployment's
@@ -15,18 +16,19 @@
 //! configured slot, `status` and `kind` fixed sets.
 
 pub mod health;
+mod register;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{LazyLock, Mutex};
 
 use prometheus::{
-    exponential_buckets, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
 };
 
 use crate::config::Mode;
 use crate::Lsn;
+use register::Registrar;
 
 pub use health::{health, Health};
 
@@ -200,175 +202,44 @@ pub fn version_parts(version: &str) -> (&str, &str) {
 impl Metrics {
     fn new() -> Metrics {
         let registry = Registry::new();
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
-            r.register(Box::new(m.clone()))
-                .expect("metric names are unique and valid");
-            m
-        }
-        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            reg(
-                &registry,
-                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
-            )
-        };
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            reg(
-                &registry,
-                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
-            )
-        };
-        let gauge = |name: &str, help: &str| {
-            reg(
-                &registry,
-                IntGauge::with_opts(Opts::new(name, help)).expect("valid metric"),
-            )
-        };
-        let counter = |name: &str, help: &str| {
-            reg(
-                &registry,
-                IntCounter::with_opts(Opts::new(name, help)).expect("valid metric"),
-            )
-        };
-        use names::*;
+        let r = Registrar::new(&registry);
+        let relay = register::Relay::register(&r);
+        let wal = register::Wal::register(&r);
+        let rows = register::Rows::register(&r);
         let m = Metrics {
-            build_info: gauge_vec(
-                BUILD_INFO,
-                "Always 1: the build's version and git revision",
-                &["version", "revision"],
-            ),
-            mode_gauge: gauge_vec(MODE, "1 for the mode this relay runs in", &["mode"]),
+            build_info: relay.build_info,
+            mode_gauge: relay.mode_gauge,
             current_mode: AtomicU8::new(0),
-            ready: gauge(READY, "1 when /readyz answers 200, else 0"),
-            standby: gauge(
-                STANDBY,
-                "1 while waiting on the serving lock (another relay serves the table)",
-            ),
-            events_read: counter_vec(
-                EVENTS_READ,
-                "Outbox events read: decoded from WAL (cdc) or claimed (poll)",
-                &["mode"],
-            ),
-            events_published: counter_vec(
-                EVENTS_PUBLISHED,
-                "Events acknowledged by Kafka",
-                &["mode", "topic"],
-            ),
-            events_failed: counter_vec(
-                EVENTS_FAILED,
-                "Sends that failed with a retriable error",
-                &["mode", "topic"],
-            ),
-            events_dead_lettered: counter_vec(
-                EVENTS_DEAD_LETTERED,
-                "Events dead-lettered (never publishable, or out of attempts)",
-                &["mode", "topic"],
-            ),
-            kafka_in_flight: gauge(
-                KAFKA_IN_FLIGHT,
-                "Events handed to the Kafka producer and not yet acknowledged or failed",
-            ),
-            kafka_ack_latency: reg(
-                &registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        KAFKA_ACK_LATENCY,
-                        "Time from handing an event to the producer to Kafka's acknowledgement",
-                    )
-                    .buckets(vec![
-                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                        10.0, 30.0, 60.0, 120.0, 300.0,
-                    ]),
-                )
-                .expect("valid metric"),
-            ),
-            batch_size: reg(
-                &registry,
-                HistogramVec::new(
-                    HistogramOpts::new(BATCH_SIZE, "Items per batch")
-                        .buckets(exponential_buckets(1.0, 2.0, 18).expect("valid buckets")),
-                    &["kind"],
-                )
-                .expect("valid metric"),
-            ),
-            received_lsn: gauge(
-                RECEIVED_LSN,
-                "Last WAL position received from the replication stream (bytes)",
-            ),
-            flushed_lsn: gauge(
-                FLUSHED_LSN,
-                "Last WAL position confirmed to PostgreSQL as flushed (bytes)",
-            ),
-            server_lsn: gauge(
-                SERVER_LSN,
-                "The server's WAL end, from the stream and the sampler (bytes)",
-            ),
-            replication_lag: gauge(
-                REPLICATION_LAG,
-                "Server WAL end minus the confirmed (flushed) position, in bytes",
-            ),
+            ready: relay.ready,
+            standby: relay.standby,
+            events_read: relay.events_read,
+            events_published: relay.events_published,
+            events_failed: relay.events_failed,
+            events_dead_lettered: relay.events_dead_lettered,
+            kafka_in_flight: relay.kafka_in_flight,
+            kafka_ack_latency: relay.kafka_ack_latency,
+            batch_size: relay.batch_size,
+            received_lsn: wal.received_lsn,
+            flushed_lsn: wal.flushed_lsn,
+            server_lsn: wal.server_lsn,
+            replication_lag: wal.replication_lag,
             lsns: Lsns::default(),
-            slot_retained_wal: gauge_vec(
-                SLOT_RETAINED_WAL,
-                "WAL the replication slot keeps: pg_current_wal_lsn() - restart_lsn (sampled)",
-                &["slot"],
-            ),
-            slot_wal_status: gauge_vec(
-                SLOT_WAL_STATUS,
-                "1 for the slot's current wal_status (sampled)",
-                &["slot", "status"],
-            ),
-            slot_safe_wal_size: gauge_vec(
-                SLOT_SAFE_WAL_SIZE,
-                "pg_replication_slots.safe_wal_size; -1 when max_slot_wal_keep_size is unlimited",
-                &["slot"],
-            ),
-            slot_retention_warning: gauge_vec(
-                SLOT_RETENTION_WARNING,
-                "1 while the slot's retained WAL is above the configured warning threshold",
-                &["slot"],
-            ),
-            outbox_rows: gauge_vec(OUTBOX_ROWS, "Outbox rows by status (sampled)", &["status"]),
-            oldest_pending_age: reg(
-                &registry,
-                Gauge::with_opts(Opts::new(
-                    OLDEST_PENDING_AGE,
-                    "Age of the oldest PENDING row in seconds, 0 when none (sampled)",
-                ))
-                .expect("valid metric"),
-            ),
-            poll_claims: counter(POLL_CLAIMS, "Claim statements that returned rows"),
-            poll_stale_completions: counter(
-                POLL_STALE_COMPLETIONS,
-                "Completions that touched no row because the lease had expired",
-            ),
-            poll_reaped: counter(
-                POLL_REAPED,
-                "Rows whose lease expired that the reaper returned to PENDING",
-            ),
-            poll_leases_lost: counter(
-                POLL_LEASES_LOST,
-                "Rows whose lease renewal found them no longer held",
-            ),
-            reconnects: counter_vec(
-                RECONNECTS,
-                "Sessions restarted after a transient failure",
-                &["mode"],
-            ),
-            sample_errors: counter(SAMPLE_ERRORS, "Sampler queries that failed"),
+            slot_retained_wal: wal.slot_retained_wal,
+            slot_wal_status: wal.slot_wal_status,
+            slot_safe_wal_size: wal.slot_safe_wal_size,
+            slot_retention_warning: wal.slot_retention_warning,
+            outbox_rows: rows.outbox_rows,
+            oldest_pending_age: rows.oldest_pending_age,
+            poll_claims: rows.poll_claims,
+            poll_stale_completions: rows.poll_stale_completions,
+            poll_reaped: rows.poll_reaped,
+            poll_leases_lost: rows.poll_leases_lost,
+            reconnects: rows.reconnects,
+            sample_errors: rows.sample_errors,
             topics: [Mutex::new(HashMap::new()), Mutex::new(HashMap::new())],
             registry,
         };
-        let (version, revision) = version_parts(crate::VERSION);
-        m.build_info.with_label_values(&[version, revision]).set(1);
-        for mode in MODES {
-            m.mode_gauge.with_label_values(&[mode]).set(0);
-        }
-        for status in ROW_STATUSES {
-            m.outbox_rows.with_label_values(&[status]);
-        }
-        for kind in [batch::REPLICATION_READ, batch::CLAIM, batch::STATUS_UPDATE] {
-            m.batch_size.with_label_values(&[kind]);
-        }
+        m.create_fixed_series();
         #[cfg(target_os = "linux")]
         {
             let _ = m.registry.register(Box::new(
@@ -376,6 +247,24 @@ impl Metrics {
             ));
         }
         m
+    }
+
+    /// Sets the build information and creates the series whose labels are
+    /// known in advance, so they are exposed from the start.
+    fn create_fixed_series(&self) {
+        let (version, revision) = version_parts(crate::VERSION);
+        self.build_info
+            .with_label_values(&[version, revision])
+            .set(1);
+        for mode in MODES {
+            self.mode_gauge.with_label_values(&[mode]).set(0);
+        }
+        for status in ROW_STATUSES {
+            self.outbox_rows.with_label_values(&[status]);
+        }
+        for kind in [batch::REPLICATION_READ, batch::CLAIM, batch::STATUS_UPDATE] {
+            self.batch_size.with_label_values(&[kind]);
+        }
     }
 
     /// The text exposition of every metric.

@@ -176,8 +176,33 @@ pub async fn read(client: &Client, config: &Config) -> Result<Overview, Error> {
         .await
         .map_err(db("reading the server's time"))?;
     let generated_at: String = now.get(0);
+    let holders = read_holders(client, &name).await?;
+    let serving = holders
+        .iter()
+        .find(|h| h.granted)
+        .map(|h| h.relay_mode.clone())
+        .unwrap_or_else(|| "none".into());
+    let slot = read_slot(client, &config.cdc.slot).await?;
+    let rows = read_rows(client, &table).await?;
+    let partitions = read_partitions(client, config, &table).await?;
+    Ok(Overview {
+        table: name,
+        generated_at,
+        mode: ModeOverview {
+            configured: config.mode.to_string(),
+            serving,
+            holders,
+        },
+        slot,
+        rows,
+        partitions,
+    })
+}
 
-    let holders = client
+/// The sessions holding or waiting for the serving lock of `name`
+/// (`schema.table`), holders first.
+async fn read_holders(client: &Client, name: &str) -> Result<Vec<LockHolder>, Error> {
+    Ok(client
         .query(
             &format!(
                 "SELECT l.pid, l.mode, l.granted, a.application_name, host(a.client_addr), \
@@ -212,13 +237,11 @@ pub async fn read(client: &Client, config: &Config) -> Result<Overview, Error> {
                 backend_start: r.get(6),
             }
         })
-        .collect::<Vec<_>>();
-    let serving = holders
-        .iter()
-        .find(|h| h.granted)
-        .map(|h| h.relay_mode.clone())
-        .unwrap_or_else(|| "none".into());
+        .collect())
+}
 
+/// The replication slot `slot` and the server's WAL end.
+async fn read_slot(client: &Client, slot: &str) -> Result<SlotOverview, Error> {
     let slot_row = client
         .query_one(
             "WITH w AS (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() \
@@ -229,12 +252,12 @@ pub async fn read(client: &Client, config: &Config) -> Result<Overview, Error> {
                     pg_wal_lsn_diff(w.lsn, s.restart_lsn)::bigint, \
                     s.wal_status, s.safe_wal_size \
                FROM w LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
-            &[&config.cdc.slot],
+            &[&slot],
         )
         .await
         .map_err(db("reading pg_replication_slots"))?;
-    let slot = SlotOverview {
-        name: config.cdc.slot.clone(),
+    Ok(SlotOverview {
+        name: slot.to_owned(),
         server_wal_lsn: slot_row.get::<_, Option<String>>(0).unwrap_or_default(),
         exists: slot_row.get(1),
         active: slot_row.get(2),
@@ -245,8 +268,11 @@ pub async fn read(client: &Client, config: &Config) -> Result<Overview, Error> {
         retained_wal_bytes: slot_row.get(7),
         wal_status: slot_row.get(8),
         safe_wal_size_bytes: slot_row.get(9),
-    };
+    })
+}
 
+/// The rows of `table` (quoted) by status, and the oldest pending one.
+async fn read_rows(client: &Client, table: &str) -> Result<RowsOverview, Error> {
     let count = |s: &str| format!("(SELECT count(*) FROM {table} WHERE status = '{s}')");
     let rows_row = client
         .query_one(
@@ -263,15 +289,22 @@ pub async fn read(client: &Client, config: &Config) -> Result<Overview, Error> {
         )
         .await
         .map_err(db("counting the outbox rows by status"))?;
-    let rows = RowsOverview {
+    Ok(RowsOverview {
         pending: rows_row.get(0),
         processing: rows_row.get(1),
         failed: rows_row.get(2),
         dead_letter: rows_row.get(3),
         oldest_pending_created_at: rows_row.get(4),
         oldest_pending_age_s: rows_row.get(5),
-    };
+    })
+}
 
+/// The partitions of `table` (quoted), oldest range first.
+async fn read_partitions(
+    client: &Client,
+    config: &Config,
+    table: &str,
+) -> Result<PartitionsOverview, Error> {
     let list: Vec<PartitionInfo> = client
         .query(
             &format!(
@@ -296,25 +329,12 @@ pub async fn read(client: &Client, config: &Config) -> Result<Overview, Error> {
             total_bytes: r.get(5),
         })
         .collect();
-    let partitions = PartitionsOverview {
+    Ok(PartitionsOverview {
         interval: config.partitions.interval.to_string(),
         count: list.len(),
         total_bytes: list.iter().map(|p| p.total_bytes).sum(),
         estimated_rows: list.iter().filter_map(|p| p.estimated_rows).sum(),
         rows_are_estimates: true,
         list,
-    };
-
-    Ok(Overview {
-        table: name,
-        generated_at,
-        mode: ModeOverview {
-            configured: config.mode.to_string(),
-            serving,
-            holders,
-        },
-        slot,
-        rows,
-        partitions,
     })
 }

@@ -39,9 +39,9 @@
 //! exported; a partition expected to be kept is found by a first check
 //! without any lock and never locked at all.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+mod archive;
+
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -50,9 +50,7 @@ use tokio_postgres::{Client, IsolationLevel};
 use crate::config::{quote_ident, Config, PartitionInterval};
 use crate::error::{postgres_text, Error};
 use crate::outbox::partitioning::parent;
-
-/// Rows fetched from the export cursor at a time.
-const EXPORT_BATCH: i32 = 5_000;
+use archive::{archive, archive_path, check_archive_dir};
 
 /// The time maintenance runs at.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -265,13 +263,42 @@ pub async fn maintain(
     let retain = config.partitions.retain()?;
     let table = format!("{}.{}", config.outbox.schema, config.outbox.table);
     let parent = parent(config);
-    let schema = quote_ident(&config.outbox.schema);
     if let Some(dir) = &options.archive_dir {
         if !options.dry_run {
             check_archive_dir(dir)?;
         }
     }
-    // One maintain per table at a time (the lock ends with the session).
+    take_maintenance_lock(client, &table).await?;
+    let (now_text, now) = read_clock(client, options.clock).await?;
+    let mut report = MaintainReport {
+        table,
+        now: now_text,
+        dry_run: options.dry_run,
+        interval: config.partitions.interval,
+        ahead: config.partitions.ahead,
+        retain: retain.and(config.partitions.retain.clone()),
+        cutoff: None,
+        created: vec![],
+        retired: vec![],
+        kept: vec![],
+        error: None,
+    };
+    // 1. Ahead.
+    report.created = create_ahead(client, config, &parent, now, options).await?;
+    // 2. Retention.
+    let Some(retain) = retain else {
+        return Ok(report);
+    };
+    let (cutoff_text, cutoff) = retention_cutoff(client, now, retain).await?;
+    report.cutoff = cutoff_text;
+    let candidates = retention_candidates(client, &parent, cutoff).await?;
+    retire_candidates(client, config, &parent, candidates, options, &mut report).await?;
+    Ok(report)
+}
+
+/// Takes the session-level advisory lock that allows one maintain per table
+/// at a time (it ends with the session); refuses when another run holds it.
+async fn take_maintenance_lock(client: &Client, table: &str) -> Result<(), Error> {
     let got: bool = client
         .query_one(
             "SELECT pg_try_advisory_lock(hashtextextended('pgoutbox_maintain ' || $1, 0))",
@@ -285,7 +312,12 @@ pub async fn maintain(
             "another `pgoutbox partitions maintain` is running on {table}; try again when it has finished"
         )));
     }
-    let at = options.clock.param();
+    Ok(())
+}
+
+/// The clock's time, as RFC 3339 UTC text and as a timestamp.
+async fn read_clock(client: &Client, clock: Clock) -> Result<(String, SystemTime), Error> {
+    let at = clock.param();
     let now_row = client
         .query_one(
             &format!(
@@ -296,23 +328,19 @@ pub async fn maintain(
         )
         .await
         .map_err(db("reading the clock"))?;
-    let now_text: String = now_row.get(0);
-    let now: SystemTime = now_row.get(1);
-    let mut report = MaintainReport {
-        table: table.clone(),
-        now: now_text,
-        dry_run: options.dry_run,
-        interval: config.partitions.interval,
-        ahead: config.partitions.ahead,
-        retain: retain.and(config.partitions.retain.clone()),
-        cutoff: None,
-        created: vec![],
-        retired: vec![],
-        kept: vec![],
-        error: None,
-    };
+    Ok((now_row.get(0), now_row.get(1)))
+}
 
-    // 1. Ahead.
+/// Creates the partitions of the period holding `now` and the configured
+/// periods ahead, in one transaction (rolled back in a dry run).
+async fn create_ahead(
+    client: &mut Client,
+    config: &Config,
+    parent: &str,
+    now: SystemTime,
+    options: &MaintainOptions,
+) -> Result<Vec<Created>, Error> {
+    let schema = quote_ident(&config.outbox.schema);
     let create_sql = format!(
         "SELECT partition_name, {}, {} FROM {schema}.pgoutbox_create_partitions($1::text::regclass, $2, $3, $4)",
         rfc3339("range_start"),
@@ -336,7 +364,7 @@ pub async fn maintain(
         .query(&create_sql, &[&parent, &ahead, &step, &now])
         .await
         .map_err(db("creating partitions ahead"))?;
-    report.created = rows
+    let created = rows
         .iter()
         .map(|r| Created {
             name: r.get(0),
@@ -351,11 +379,15 @@ pub async fn maintain(
             .await
             .map_err(db("committing the new partitions"))?;
     }
+    Ok(created)
+}
 
-    // 2. Retention.
-    let Some(retain) = retain else {
-        return Ok(report);
-    };
+/// `now - retain`, as RFC 3339 UTC text and as a timestamp.
+async fn retention_cutoff(
+    client: &Client,
+    now: SystemTime,
+    retain: Duration,
+) -> Result<(Option<String>, SystemTime), Error> {
     let secs = retain.as_secs_f64();
     let cutoff_sql = format!(
         "SELECT {}, $1::timestamptz - make_interval(secs => $2::float8)",
@@ -365,8 +397,16 @@ pub async fn maintain(
         .query_one(&cutoff_sql, &[&now, &secs])
         .await
         .map_err(db("computing the retention cutoff"))?;
-    report.cutoff = row.get(0);
-    let cutoff: SystemTime = row.get(1);
+    Ok((row.get(0), row.get(1)))
+}
+
+/// The partitions (not the default one) whose range ends at or before
+/// `cutoff`, oldest first.
+async fn retention_candidates(
+    client: &Client,
+    parent: &str,
+    cutoff: SystemTime,
+) -> Result<Vec<Candidate>, Error> {
     let candidates_sql = format!(
         "SELECT nspname, relname, {}, {}, \
                 coalesce(to_char(lo AT TIME ZONE 'UTC', 'YYYYMMDD\"T\"HH24MISS\"Z\"'), 'min'), \
@@ -377,7 +417,7 @@ pub async fn maintain(
         rfc3339("lo"),
         rfc3339("hi"),
     );
-    let candidates: Vec<Candidate> = client
+    Ok(client
         .query(&candidates_sql, &[&parent, &cutoff])
         .await
         .map_err(db("listing the partitions"))?
@@ -395,7 +435,20 @@ pub async fn maintain(
                 compact_end: r.get(5),
             }
         })
-        .collect();
+        .collect())
+}
+
+/// Retires (or, in a dry run, reports) each candidate in turn, keeping
+/// those that must be kept; the first failure ends the run and goes in
+/// [`MaintainReport::error`].
+async fn retire_candidates(
+    client: &mut Client,
+    config: &Config,
+    parent: &str,
+    candidates: Vec<Candidate>,
+    options: &MaintainOptions,
+    report: &mut MaintainReport,
+) -> Result<(), Error> {
     let archiving = options.archive_dir.is_some();
     for c in candidates {
         // A first look without any lock: a partition that must be kept is
@@ -408,34 +461,52 @@ pub async fn maintain(
             continue;
         }
         if options.dry_run {
-            report.retired.push(Retired {
-                name: c.display.clone(),
-                range_start: c.range_start.clone(),
-                range_end: c.range_end.clone(),
-                dead_letter: counts.dead_letter,
-                archive: options
-                    .archive_dir
-                    .as_ref()
-                    .map(|d| archive_path(d, config, &c).display().to_string()),
-                archived_rows: None,
-            });
+            report
+                .retired
+                .push(would_retire(config, &c, &counts, options));
             continue;
         }
-        match retire(client, config, &parent, &c, options).await {
+        match retire(client, config, parent, &c, options).await {
             Ok(Outcome::Retired(r)) => report.retired.push(r),
             Ok(Outcome::Kept(k)) => report.kept.push(k),
             Err(e) => {
-                let text = e.to_string();
-                report.error = Some(if text.starts_with("committing the retirement") {
-                    format!("{}: {text}", c.display)
-                } else {
-                    format!("{}: {text}; nothing was dropped", c.display)
-                });
+                report.error = Some(retire_error(&c, &e));
                 break;
             }
         }
     }
-    Ok(report)
+    Ok(())
+}
+
+/// What a dry run reports for a partition it would retire.
+fn would_retire(
+    config: &Config,
+    c: &Candidate,
+    counts: &Counts,
+    options: &MaintainOptions,
+) -> Retired {
+    Retired {
+        name: c.display.clone(),
+        range_start: c.range_start.clone(),
+        range_end: c.range_end.clone(),
+        dead_letter: counts.dead_letter,
+        archive: options
+            .archive_dir
+            .as_ref()
+            .map(|d| archive_path(d, config, c).display().to_string()),
+        archived_rows: None,
+    }
+}
+
+/// [`MaintainReport::error`] for a failed retirement: only a failed commit
+/// leaves it unknown whether the partition was dropped.
+fn retire_error(c: &Candidate, e: &Error) -> String {
+    let text = e.to_string();
+    if text.starts_with("committing the retirement") {
+        format!("{}: {text}", c.display)
+    } else {
+        format!("{}: {text}; nothing was dropped", c.display)
+    }
 }
 
 enum Outcome {
@@ -491,7 +562,6 @@ async fn retire(
         .start()
         .await
         .map_err(db("starting a transaction"))?;
-    let timeout_ms = options.lock_timeout.as_millis().clamp(1, i32::MAX as u128);
     tx.execute(
         "SELECT set_config('lock_timeout', $1, true)",
         &[&lock_timeout_setting(options.lock_timeout)],
@@ -509,13 +579,7 @@ async fn retire(
     if let Err(e) = detached {
         if e.code().map(|c| c.code()) == Some("55P03") {
             let _ = tx.rollback().await;
-            return Ok(Outcome::Kept(kept(
-                c,
-                format!(
-                    "the outbox stayed locked by other sessions for longer than the lock timeout ({timeout_ms} ms); nothing was changed, run maintain again"
-                ),
-                &Counts::default(),
-            )));
+            return Ok(Outcome::Kept(kept_by_lock_timeout(c, options)));
         }
         return Err(Error::postgres("detaching the partition", &e));
     }
@@ -526,33 +590,21 @@ async fn retire(
         tx.rollback().await.map_err(db("rolling back the detach"))?;
         return Ok(Outcome::Kept(kept(c, reason, &counts)));
     }
-    let mut archive = None;
-    if let Some(dir) = &options.archive_dir {
-        let path = archive_path(dir, config, c);
-        match export(&tx, &c.qualified, &path).await {
-            Ok(rows) => archive = Some((path, rows)),
-            Err(e) => {
-                let _ = tx.rollback().await;
-                return Err(e);
-            }
+    let archive = match archive(&tx, config, c, options).await {
+        Ok(archive) => archive,
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return Err(e);
         }
-    }
+    };
     tx.batch_execute(&format!("DROP TABLE {}", c.qualified))
         .await
         .map_err(db("dropping the detached partition"))?;
     // Only here can the outcome be unknown (the connection lost while the
     // server commits): say so rather than "nothing was dropped".
-    tx.commit().await.map_err(|e| {
-        Error::Fatal(format!(
-            "committing the retirement: {}; whether the partition was dropped is unknown: run maintain again{}",
-            postgres_text(&e),
-            if options.archive_dir.is_some() {
-                " (the archive file is complete either way)"
-            } else {
-                ""
-            }
-        ))
-    })?;
+    tx.commit()
+        .await
+        .map_err(|e| commit_error(&e, options.archive_dir.is_some()))?;
     tracing::info!(partition = %c.display, archive = ?archive.as_ref().map(|a| &a.0), "retired outbox partition");
     Ok(Outcome::Retired(Retired {
         name: c.display.clone(),
@@ -564,97 +616,30 @@ async fn retire(
     }))
 }
 
-/// `<dir>/<schema>.<table>.<start>--<end>.jsonl.gz`, times as
-/// `YYYYMMDDTHHMMSSZ` (UTC; `min` for MINVALUE).
-fn archive_path(dir: &Path, config: &Config, c: &Candidate) -> PathBuf {
-    dir.join(format!(
-        "{}.{}.{}--{}.jsonl.gz",
-        config.outbox.schema, config.outbox.table, c.compact_start, c.compact_end
-    ))
+/// A partition kept because the outbox stayed locked past `lock_timeout`.
+fn kept_by_lock_timeout(c: &Candidate, options: &MaintainOptions) -> Kept {
+    let timeout_ms = options.lock_timeout.as_millis().clamp(1, i32::MAX as u128);
+    kept(
+        c,
+        format!(
+            "the outbox stayed locked by other sessions for longer than the lock timeout ({timeout_ms} ms); nothing was changed, run maintain again"
+        ),
+        &Counts::default(),
+    )
 }
 
-fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::Fatal(format!("archive: {what} {}: {e}", path.display()))
-}
-
-/// Creates the archive directory if needed and proves it writable, before
-/// anything is changed.
-fn check_archive_dir(dir: &Path) -> Result<(), Error> {
-    std::fs::create_dir_all(dir).map_err(|e| io_error("cannot create", dir, e))?;
-    let probe = dir.join(format!(".pgoutbox-probe-{}", std::process::id()));
-    File::create(&probe)
-        .and_then(|mut f| f.write_all(b"probe").and_then(|_| f.sync_all()))
-        .map_err(|e| io_error("cannot write in", dir, e))?;
-    std::fs::remove_file(&probe).map_err(|e| io_error("cannot remove", &probe, e))?;
-    Ok(())
-}
-
-/// Writes every row of `partition` to `path` as gzip JSON lines; returns how
-/// many. Durable (file and directory fsynced) when it returns `Ok`; on an
-/// error the partial file is removed.
-async fn export(
-    tx: &tokio_postgres::Transaction<'_>,
-    partition: &str,
-    path: &Path,
-) -> Result<u64, Error> {
-    let partial = PathBuf::from(format!("{}.partial", path.display()));
-    let result = export_to(tx, partition, path, &partial).await;
-    if result.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    result
-}
-
-async fn export_to(
-    tx: &tokio_postgres::Transaction<'_>,
-    partition: &str,
-    path: &Path,
-    partial: &Path,
-) -> Result<u64, Error> {
-    let file = File::create(partial).map_err(|e| io_error("cannot create", partial, e))?;
-    let mut gz =
-        flate2::write::GzEncoder::new(BufWriter::new(file), flate2::Compression::default());
-    tx.batch_execute(&format!(
-        "DECLARE pgoutbox_export NO SCROLL CURSOR FOR \
-         SELECT row_to_json(t)::text FROM ONLY {partition} t ORDER BY created_at, id"
-    ))
-    .await
-    .map_err(db("reading the partition to archive"))?;
-    let fetch = format!("FETCH {EXPORT_BATCH} FROM pgoutbox_export");
-    let mut rows = 0u64;
-    loop {
-        let batch = tx
-            .query(&fetch, &[])
-            .await
-            .map_err(db("reading the partition to archive"))?;
-        if batch.is_empty() {
-            break;
+/// The error of a failed commit of a retirement: whether the partition was
+/// dropped is unknown.
+fn commit_error(e: &tokio_postgres::Error, archiving: bool) -> Error {
+    Error::Fatal(format!(
+        "committing the retirement: {}; whether the partition was dropped is unknown: run maintain again{}",
+        postgres_text(e),
+        if archiving {
+            " (the archive file is complete either way)"
+        } else {
+            ""
         }
-        for r in &batch {
-            let line: &str = r.get(0);
-            gz.write_all(line.as_bytes())
-                .and_then(|_| gz.write_all(b"\n"))
-                .map_err(|e| io_error("cannot write", partial, e))?;
-            rows += 1;
-        }
-    }
-    tx.batch_execute("CLOSE pgoutbox_export")
-        .await
-        .map_err(db("closing the export cursor"))?;
-    let file = gz
-        .finish()
-        .map_err(|e| io_error("cannot write", partial, e))?
-        .into_inner()
-        .map_err(|e| io_error("cannot write", partial, e.into_error()))?;
-    file.sync_all()
-        .map_err(|e| io_error("cannot fsync", partial, e))?;
-    drop(file);
-    std::fs::rename(partial, path).map_err(|e| io_error("cannot rename to", path, e))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error("cannot fsync the directory", dir, e))?;
-    Ok(rows)
+    ))
 }
 
 #[cfg(test)]
@@ -686,23 +671,5 @@ mod tests {
         };
         assert!(dead.blocked(false).unwrap().contains("--archive-dir"));
         assert!(dead.blocked(true).is_none(), "archived with the rest");
-    }
-
-    #[test]
-    fn archive_names_carry_table_and_range() {
-        let mut config = Config::default();
-        config.outbox.schema = "shop".into();
-        let c = Candidate {
-            qualified: String::new(),
-            display: String::new(),
-            range_start: None,
-            range_end: None,
-            compact_start: "20250101T000000Z".into(),
-            compact_end: "20250201T000000Z".into(),
-        };
-        assert_eq!(
-            archive_path(Path::new("/a"), &config, &c),
-            Path::new("/a/shop.outbox.20250101T000000Z--20250201T000000Z.jsonl.gz")
-        );
     }
 }

@@ -29,7 +29,7 @@
 use std::fmt;
 use std::path::Path;
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 use super::migrate::MigrationTarget;
 use crate::config::{quote_ident, validate_identifier, ConfigError};
@@ -220,68 +220,19 @@ pub async fn grant_relay_role(
     )
     .await
     .map_err(db("taking the migrations lock"))?;
-    let row = tx
-        .query_opt(
-            "SELECT rolsuper, rolcanlogin, rolreplication, rolcreatedb, rolcreaterole, rolbypassrls, \
-                    rolname = current_user \
-               FROM pg_roles WHERE rolname = $1",
-            &[&role.name],
-        )
-        .await
-        .map_err(db("reading pg_roles"))?;
+    let existing = read_role(&tx, &role.name).await?;
     let verifier = role
         .password
         .as_ref()
         .map(|(p, _)| postgres_protocol::password::scram_sha_256(p.expose().as_bytes()));
-    match row {
+    match existing {
         None => {
-            let password = verifier
-                .as_deref()
-                .map(|v| format!(" PASSWORD {}", literal(v)))
-                .unwrap_or_default();
-            tx.batch_execute(&format!(
-                "CREATE ROLE {r} LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS{password}"
-            ))
-            .await
-            .map_err(db("creating the relay role (needs superuser, or CREATEROLE and REPLICATION)"))?;
+            create_role(&tx, &r, verifier.as_deref()).await?;
             report.created = true;
             report.password_set = verifier.is_some();
         }
-        Some(row) => {
-            let flag = |i: usize| row.get::<_, bool>(i);
-            if flag(6) {
-                return Err(PrivilegeError::Refused(format!(
-                    "--relay-role {:?} is the role running migrate: the relay role must be a role of its own",
-                    role.name
-                )));
-            }
-            if flag(0) {
-                return Err(PrivilegeError::Refused(format!(
-                    "--relay-role {:?} is a superuser: the relay role must not be one; choose another name, \
-                     or ALTER ROLE {r} NOSUPERUSER",
-                    role.name
-                )));
-            }
-            if !flag(1) {
-                report.warnings.push(format!(
-                    "role {:?} cannot log in: ALTER ROLE {r} LOGIN",
-                    role.name
-                ));
-            }
-            if !flag(2) {
-                report.warnings.push(format!(
-                    "role {:?} has no REPLICATION, so it can relay in poll mode only: ALTER ROLE {r} REPLICATION for CDC",
-                    role.name
-                ));
-            }
-            for (i, attribute) in [(3, "CREATEDB"), (4, "CREATEROLE"), (5, "BYPASSRLS")] {
-                if flag(i) {
-                    report.warnings.push(format!(
-                        "role {:?} has {attribute}, which the relay does not need: ALTER ROLE {r} NO{attribute}",
-                        role.name
-                    ));
-                }
-            }
+        Some(attributes) => {
+            report.warnings = attributes.check(&role.name, &r)?;
             if let Some(v) = &verifier {
                 tx.batch_execute(&format!("ALTER ROLE {r} PASSWORD {}", literal(v)))
                     .await
@@ -290,6 +241,122 @@ pub async fn grant_relay_role(
             }
         }
     }
+    if let Some(warning) = owner_warning(&tx, target, &role.name).await? {
+        report.warnings.push(warning);
+    }
+    grant_database_access(&tx, &role.name, &r).await?;
+    for sql in grant_statements(target, &role.name) {
+        tx.batch_execute(&sql)
+            .await
+            .map_err(db(&format!("granting the relay role: {sql}")))?;
+    }
+    grant_dead_letter_sequence(&tx, target, &r).await?;
+    tx.commit()
+        .await
+        .map_err(db("committing the relay role's grants"))?;
+    Ok(report)
+}
+
+/// The attributes of an existing role that matter to the relay.
+struct RoleAttributes {
+    superuser: bool,
+    login: bool,
+    replication: bool,
+    createdb: bool,
+    createrole: bool,
+    bypassrls: bool,
+    /// The role running this.
+    current: bool,
+}
+
+impl RoleAttributes {
+    /// Refuses the role running this and a superuser; otherwise the
+    /// warnings about missing or unneeded attributes (`r`: the quoted name).
+    fn check(&self, name: &str, r: &str) -> Result<Vec<String>, PrivilegeError> {
+        if self.current {
+            return Err(PrivilegeError::Refused(format!(
+                "--relay-role {name:?} is the role running migrate: the relay role must be a role of its own"
+            )));
+        }
+        if self.superuser {
+            return Err(PrivilegeError::Refused(format!(
+                "--relay-role {name:?} is a superuser: the relay role must not be one; choose another name, \
+                 or ALTER ROLE {r} NOSUPERUSER"
+            )));
+        }
+        let mut warnings = Vec::new();
+        if !self.login {
+            warnings.push(format!("role {name:?} cannot log in: ALTER ROLE {r} LOGIN"));
+        }
+        if !self.replication {
+            warnings.push(format!(
+                "role {name:?} has no REPLICATION, so it can relay in poll mode only: ALTER ROLE {r} REPLICATION for CDC"
+            ));
+        }
+        for (has, attribute) in [
+            (self.createdb, "CREATEDB"),
+            (self.createrole, "CREATEROLE"),
+            (self.bypassrls, "BYPASSRLS"),
+        ] {
+            if has {
+                warnings.push(format!(
+                    "role {name:?} has {attribute}, which the relay does not need: ALTER ROLE {r} NO{attribute}"
+                ));
+            }
+        }
+        Ok(warnings)
+    }
+}
+
+/// The role's attributes from `pg_roles`, or `None` when it does not exist.
+async fn read_role(
+    tx: &Transaction<'_>,
+    name: &str,
+) -> Result<Option<RoleAttributes>, PrivilegeError> {
+    let row = tx
+        .query_opt(
+            "SELECT rolsuper, rolcanlogin, rolreplication, rolcreatedb, rolcreaterole, rolbypassrls, \
+                    rolname = current_user \
+               FROM pg_roles WHERE rolname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(db("reading pg_roles"))?;
+    Ok(row.map(|row| RoleAttributes {
+        superuser: row.get(0),
+        login: row.get(1),
+        replication: row.get(2),
+        createdb: row.get(3),
+        createrole: row.get(4),
+        bypassrls: row.get(5),
+        current: row.get(6),
+    }))
+}
+
+/// Creates the role (`r`: its quoted name) with the relay's attributes and,
+/// if given, the password verifier.
+async fn create_role(
+    tx: &Transaction<'_>,
+    r: &str,
+    verifier: Option<&str>,
+) -> Result<(), PrivilegeError> {
+    let password = verifier
+        .map(|v| format!(" PASSWORD {}", literal(v)))
+        .unwrap_or_default();
+    tx.batch_execute(&format!(
+        "CREATE ROLE {r} LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS{password}"
+    ))
+    .await
+    .map_err(db("creating the relay role (needs superuser, or CREATEROLE and REPLICATION)"))
+}
+
+/// A warning when the role owns the outbox table (which gives it every
+/// privilege on it).
+async fn owner_warning(
+    tx: &Transaction<'_>,
+    target: &MigrationTarget,
+    name: &str,
+) -> Result<Option<String>, PrivilegeError> {
     let table = format!(
         "{}.{}",
         quote_ident(&target.schema),
@@ -299,25 +366,33 @@ pub async fn grant_relay_role(
         .query_one(
             "SELECT c.relowner = (SELECT oid FROM pg_roles WHERE rolname = $2) \
                FROM pg_class c WHERE c.oid = $1::text::regclass",
-            &[&table, &role.name],
+            &[&table, &name],
         )
         .await
         .map_err(db("reading the outbox table's owner"))?
         .get::<_, Option<bool>>(0);
-    if owns == Some(true) {
-        report.warnings.push(format!(
-            "role {:?} owns {table}, which gives it every privilege on it; let the migrating role own it \
-             (ALTER TABLE {table} OWNER TO <admin>)",
-            role.name
-        ));
-    }
-    // What PUBLIC usually has, but an administrator may have revoked.
+    Ok((owns == Some(true)).then(|| {
+        format!(
+            "role {name:?} owns {table}, which gives it every privilege on it; let the migrating role own it \
+             (ALTER TABLE {table} OWNER TO <admin>)"
+        )
+    }))
+}
+
+/// Grants `CONNECT` on the database and `USAGE` on schema `public` when the
+/// role lacks them: PUBLIC usually has both, but an administrator may have
+/// revoked them.
+async fn grant_database_access(
+    tx: &Transaction<'_>,
+    name: &str,
+    r: &str,
+) -> Result<(), PrivilegeError> {
     let row = tx
         .query_one(
             "SELECT has_database_privilege($1, current_database(), 'CONNECT'), \
                     has_schema_privilege($1, 'public', 'USAGE'), \
                     quote_ident(current_database())",
-            &[&role.name],
+            &[&name],
         )
         .await
         .map_err(db("checking the relay role's database privileges"))?;
@@ -333,12 +408,16 @@ pub async fn grant_relay_role(
             .await
             .map_err(db("granting USAGE on schema public"))?;
     }
-    for sql in grant_statements(target, &role.name) {
-        tx.batch_execute(&sql)
-            .await
-            .map_err(db(&format!("granting the relay role: {sql}")))?;
-    }
-    // The dead-letter table's id sequence, by the name the server gave it.
+    Ok(())
+}
+
+/// Grants `USAGE` on the dead-letter table's id sequence, by the name the
+/// server gave it.
+async fn grant_dead_letter_sequence(
+    tx: &Transaction<'_>,
+    target: &MigrationTarget,
+    r: &str,
+) -> Result<(), PrivilegeError> {
     let seq = tx
         .query_one(
             "SELECT n.nspname::text, c.relname::text FROM pg_class c \
@@ -360,11 +439,7 @@ pub async fn grant_relay_role(
     .await
     .map_err(db(
         "granting USAGE on the pgoutbox_dead_letters id sequence",
-    ))?;
-    tx.commit()
-        .await
-        .map_err(db("committing the relay role's grants"))?;
-    Ok(report)
+    ))
 }
 
 #[cfg(test)]
