@@ -6,8 +6,8 @@
 //! `DATABASE_TLS_*` variables) apply where the URL says nothing, as
 //! `PGSSLMODE` and friends do for libpq: **the URL wins**, parameter by
 //! parameter. tokio-postgres's own parser knows neither `verify-ca` nor
-//! `verify-full`, so these parameters are taken out of the text here, before
-//! the rest goes to `tokio_postgres::Config::from_str`.
+//! `verify-full`, so these parameters are taken out of the text first (see
+//! `url_tls.rs`), before the rest goes to `tokio_postgres::Config::from_str`.
 //!
 //! With nothing set, loopback hosts and Unix sockets get `prefer` and every
 //! other host `verify-full`: the relay usually runs next to a database it
@@ -21,6 +21,7 @@ use std::str::FromStr;
 use serde::Deserialize;
 use tokio_postgres::config::{ChannelBinding, Host, SslNegotiation};
 
+use super::url_tls::UrlTls;
 use super::{ConfigError, DatabaseConfig};
 
 /// libpq's `sslmode`, weakest first.
@@ -85,140 +86,6 @@ impl FromStr for TlsMode {
                 "{other:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
             )),
         }
-    }
-}
-
-/// The TLS parameters taken out of a connection string.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct UrlTls {
-    /// `sslmode`.
-    pub mode: Option<TlsMode>,
-    /// `sslrootcert` (a file, or `system`).
-    pub root_cert: Option<String>,
-    /// `sslcert`.
-    pub client_cert: Option<String>,
-    /// `sslkey`.
-    pub client_key: Option<String>,
-}
-
-/// Splits libpq's TLS parameters off `text` (a `postgres://` URL or a
-/// key=value string). Returns the rest, unchanged otherwise, for
-/// tokio-postgres. Text that does not tokenize is returned whole, for
-/// tokio-postgres to report.
-pub fn split_tls_params(text: &str) -> Result<(String, UrlTls), String> {
-    let mut tls = UrlTls::default();
-    let rest = if let Some((head, query)) = url_query(text) {
-        let mut kept = Vec::new();
-        for pair in query.split('&') {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let key = percent_decode(k);
-            if !take(&mut tls, &key, || percent_decode(v))? {
-                kept.push(pair);
-            }
-        }
-        if kept.is_empty() {
-            head.to_owned()
-        } else {
-            format!("{head}?{}", kept.join("&"))
-        }
-    } else if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-        text.to_owned()
-    } else {
-        let Some(pairs) = key_values(text) else {
-            return Ok((text.to_owned(), tls));
-        };
-        let mut kept = Vec::new();
-        for (key, value, raw) in pairs {
-            if !take(&mut tls, &key, || value.clone())? {
-                kept.push(raw);
-            }
-        }
-        kept.join(" ")
-    };
-    Ok((rest, tls))
-}
-
-/// Records `key` in `tls` if it is one of ours; false when it is not.
-fn take(tls: &mut UrlTls, key: &str, value: impl FnOnce() -> String) -> Result<bool, String> {
-    match key {
-        "sslmode" => tls.mode = Some(value().parse().map_err(|e| format!("sslmode: {e}"))?),
-        "sslrootcert" => tls.root_cert = Some(value()),
-        "sslcert" => tls.client_cert = Some(value()),
-        "sslkey" => tls.client_key = Some(value()),
-        _ => return Ok(false),
-    }
-    Ok(true)
-}
-
-/// The part before `?` and the query of a URL, if it has one. Like
-/// tokio-postgres, the user info ends at the first `@`.
-fn url_query(text: &str) -> Option<(&str, &str)> {
-    let after_scheme = text
-        .strip_prefix("postgres://")
-        .or_else(|| text.strip_prefix("postgresql://"))?;
-    let offset = text.len() - after_scheme.len();
-    let host_start = after_scheme.find('@').map_or(0, |at| at + 1);
-    let q = after_scheme[host_start..].find('?')? + host_start + offset;
-    Some((&text[..q], &text[q + 1..]))
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let hex = |b: u8| (b as char).to_digit(16);
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Tokenizes a libpq key=value string as tokio-postgres does: values may be
-/// single-quoted, backslash escapes a character. Returns (key, value, the
-/// pair's original text); `None` when the text does not tokenize.
-fn key_values(text: &str) -> Option<Vec<(String, String, &str)>> {
-    let mut out = Vec::new();
-    let mut it = text.char_indices().peekable();
-    loop {
-        while it.next_if(|(_, c)| c.is_whitespace()).is_some() {}
-        let Some(&(start, _)) = it.peek() else {
-            return Some(out);
-        };
-        let mut key = String::new();
-        while let Some((_, c)) = it.next_if(|(_, c)| *c != '=' && !c.is_whitespace()) {
-            key.push(c);
-        }
-        while it.next_if(|(_, c)| c.is_whitespace()).is_some() {}
-        it.next_if(|(_, c)| *c == '=')?;
-        while it.next_if(|(_, c)| c.is_whitespace()).is_some() {}
-        let mut value = String::new();
-        if it.next_if(|(_, c)| *c == '\'').is_some() {
-            loop {
-                match it.next()? {
-                    (_, '\'') => break,
-                    (_, '\\') => value.push(it.next()?.1),
-                    (_, c) => value.push(c),
-                }
-            }
-        } else {
-            while let Some((_, c)) = it.next_if(|(_, c)| !c.is_whitespace()) {
-                if c == '\\' {
-                    value.push(it.next()?.1);
-                } else {
-                    value.push(c);
-                }
-            }
-        }
-        let end = it.peek().map_or(text.len(), |(i, _)| *i);
-        out.push((key, value, &text[start..end]));
     }
 }
 
@@ -290,53 +157,8 @@ pub fn resolve(
     url: UrlTls,
     pg: &tokio_postgres::Config,
 ) -> Result<TlsSettings, ConfigError> {
-    let pick = |from_url: Option<String>, key: &Option<String>, name: &str, field: &str| match (
-        from_url, key,
-    ) {
-        (Some(v), _) => Some(Sourced {
-            value: v,
-            field: format!("{name} in database.url"),
-        }),
-        (None, Some(v)) => Some(Sourced {
-            value: v.clone(),
-            field: field.to_owned(),
-        }),
-        (None, None) => None,
-    };
     let hosts = pg.get_hosts();
-    let all_unix = !hosts.is_empty() && hosts.iter().all(|h| matches!(h, Host::Unix(_)));
-    let local = if hosts.is_empty() {
-        pg.get_hostaddrs().iter().all(|ip| ip.is_loopback())
-    } else {
-        hosts.iter().all(is_local)
-    };
-    let mode = match (url.mode, db.tls_mode) {
-        (Some(m), _) => Sourced {
-            value: m,
-            field: "sslmode in database.url".into(),
-        },
-        (None, Some(m)) => Sourced {
-            value: m,
-            field: "database.tls_mode".into(),
-        },
-        (None, None) if local => Sourced {
-            value: TlsMode::Prefer,
-            field: "database.tls_mode, by default for a loopback host,".into(),
-        },
-        (None, None) => Sourced {
-            value: TlsMode::VerifyFull,
-            field: "database.tls_mode, by default for a non-loopback host,".into(),
-        },
-    };
-    // libpq ignores TLS settings for Unix sockets; so do we.
-    let mode = if all_unix {
-        Sourced {
-            value: TlsMode::Disable,
-            field: "TLS over a Unix socket".into(),
-        }
-    } else {
-        mode
-    };
+    let mode = effective_mode(url.mode, db.tls_mode, pg);
     let root = pick(
         url.root_cert,
         &db.tls_root_cert,
@@ -378,24 +200,111 @@ pub fn resolve(
             ),
         ));
     }
-    for file in [&client_cert, &client_key].into_iter().flatten() {
+    check_client_pair(&client_cert, &client_key)?;
+    let root_certs = root_certs(root, mode.value)?;
+    Ok(TlsSettings {
+        mode,
+        root_certs,
+        client_cert,
+        client_key,
+        channel_binding,
+    })
+}
+
+/// A setting from the URL (named `name` there) if it has one, else from the
+/// `database.*` key `field`.
+fn pick(
+    from_url: Option<String>,
+    key: &Option<String>,
+    name: &str,
+    field: &str,
+) -> Option<Sourced<String>> {
+    match (from_url, key) {
+        (Some(v), _) => Some(Sourced {
+            value: v,
+            field: format!("{name} in database.url"),
+        }),
+        (None, Some(v)) => Some(Sourced {
+            value: v.clone(),
+            field: field.to_owned(),
+        }),
+        (None, None) => None,
+    }
+}
+
+/// The TLS mode in force: the URL's `sslmode`, else `database.tls_mode`,
+/// else `prefer` for loopback hosts and `verify-full` for others; always
+/// `disable` when every host is a Unix socket.
+fn effective_mode(
+    from_url: Option<TlsMode>,
+    key: Option<TlsMode>,
+    pg: &tokio_postgres::Config,
+) -> Sourced<TlsMode> {
+    let hosts = pg.get_hosts();
+    let all_unix = !hosts.is_empty() && hosts.iter().all(|h| matches!(h, Host::Unix(_)));
+    let local = if hosts.is_empty() {
+        pg.get_hostaddrs().iter().all(|ip| ip.is_loopback())
+    } else {
+        hosts.iter().all(is_local)
+    };
+    let mode = match (from_url, key) {
+        (Some(m), _) => Sourced {
+            value: m,
+            field: "sslmode in database.url".into(),
+        },
+        (None, Some(m)) => Sourced {
+            value: m,
+            field: "database.tls_mode".into(),
+        },
+        (None, None) if local => Sourced {
+            value: TlsMode::Prefer,
+            field: "database.tls_mode, by default for a loopback host,".into(),
+        },
+        (None, None) => Sourced {
+            value: TlsMode::VerifyFull,
+            field: "database.tls_mode, by default for a non-loopback host,".into(),
+        },
+    };
+    // libpq ignores TLS settings for Unix sockets; so do we.
+    if all_unix {
+        Sourced {
+            value: TlsMode::Disable,
+            field: "TLS over a Unix socket".into(),
+        }
+    } else {
+        mode
+    }
+}
+
+/// Checks the client certificate and key: their files exist, and neither is
+/// set without the other.
+fn check_client_pair(
+    client_cert: &Option<Sourced<String>>,
+    client_key: &Option<Sourced<String>>,
+) -> Result<(), ConfigError> {
+    for file in [client_cert, client_key].into_iter().flatten() {
         check_file(file)?;
     }
-    match (&client_cert, &client_key) {
-        (Some(c), None) => {
-            return Err(ConfigError::new(
-                &c.field,
-                "is set but the client key is not; set database.tls_client_key (or sslkey) too",
-            ))
-        }
-        (None, Some(k)) => {
-            return Err(ConfigError::new(
-                &k.field,
-                "is set but the client certificate is not; set database.tls_client_cert (or sslcert) too",
-            ))
-        }
-        _ => {}
+    match (client_cert, client_key) {
+        (Some(c), None) => Err(ConfigError::new(
+            &c.field,
+            "is set but the client key is not; set database.tls_client_key (or sslkey) too",
+        )),
+        (None, Some(k)) => Err(ConfigError::new(
+            &k.field,
+            "is set but the client certificate is not; set database.tls_client_cert (or sslcert) too",
+        )),
+        _ => Ok(()),
     }
+}
+
+/// The root certificates for `mode`: `root` (its file checked whatever the
+/// mode), none when `mode` does not verify, the system's store when it must
+/// verify and `root` is unset.
+fn root_certs(
+    root: Option<Sourced<String>>,
+    mode: TlsMode,
+) -> Result<Option<Sourced<RootCerts>>, ConfigError> {
     let root_certs = match root {
         Some(r) if r.value == "system" => Some(Sourced {
             value: RootCerts::System,
@@ -410,7 +319,7 @@ pub fn resolve(
         }
         None => None,
     };
-    let root_certs = match mode.value {
+    Ok(match mode {
         TlsMode::Disable | TlsMode::Allow | TlsMode::Prefer => None,
         // libpq: with a root certificate, `require` verifies the chain.
         TlsMode::Require => root_certs,
@@ -418,13 +327,6 @@ pub fn resolve(
             value: RootCerts::System,
             field: "the system's trust store (no database.tls_root_cert)".into(),
         })),
-    };
-    Ok(TlsSettings {
-        mode,
-        root_certs,
-        client_cert,
-        client_key,
-        channel_binding,
     })
 }
 
@@ -444,11 +346,8 @@ fn check_file(file: &Sourced<String>) -> Result<(), ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::url_tls::split_tls_params;
     use super::*;
-
-    fn split(text: &str) -> (String, UrlTls) {
-        split_tls_params(text).unwrap()
-    }
 
     #[test]
     fn every_libpq_sslmode_parses_and_nothing_else_does() {
@@ -468,70 +367,8 @@ mod tests {
         assert!(TlsMode::VerifyCa.requires_tls() && !TlsMode::Prefer.requires_tls());
     }
 
-    #[test]
-    fn url_tls_parameters_are_taken_out_and_the_rest_kept() {
-        let (rest, tls) = split(
-            "postgres://u:p%3F@h:5432/db?application_name=a&sslmode=verify-full\
-             &sslrootcert=%2Fetc%2Fca%20x.pem&sslcert=/c.pem&sslkey=/k.pem&channel_binding=require",
-        );
-        assert_eq!(
-            rest,
-            "postgres://u:p%3F@h:5432/db?application_name=a&channel_binding=require"
-        );
-        assert_eq!(
-            tls,
-            UrlTls {
-                mode: Some(TlsMode::VerifyFull),
-                root_cert: Some("/etc/ca x.pem".into()),
-                client_cert: Some("/c.pem".into()),
-                client_key: Some("/k.pem".into()),
-            }
-        );
-        let (rest, tls) = split("postgresql://h/db?sslmode=verify-ca");
-        assert_eq!(rest, "postgresql://h/db");
-        assert_eq!(tls.mode, Some(TlsMode::VerifyCa));
-        let (rest, tls) = split("postgres://u:pw@h/db");
-        assert_eq!(
-            (rest.as_str(), tls),
-            ("postgres://u:pw@h/db", UrlTls::default())
-        );
-    }
-
-    #[test]
-    fn a_question_mark_in_the_password_does_not_start_the_query() {
-        let (rest, tls) = split("postgres://u:a?b@h/db?sslmode=require");
-        assert_eq!(rest, "postgres://u:a?b@h/db");
-        assert_eq!(tls.mode, Some(TlsMode::Require));
-    }
-
-    #[test]
-    fn key_value_tls_parameters_are_taken_out_quoting_and_all() {
-        let (rest, tls) = split(
-            "host=h  sslmode = verify-full password='a b\\'c' sslrootcert='/x y/ca.pem' dbname=d",
-        );
-        assert_eq!(rest, "host=h password='a b\\'c' dbname=d");
-        assert_eq!(tls.mode, Some(TlsMode::VerifyFull));
-        assert_eq!(tls.root_cert.as_deref(), Some("/x y/ca.pem"));
-        let pg: tokio_postgres::Config = rest.parse().unwrap();
-        assert_eq!(pg.get_password(), Some(&b"a b'c"[..]));
-    }
-
-    #[test]
-    fn an_unknown_sslmode_is_an_error_naming_the_accepted_ones() {
-        for text in ["postgres://h/db?sslmode=verify", "host=h sslmode=on"] {
-            let e = split_tls_params(text).unwrap_err();
-            assert!(e.starts_with("sslmode:") && e.contains("verify-ca"), "{e}");
-        }
-    }
-
-    #[test]
-    fn untokenizable_key_values_are_left_for_tokio_postgres() {
-        let (rest, tls) = split("host='h");
-        assert_eq!((rest.as_str(), tls), ("host='h", UrlTls::default()));
-    }
-
     fn resolve_for(url: &str, db: DatabaseConfig) -> Result<TlsSettings, ConfigError> {
-        let (rest, tls) = split(url);
+        let (rest, tls) = split_tls_params(url).unwrap();
         resolve(&db, tls, &rest.parse().unwrap())
     }
 

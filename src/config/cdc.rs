@@ -1,0 +1,129 @@
+//! The `[cdc]` section: the replication slot and publication, the
+//! replication stream's timing and buffers, logical messages and the
+//! fallback to polling.
+
+use serde::Deserialize;
+
+use super::{range, validate_identifier, validate_slot_name, ConfigError};
+
+/// Logical replication settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CdcConfig {
+    /// Replication slot name (env `OUTBOX_SLOT`).
+    pub slot: String,
+    /// Publication name (env `OUTBOX_PUBLICATION`).
+    pub publication: String,
+    /// How often to send a standby status update, in milliseconds; capped at
+    /// half the server's `wal_sender_timeout`.
+    pub status_interval_ms: u64,
+    /// XLogData messages buffered between the socket and the decoder.
+    pub read_buffer: usize,
+    /// Seconds a graceful shutdown waits for Kafka acks before giving up.
+    pub shutdown_timeout_s: u64,
+    /// Upper bound of the reconnect backoff, in milliseconds.
+    pub max_backoff_ms: u64,
+    /// Rows per `COMPLETED` / `DEAD_LETTER` update statement.
+    pub mark_batch_size: usize,
+    /// How long the status writer gathers marks before an update statement
+    /// that would carry fewer than `mark_batch_size` rows, in milliseconds.
+    /// Fewer, larger statements cost PostgreSQL far less per row (one commit
+    /// and one plan per statement); the price is this much more time before
+    /// the slot's flush LSN passes an event, never on Kafka delivery.
+    pub mark_linger_ms: u64,
+    /// Relay table-less events written with `pg_logical_emit_message`
+    /// (env `OUTBOX_MESSAGES`).
+    pub messages: bool,
+    /// The logical message prefix that marks an outbox event
+    /// (env `OUTBOX_MESSAGE_PREFIX`).
+    pub message_prefix: String,
+    /// Also relay non-transactional messages. Off by default: any role can
+    /// emit them, and they are sent even when the writer's transaction
+    /// rolls back.
+    pub non_transactional_messages: bool,
+    /// `any` relays changes from every origin; `none` (PostgreSQL 16+) only
+    /// changes made locally, not those applied by logical replication.
+    pub origin: String,
+    /// Ask the server to stream large in-progress transactions. Their changes
+    /// are held in memory until Stream Commit (dropped on Stream Abort) and
+    /// never published early; off by default.
+    pub streaming: bool,
+    /// Force a pgoutput protocol version (1-4); by default the highest the
+    /// server supports.
+    pub protocol_version: Option<u32>,
+    /// With `mode = "auto"`: when the replication slot is lost (dropped or
+    /// invalidated), keep delivering by polling instead of stopping
+    /// (env `OUTBOX_FALLBACK_TO_POLL`). Off by default: a lost slot is for
+    /// an operator to look at.
+    pub fallback_to_poll: bool,
+}
+
+impl Default for CdcConfig {
+    fn default() -> Self {
+        CdcConfig {
+            slot: "pgoutbox".into(),
+            publication: "outbox_pub".into(),
+            status_interval_ms: 1000,
+            read_buffer: 4096,
+            shutdown_timeout_s: 30,
+            max_backoff_ms: 30_000,
+            mark_batch_size: 2000,
+            mark_linger_ms: 20,
+            messages: true,
+            message_prefix: "outbox".into(),
+            non_transactional_messages: false,
+            origin: "any".into(),
+            streaming: false,
+            protocol_version: None,
+            fallback_to_poll: false,
+        }
+    }
+}
+
+impl CdcConfig {
+    /// Checks the names that end up in SQL: the slot and the publication.
+    pub(super) fn validate_names(&self) -> Result<(), ConfigError> {
+        validate_slot_name("cdc.slot", &self.slot)?;
+        validate_identifier("cdc.publication", &self.publication)?;
+        Ok(())
+    }
+
+    /// Checks the timing and buffer settings.
+    pub(super) fn validate_limits(&self) -> Result<(), ConfigError> {
+        range(
+            "cdc.status_interval_ms",
+            self.status_interval_ms,
+            10,
+            600_000,
+        )?;
+        range("cdc.read_buffer", self.read_buffer as u64, 1, 1_000_000)?;
+        range("cdc.shutdown_timeout_s", self.shutdown_timeout_s, 0, 3600)?;
+        range("cdc.max_backoff_ms", self.max_backoff_ms, 10, 3_600_000)?;
+        range(
+            "cdc.mark_batch_size",
+            self.mark_batch_size as u64,
+            1,
+            100_000,
+        )?;
+        range("cdc.mark_linger_ms", self.mark_linger_ms, 0, 1000)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::valid;
+    use super::super::Config;
+
+    #[test]
+    fn mark_linger_is_bounded() {
+        let mut c = valid();
+        assert_eq!(c.cdc.mark_linger_ms, 20);
+        c.cdc = Config::from_toml("[cdc]\nmark_linger_ms = 0\n")
+            .unwrap()
+            .cdc;
+        c.validate().unwrap();
+        c.cdc.mark_linger_ms = 5000;
+        assert_eq!(c.validate().unwrap_err().field, "cdc.mark_linger_ms");
+    }
+}

@@ -1,0 +1,291 @@
+//! Environment variables over the file's values: [`ENV_VARS`] lists them
+//! in the order [`Config::apply_env`] applies them; an empty variable counts
+//! as unset.
+
+use std::str::FromStr;
+
+use super::{
+    CdcConfig, Config, ConfigError, DatabaseConfig, DatabaseUrl, KafkaConfig, OutboxConfig,
+    PollConfig, PollOrdering,
+};
+
+/// The environment variables read, in the order applied.
+pub const ENV_VARS: &[&str] = &[
+    "DATABASE_URL",
+    "DATABASE_PASSWORD_FILE",
+    "DATABASE_TLS_MODE",
+    "DATABASE_TLS_ROOT_CERT",
+    "DATABASE_TLS_CLIENT_CERT",
+    "DATABASE_TLS_CLIENT_KEY",
+    "OUTBOX_SCHEMA",
+    "OUTBOX_TABLE",
+    "OUTBOX_BATCH_SIZE",
+    "OUTBOX_LEASE_SECONDS",
+    "OUTBOX_POLL_INTERVAL_MS",
+    "OUTBOX_MAX_RETRIES",
+    "OUTBOX_MARK_COMPLETED",
+    "ENABLE_AUDIT",
+    "OUTBOX_MODE",
+    "OUTBOX_CONCURRENCY",
+    "OUTBOX_ORDERING",
+    "OUTBOX_NOTIFY",
+    "OUTBOX_FALLBACK_TO_POLL",
+    "OUTBOX_SLOT",
+    "OUTBOX_PUBLICATION",
+    "OUTBOX_TOPIC",
+    "OUTBOX_MESSAGES",
+    "OUTBOX_MESSAGE_PREFIX",
+    "KAFKA_BROKERS",
+    "KAFKA_COMPRESSION",
+    "KAFKA_LINGER_MS",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_SASL_PASSWORD_FILE",
+    "OUTBOX_METRICS_LISTEN",
+    "OUTBOX_WORKER_THREADS",
+];
+
+fn parse_env<T: FromStr>(name: &str, value: &str, what: &str) -> Result<T, ConfigError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::new(name, format!("{value:?} is not {what}")))
+}
+
+fn parse_bool(name: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::new(
+            name,
+            format!("{value:?} is not a boolean (true/false)"),
+        )),
+    }
+}
+
+impl Config {
+    /// Applies environment variables (looked up through `get`) over the
+    /// current values.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let get = |k: &str| get(k).filter(|v| !v.is_empty());
+        apply_database(&mut self.database, &get)?;
+        apply_outbox(&mut self.outbox, &get)?;
+        if let Some(v) = get("OUTBOX_MODE") {
+            self.mode = v
+                .trim()
+                .parse()
+                .map_err(|e: String| ConfigError::new("OUTBOX_MODE", e))?;
+        }
+        apply_poll(&mut self.poll, &get)?;
+        // `OUTBOX_TOPIC` sits among the CDC variables, as in `ENV_VARS`.
+        apply_cdc(&mut self.cdc, &mut self.kafka, &get)?;
+        apply_kafka(&mut self.kafka, &get)?;
+        if let Some(v) = get("OUTBOX_METRICS_LISTEN") {
+            self.metrics.listen = v;
+        }
+        if let Some(v) = get("OUTBOX_WORKER_THREADS") {
+            self.runtime.worker_threads = parse_env("OUTBOX_WORKER_THREADS", &v, "a whole number")?;
+        }
+        Ok(())
+    }
+}
+
+/// `DATABASE_*`.
+fn apply_database(
+    database: &mut DatabaseConfig,
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    if let Some(v) = get("DATABASE_URL") {
+        database.url = DatabaseUrl::new(v);
+    }
+    if let Some(v) = get("DATABASE_PASSWORD_FILE") {
+        database.password_file = Some(v);
+    }
+    if let Some(v) = get("DATABASE_TLS_MODE") {
+        database.tls_mode = Some(
+            v.parse()
+                .map_err(|e: String| ConfigError::new("DATABASE_TLS_MODE", e))?,
+        );
+    }
+    if let Some(v) = get("DATABASE_TLS_ROOT_CERT") {
+        database.tls_root_cert = Some(v);
+    }
+    if let Some(v) = get("DATABASE_TLS_CLIENT_CERT") {
+        database.tls_client_cert = Some(v);
+    }
+    if let Some(v) = get("DATABASE_TLS_CLIENT_KEY") {
+        database.tls_client_key = Some(v);
+    }
+    Ok(())
+}
+
+/// The seed's `OUTBOX_*` variables, `OUTBOX_MARK_COMPLETED` and
+/// `ENABLE_AUDIT`.
+fn apply_outbox(
+    outbox: &mut OutboxConfig,
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    if let Some(v) = get("OUTBOX_SCHEMA") {
+        outbox.schema = v;
+    }
+    if let Some(v) = get("OUTBOX_TABLE") {
+        outbox.table = v;
+    }
+    if let Some(v) = get("OUTBOX_BATCH_SIZE") {
+        outbox.batch_size = parse_env("OUTBOX_BATCH_SIZE", &v, "a whole number")?;
+    }
+    if let Some(v) = get("OUTBOX_LEASE_SECONDS") {
+        outbox.lease_seconds = parse_env("OUTBOX_LEASE_SECONDS", &v, "a whole number")?;
+    }
+    if let Some(v) = get("OUTBOX_POLL_INTERVAL_MS") {
+        outbox.poll_interval_ms = parse_env("OUTBOX_POLL_INTERVAL_MS", &v, "a whole number")?;
+    }
+    if let Some(v) = get("OUTBOX_MAX_RETRIES") {
+        outbox.max_retries = parse_env("OUTBOX_MAX_RETRIES", &v, "a whole number")?;
+    }
+    if let Some(v) = get("OUTBOX_MARK_COMPLETED") {
+        outbox.mark_completed = parse_bool("OUTBOX_MARK_COMPLETED", &v)?;
+    }
+    if let Some(v) = get("ENABLE_AUDIT") {
+        outbox.audit = Some(parse_bool("ENABLE_AUDIT", &v)?);
+    }
+    Ok(())
+}
+
+/// `OUTBOX_CONCURRENCY`, `OUTBOX_ORDERING`, `OUTBOX_NOTIFY`.
+fn apply_poll(
+    poll: &mut PollConfig,
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    if let Some(v) = get("OUTBOX_CONCURRENCY") {
+        poll.concurrency = parse_env("OUTBOX_CONCURRENCY", &v, "a whole number")?;
+    }
+    if let Some(v) = get("OUTBOX_ORDERING") {
+        poll.ordering = match v.trim() {
+            "none" => PollOrdering::None,
+            "aggregate" => PollOrdering::Aggregate,
+            other => {
+                return Err(ConfigError::new(
+                    "OUTBOX_ORDERING",
+                    format!("{other:?} is not \"none\" or \"aggregate\""),
+                ))
+            }
+        };
+    }
+    if let Some(v) = get("OUTBOX_NOTIFY") {
+        poll.notify = parse_bool("OUTBOX_NOTIFY", &v)?;
+    }
+    Ok(())
+}
+
+/// The CDC variables, and `OUTBOX_TOPIC` (for `kafka.topic`) in its place
+/// among them.
+fn apply_cdc(
+    cdc: &mut CdcConfig,
+    kafka: &mut KafkaConfig,
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    if let Some(v) = get("OUTBOX_FALLBACK_TO_POLL") {
+        cdc.fallback_to_poll = parse_bool("OUTBOX_FALLBACK_TO_POLL", &v)?;
+    }
+    if let Some(v) = get("OUTBOX_SLOT") {
+        cdc.slot = v;
+    }
+    if let Some(v) = get("OUTBOX_PUBLICATION") {
+        cdc.publication = v;
+    }
+    if let Some(v) = get("OUTBOX_TOPIC") {
+        kafka.topic = v;
+    }
+    if let Some(v) = get("OUTBOX_MESSAGES") {
+        cdc.messages = parse_bool("OUTBOX_MESSAGES", &v)?;
+    }
+    if let Some(v) = get("OUTBOX_MESSAGE_PREFIX") {
+        cdc.message_prefix = v;
+    }
+    Ok(())
+}
+
+/// `KAFKA_*`.
+fn apply_kafka(
+    kafka: &mut KafkaConfig,
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    if let Some(v) = get("KAFKA_BROKERS") {
+        kafka.brokers = v;
+    }
+    if let Some(v) = get("KAFKA_COMPRESSION") {
+        kafka.compression = v;
+    }
+    if let Some(v) = get("KAFKA_LINGER_MS") {
+        kafka.linger_ms = parse_env("KAFKA_LINGER_MS", &v, "a whole number")?;
+    }
+    if let Some(v) = get("KAFKA_SASL_PASSWORD") {
+        kafka.properties.insert("sasl.password".into(), v);
+    }
+    if let Some(v) = get("KAFKA_SASL_PASSWORD_FILE") {
+        kafka.sasl_password_file = Some(v);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::super::test_support::{env, valid};
+    use super::super::Config;
+    use super::*;
+
+    #[test]
+    fn seed_environment_variables_apply() {
+        let mut c = valid();
+        c.apply_env(env(&[
+            ("OUTBOX_BATCH_SIZE", "250"),
+            ("OUTBOX_LEASE_SECONDS", "45"),
+            ("OUTBOX_POLL_INTERVAL_MS", "200"),
+            ("OUTBOX_MAX_RETRIES", "7"),
+            ("OUTBOX_MARK_COMPLETED", "false"),
+        ]))
+        .unwrap();
+        assert_eq!(c.outbox.batch_size, 250);
+        assert_eq!(c.outbox.lease_seconds, 45);
+        assert_eq!(c.outbox.poll_interval_ms, 200);
+        assert_eq!(c.outbox.max_retries, 7);
+        assert!(!c.outbox.mark_completed);
+    }
+
+    #[test]
+    fn enable_audit_is_the_seeds_flag_and_unset_leaves_the_audit_alone() {
+        let mut c = valid();
+        assert_eq!(c.outbox.audit, None);
+        c.apply_env(env(&[("ENABLE_AUDIT", "true")])).unwrap();
+        assert_eq!(c.outbox.audit, Some(true));
+        let c = Config::from_toml("[outbox]\naudit = false\n").unwrap();
+        assert_eq!(c.outbox.audit, Some(false));
+        let mut c = valid();
+        let e = c.apply_env(env(&[("ENABLE_AUDIT", "maybe")])).unwrap_err();
+        assert_eq!(e.field, "ENABLE_AUDIT");
+    }
+
+    #[test]
+    fn bad_env_number_names_the_variable() {
+        let mut c = valid();
+        let e = c
+            .apply_env(env(&[("OUTBOX_BATCH_SIZE", "many")]))
+            .unwrap_err();
+        assert_eq!(e.field, "OUTBOX_BATCH_SIZE");
+        assert!(e.to_string().contains("\"many\""));
+    }
+
+    #[test]
+    fn every_variable_is_read_in_the_listed_order() {
+        let asked = RefCell::new(Vec::new());
+        Config::default()
+            .apply_env(|k| {
+                asked.borrow_mut().push(k.to_owned());
+                None
+            })
+            .unwrap();
+        assert_eq!(asked.into_inner(), ENV_VARS);
+    }
+}
