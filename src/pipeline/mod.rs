@@ -250,14 +250,9 @@ impl Pipeline {
         let record = match self.builder.build(&event) {
             Ok(r) => r,
             Err(e) => {
-                let ticket = self.window.push(
-                    0,
-                    InFlight {
-                        tx,
-                        source,
-                        topic: String::new(),
-                    },
-                );
+                // Counted under its topic when it has one (too large, say).
+                let topic = self.builder.topic(&event).unwrap_or_default();
+                let ticket = self.window.push(0, InFlight { tx, source, topic });
                 self.dead_letter(ticket, e.to_string());
                 return Ok(());
             }
