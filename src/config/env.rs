@@ -40,6 +40,7 @@ pub const ENV_VARS: &[&str] = &[
     "KAFKA_LINGER_MS",
     "KAFKA_SASL_PASSWORD",
     "KAFKA_SASL_PASSWORD_FILE",
+    "OUTBOX_RECORD_FORMAT",
     "OUTBOX_METRICS_LISTEN",
     "OUTBOX_WORKER_THREADS",
 ];
@@ -224,6 +225,12 @@ fn apply_kafka(
     }
     if let Some(v) = get("KAFKA_SASL_PASSWORD_FILE") {
         kafka.sasl_password_file = Some(v);
+    }
+    if let Some(v) = get("OUTBOX_RECORD_FORMAT") {
+        kafka.format = v
+            .trim()
+            .parse()
+            .map_err(|e: String| ConfigError::new("OUTBOX_RECORD_FORMAT", e))?;
     }
     Ok(())
 }

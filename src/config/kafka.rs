@@ -7,6 +7,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
+use super::format::{CloudEventsConfig, EventRouterConfig, RecordFormat};
 use super::{range, ConfigError, TopicTemplate};
 
 /// librdkafka properties pgoutbox sets itself; configuring them through
@@ -60,6 +61,14 @@ pub struct KafkaConfig {
     /// password need not sit in the config file (env
     /// `KAFKA_SASL_PASSWORD_FILE`). Not together with `sasl.password`.
     pub sasl_password_file: Option<String>,
+    /// How records are laid out: `pgoutbox`, `debezium` or `cloudevents`
+    /// (env `OUTBOX_RECORD_FORMAT`).
+    pub format: RecordFormat,
+    /// `[kafka.debezium]`: the Outbox Event Router's options, for
+    /// `format = "debezium"`.
+    pub debezium: EventRouterConfig,
+    /// `[kafka.cloudevents]`: for `format = "cloudevents"`.
+    pub cloudevents: CloudEventsConfig,
 }
 
 impl KafkaConfig {
@@ -100,6 +109,9 @@ impl fmt::Debug for KafkaConfig {
             .field("table_topics", &self.table_topics)
             .field("properties", &properties)
             .field("sasl_password_file", &self.sasl_password_file)
+            .field("format", &self.format)
+            .field("debezium", &self.debezium)
+            .field("cloudevents", &self.cloudevents)
             .finish()
     }
 }
@@ -117,6 +129,9 @@ impl Default for KafkaConfig {
             table_topics: BTreeMap::new(),
             properties: BTreeMap::new(),
             sasl_password_file: None,
+            format: RecordFormat::Pgoutbox,
+            debezium: EventRouterConfig::default(),
+            cloudevents: CloudEventsConfig::default(),
         }
     }
 }
@@ -125,6 +140,8 @@ impl KafkaConfig {
     /// Checks every field except that brokers are set (only `run` needs
     /// them: see `Config::require_kafka`).
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        self.debezium.validate()?;
+        self.cloudevents.validate()?;
         for broker in self
             .brokers
             .split(',')

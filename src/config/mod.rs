@@ -20,6 +20,7 @@ mod cdc;
 mod database;
 mod duration;
 mod env;
+mod format;
 mod identifier;
 mod kafka;
 mod log;
@@ -42,6 +43,9 @@ pub use cdc::CdcConfig;
 pub use database::{DatabaseConfig, DatabaseUrl};
 pub use duration::parse_duration;
 pub use env::ENV_VARS;
+pub use format::{
+    CloudEventsConfig, CloudEventsMode, DebeziumConverter, EventRouterConfig, RecordFormat,
+};
 pub use identifier::{quote_ident, validate_identifier, validate_slot_name};
 pub use kafka::{KafkaConfig, MANAGED_PROPERTIES};
 pub use log::LogConfig;

@@ -143,6 +143,18 @@ impl TopicTemplate {
             // All bytes are ASCII here.
             out.push_str(std::str::from_utf8(bytes).unwrap_or_default());
         }
+        Self::check_name(out)
+    }
+
+    /// Checks a whole topic name against Kafka's rules: legal characters,
+    /// not empty, at most 249 characters, not `.` or `..`.
+    pub fn check_name(out: String) -> Result<String, TopicError> {
+        if !out.bytes().all(legal_topic_byte) {
+            return Err(TopicError::Name {
+                name: truncated("", out.as_bytes()),
+                why: "only letters, digits, '.', '_' and '-' are allowed",
+            });
+        }
         if out.is_empty() {
             return Err(TopicError::Name {
                 name: out,

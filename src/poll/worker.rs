@@ -323,7 +323,9 @@ impl Worker {
                     }
                     let why = match e {
                         RecordError::Topic(e) => format!("no valid topic: {e}"),
-                        too_large @ RecordError::TooLarge { .. } => too_large.to_string(),
+                        other @ (RecordError::TooLarge { .. } | RecordError::Payload(_)) => {
+                            other.to_string()
+                        }
                     };
                     verdicts.dead.push((i, why));
                     continue;

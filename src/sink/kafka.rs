@@ -319,15 +319,18 @@ impl Sink {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
             headers = headers.insert(Header {
-                key,
+                key: key.as_ref(),
                 value: Some(&value[..]),
             });
         }
         let topic = record.topic.as_str();
-        let record = BaseRecord::with_opaque_to(topic, ticket as usize)
+        let mut base = BaseRecord::with_opaque_to(topic, ticket as usize)
             .key(&record.key[..])
-            .payload(&record.value[..])
             .headers(headers);
+        if !record.tombstone {
+            base = base.payload(&record.value[..]);
+        }
+        let record = base;
         // Counted before the send: its report may come before `send` returns.
         let context = self.producer.context();
         context.outstanding.fetch_add(1, Ordering::SeqCst);

@@ -10,15 +10,26 @@
 //! - headers: `tracking_id`, `aggregate_type`, `aggregate_id`, `event_type`,
 //!   `created_at`, and `traceparent` / `tracestate` when `metadata` holds them.
 //!
+//! That is the `pgoutbox` format (`kafka.format`, the default); the
+//! `debezium` format reproduces Debezium's Outbox Event Router
+//! ([`debezium`]) and `cloudevents` the CloudEvents Kafka binding
+//! ([`cloudevents`]).
+//!
 //! A record that can never be published (no legal topic, larger than
 //! `kafka.message_max_bytes`) is a [`RecordError`]: the caller dead-letters
 //! the event (ARCHITECTURE.md, invariant 5).
 
+mod cloudevents;
+mod debezium;
+
+use std::borrow::Cow;
 use std::fmt;
 
 use bytes::Bytes;
 
-use crate::config::{KafkaConfig, TopicError, TopicField, TopicTemplate};
+use crate::config::{
+    ConfigError, KafkaConfig, RecordFormat, TopicError, TopicField, TopicTemplate,
+};
 use crate::outbox::OutboxEvent;
 
 /// Kafka header names set on records.
@@ -43,6 +54,9 @@ pub mod header {
 /// names, record framing), for the size estimate.
 const RECORD_OVERHEAD: usize = 96;
 
+/// A header's name.
+pub type HeaderName = Cow<'static, str>;
+
 /// One record, ready to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KafkaRecord {
@@ -50,10 +64,12 @@ pub struct KafkaRecord {
     pub topic: String,
     /// The key (the aggregate id).
     pub key: Bytes,
-    /// The value (the payload, unchanged).
+    /// The value (the payload, unchanged in the `pgoutbox` format).
     pub value: Bytes,
+    /// Sent without a value (a tombstone); `value` is then empty.
+    pub tombstone: bool,
     /// Headers, in order.
-    pub headers: Vec<(&'static str, Bytes)>,
+    pub headers: Vec<(HeaderName, Bytes)>,
 }
 
 impl KafkaRecord {
@@ -73,6 +89,9 @@ pub enum RecordError {
     /// No legal topic could be rendered for it.
     #[error(transparent)]
     Topic(#[from] TopicError),
+    /// Its payload cannot take the shape the format needs.
+    #[error("{0}")]
+    Payload(String),
     /// It is larger than the producer accepts.
     #[error("message of about {size} bytes exceeds kafka.message_max_bytes ({max})")]
     TooLarge {
@@ -83,14 +102,28 @@ pub enum RecordError {
     },
 }
 
+/// How a record is laid out (`kafka.format`).
+#[derive(Clone, Debug)]
+enum Layout {
+    Pgoutbox,
+    Debezium(Box<debezium::EventRouter>),
+    CloudEvents(cloudevents::CloudEvents),
+}
+
+/// Checks a topic name against Kafka's rules.
+fn check_topic(name: String) -> Result<String, TopicError> {
+    TopicTemplate::check_name(name)
+}
+
 /// Builds records from events: picks the topic template (the table's own
 /// when configured, by table name or `schema.table`, else the default) and
-/// lays out key, value and headers.
+/// lays out key, value and headers in the configured format.
 #[derive(Clone, Debug)]
 pub struct RecordBuilder {
     default: TopicTemplate,
     per_table: Vec<(String, TopicTemplate)>,
     max_bytes: usize,
+    layout: Layout,
 }
 
 impl RecordBuilder {
@@ -101,19 +134,39 @@ impl RecordBuilder {
             default,
             per_table,
             max_bytes: usize::MAX,
+            layout: Layout::Pgoutbox,
         }
     }
 
-    /// The builder for the Kafka configuration (topics and size limit).
-    pub fn from_config(cfg: &KafkaConfig) -> Result<RecordBuilder, TopicError> {
-        let default = TopicTemplate::parse(&cfg.topic)?;
+    /// The builder for the Kafka configuration (format, topics and size
+    /// limit).
+    pub fn from_config(cfg: &KafkaConfig) -> Result<RecordBuilder, ConfigError> {
+        let template = |field: &str, text: &str| {
+            TopicTemplate::parse(text).map_err(|e| ConfigError::new(field, e.to_string()))
+        };
+        let default = template("kafka.topic", &cfg.topic)?;
         let per_table = cfg
             .table_topics
             .iter()
-            .map(|(t, tpl)| Ok((t.clone(), TopicTemplate::parse(tpl)?)))
-            .collect::<Result<_, TopicError>>()?;
+            .map(|(t, tpl)| {
+                Ok((
+                    t.clone(),
+                    template(&format!("kafka.table_topics.{t}"), tpl)?,
+                ))
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        let layout = match cfg.format {
+            RecordFormat::Pgoutbox => Layout::Pgoutbox,
+            RecordFormat::Debezium => {
+                Layout::Debezium(Box::new(debezium::EventRouter::new(&cfg.debezium)?))
+            }
+            RecordFormat::Cloudevents => {
+                Layout::CloudEvents(cloudevents::CloudEvents::new(&cfg.cloudevents))
+            }
+        };
         Ok(RecordBuilder {
             max_bytes: cfg.message_max_bytes,
+            layout,
             ..RecordBuilder::new(default, per_table)
         })
     }
@@ -133,6 +186,9 @@ impl RecordBuilder {
 
     /// The topic for `event`, or why it has none.
     pub fn topic(&self, event: &OutboxEvent) -> Result<String, TopicError> {
+        if let Layout::Debezium(router) = &self.layout {
+            return router.topic_for(event);
+        }
         self.template(&event.table).render_with(|f| match f {
             TopicField::AggregateType => &event.aggregate_type[..],
             TopicField::EventType => &event.event_type[..],
@@ -142,25 +198,10 @@ impl RecordBuilder {
 
     /// The record for `event`, or why it can never be published.
     pub fn build(&self, event: &OutboxEvent) -> Result<KafkaRecord, RecordError> {
-        let topic = self.topic(event)?;
-        let mut headers = Vec::with_capacity(7);
-        headers.push((header::TRACKING_ID, event.tracking_id.clone()));
-        headers.push((header::AGGREGATE_TYPE, event.aggregate_type.clone()));
-        headers.push((header::AGGREGATE_ID, event.aggregate_id.clone()));
-        headers.push((header::EVENT_TYPE, event.event_type.clone()));
-        headers.push((header::CREATED_AT, event.created_at.clone()));
-        let trace = event.trace_context();
-        if let Some(tp) = trace.traceparent {
-            headers.push((header::TRACEPARENT, Bytes::from(tp)));
-        }
-        if let Some(ts) = trace.tracestate {
-            headers.push((header::TRACESTATE, Bytes::from(ts)));
-        }
-        let record = KafkaRecord {
-            topic,
-            key: event.aggregate_id.clone(),
-            value: event.payload.clone(),
-            headers,
+        let record = match &self.layout {
+            Layout::Pgoutbox => self.pgoutbox(event)?,
+            Layout::Debezium(router) => router.build(event)?,
+            Layout::CloudEvents(ce) => ce.build(event, self.topic(event)?)?,
         };
         let size = record.size();
         if size > self.max_bytes {
@@ -170,6 +211,33 @@ impl RecordBuilder {
             });
         }
         Ok(record)
+    }
+
+    /// The record in pgoutbox's own format.
+    fn pgoutbox(&self, event: &OutboxEvent) -> Result<KafkaRecord, RecordError> {
+        let topic = self.topic(event)?;
+        let mut headers = Vec::with_capacity(7);
+        let mut push =
+            |name: &'static str, value: Bytes| headers.push((Cow::Borrowed(name), value));
+        push(header::TRACKING_ID, event.tracking_id.clone());
+        push(header::AGGREGATE_TYPE, event.aggregate_type.clone());
+        push(header::AGGREGATE_ID, event.aggregate_id.clone());
+        push(header::EVENT_TYPE, event.event_type.clone());
+        push(header::CREATED_AT, event.created_at.clone());
+        let trace = event.trace_context();
+        if let Some(tp) = trace.traceparent {
+            push(header::TRACEPARENT, Bytes::from(tp));
+        }
+        if let Some(ts) = trace.tracestate {
+            push(header::TRACESTATE, Bytes::from(ts));
+        }
+        Ok(KafkaRecord {
+            topic,
+            key: event.aggregate_id.clone(),
+            value: event.payload.clone(),
+            tombstone: false,
+            headers,
+        })
     }
 }
 
@@ -257,7 +325,7 @@ mod tests {
         assert_eq!(r.topic, "Order.OrderCreated");
         assert_eq!(r.key, e.aggregate_id);
         assert_eq!(r.value, e.payload, "the payload goes out byte for byte");
-        let names: Vec<&str> = r.headers.iter().map(|(k, _)| *k).collect();
+        let names: Vec<&str> = r.headers.iter().map(|(k, _)| k.as_ref()).collect();
         assert_eq!(
             names,
             [
