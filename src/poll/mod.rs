@@ -95,6 +95,10 @@ impl Poll {
         let sink = Arc::new(sink);
         // Ready once a worker's claim succeeds too (see metrics::health).
         health().set_phase(Phase::Serving, "polling");
+        tracing::info!(
+            workers = self.shared.config.poll.concurrency,
+            "polling with a new Kafka producer"
+        );
         let outcome = serve(&self.shared, &sink, deliveries, shutdown).await;
         sink.flush(Duration::from_secs(5));
         outcome
