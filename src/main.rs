@@ -79,6 +79,16 @@ enum Command {
         #[command(subcommand)]
         command: PartitionsCommand,
     },
+    /// Print the pgoutbox configuration equivalent to a Debezium PostgreSQL
+    /// connector's (a .properties file, or the JSON posted to Kafka
+    /// Connect; `-` reads stdin). Options not carried over are listed on
+    /// stderr with the reason; the password is never copied (see
+    /// docs/migrating-from-debezium.md).
+    ImportDebezium {
+        /// The connector configuration.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -219,6 +229,16 @@ impl From<DleCommand> for cli::DleCommand {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Needs neither a configuration nor a database.
+    if let Command::ImportDebezium { file } = &args.command {
+        return match cli::import_debezium(file) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let mut config = match pgoutbox::config::Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -285,6 +305,7 @@ fn main() -> ExitCode {
             Command::Run { recreate_slot, .. } => cli::run(config, recreate_slot).await,
             Command::Dle { command } => cli::dle(&config, command.into()).await,
             Command::Status { json } => cli::status(&config, json).await,
+            Command::ImportDebezium { .. } => unreachable!("handled before the runtime starts"),
             Command::Partitions {
                 command:
                     PartitionsCommand::Maintain {

@@ -6,12 +6,15 @@
 //! - [`dle`]: dead letters, list / show / redrive / skip (`dead_letters.rs`);
 //! - [`status`]: the one-screen overview (`status.rs`);
 //! - [`partitions_maintain`]: partition lifecycle (`partitions.rs`);
+//! - [`import_debezium`]: a Debezium connector's configuration as pgoutbox's
+//!   (`import_debezium.rs`);
 //! - [`init_logging`]: `tracing` set-up shared by all (`logging.rs`).
 
 use crate::config::Config;
 use crate::error::Error;
 
 mod dead_letters;
+mod import_debezium;
 mod logging;
 mod migrate;
 mod partitions;
@@ -20,6 +23,7 @@ mod status;
 
 pub use crate::VERSION;
 pub use dead_letters::{dle, DleCommand};
+pub use import_debezium::import_debezium;
 pub use logging::init_logging;
 pub use migrate::migrate_with;
 pub use partitions::{format_maintain, partitions_maintain, MaintainArgs};

@@ -3,8 +3,10 @@
 //! - [`http`]: `/metrics`, `/healthz` and `/readyz`;
 //! - [`sampler`]: the gauges read from the database (pending rows, slot lag);
 //! - [`overview`]: what `pgoutbox status` shows;
-//! - [`partitions`]: partitions created ahead, old ones archived and retired.
+//! - [`partitions`]: partitions created ahead, old ones archived and retired;
+//! - [`debezium_import`]: a Debezium connector's configuration as pgoutbox's.
 
+pub mod debezium_import;
 pub mod http;
 pub mod overview;
 pub mod partitions;
