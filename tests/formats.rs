@@ -40,7 +40,10 @@ async fn rows(outbox: &TestOutbox) -> HashMap<String, (String, String)> {
 async fn read(topic: String, id_header: &'static str, n: usize) -> Vec<Record> {
     tokio::task::spawn_blocking(move || {
         read_topics(&[topic], DEADLINE, |recs| {
-            recs.iter().filter(|r| !r.header(id_header).is_empty()).count() >= n
+            recs.iter()
+                .filter(|r| !r.header(id_header).is_empty())
+                .count()
+                >= n
         })
     })
     .await
@@ -72,7 +75,11 @@ async fn debezium_format_routes_keys_and_headers_as_the_event_router_does() {
     for (r, id) in records.iter().zip(&ids) {
         assert_eq!(r.header("id"), id.to_string(), "in commit order");
         assert_eq!(r.key, agg.to_string());
-        assert_eq!(r.value, rows[&id.to_string()].0, "the payload's text, byte for byte");
+        assert_eq!(
+            r.value,
+            rows[&id.to_string()].0,
+            "the payload's text, byte for byte"
+        );
         assert_eq!(r.header("eventType"), "Placed");
         let mut names: Vec<&str> = r.headers.keys().map(String::as_str).collect();
         names.sort_unstable();
@@ -112,7 +119,10 @@ fn sdk_reading(records: &[Record], mode: &str) -> Vec<serde_json::Value> {
         .map(|r| json!({"headers": r.headers, "key": r.key, "value": r.value, "mode": mode}))
         .collect();
     let mut child = Command::new(python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cloudevents_check.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/cloudevents_check.py"
+        ))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -148,7 +158,11 @@ async fn cloudevents_round_trip(mode: &str) {
                 .await,
         );
     }
-    let id_header = if mode == "binary" { "ce_id" } else { "content-type" };
+    let id_header = if mode == "binary" {
+        "ce_id"
+    } else {
+        "content-type"
+    };
     let records = read(outbox.topic("Cart"), id_header, 3).await;
     assert_eq!(records.len(), 3);
     let rows = rows(&outbox).await;

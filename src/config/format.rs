@@ -258,7 +258,10 @@ mod tests {
             assert_eq!(f.as_str().parse::<RecordFormat>(), Ok(f));
         }
         let e = "avro".parse::<RecordFormat>().unwrap_err();
-        assert!(e.contains("\"pgoutbox\", \"debezium\" or \"cloudevents\""), "{e}");
+        assert!(
+            e.contains("\"pgoutbox\", \"debezium\" or \"cloudevents\""),
+            "{e}"
+        );
     }
 
     #[test]

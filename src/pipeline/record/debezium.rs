@@ -411,7 +411,8 @@ mod tests {
             "\"table.field.event.timestamp\" = \"created_at\"",
             "\"table.fields.additional.placement\" = \"event_type:partition\"",
         ] {
-            let cfg: EventRouterConfig = toml::from_str(&format!("{PGOUTBOX_TABLE}\n{extra}")).unwrap();
+            let cfg: EventRouterConfig =
+                toml::from_str(&format!("{PGOUTBOX_TABLE}\n{extra}")).unwrap();
             assert!(EventRouter::new(&cfg).is_err(), "{extra}");
         }
     }
