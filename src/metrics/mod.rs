@@ -1,4 +1,5 @@
-//! Prometheus metrics, the health endpoints and the sampler.
+//! Prometheus metrics: the names, the one registry, and the health state
+//! every layer reports to (served by `crate::operate`).
 //!
 //! Every metric name is a constant in [`names`] (the contract the
 //! dashboards and alert rules are built from; `docs/metrics.md` describes
