@@ -25,20 +25,7 @@ pub(crate) fn encode(message: &LogicalMessage) -> Vec<u8> {
             w.u64(m.commit_lsn.0);
             w.cstr(&m.name);
         }
-        LogicalMessage::Relation(m) => {
-            w.xid(m.xid);
-            w.u32(m.id);
-            w.cstr(&m.namespace);
-            w.cstr(&m.name);
-            w.u8(m.replica_identity);
-            w.i16(m.columns.len());
-            for c in &m.columns {
-                w.u8(c.flags);
-                w.cstr(&c.name);
-                w.u32(c.type_oid);
-                w.i32(c.type_modifier);
-            }
-        }
+        LogicalMessage::Relation(m) => w.relation(m),
         LogicalMessage::Type(m) => {
             w.xid(m.xid);
             w.u32(m.id);
@@ -51,48 +38,10 @@ pub(crate) fn encode(message: &LogicalMessage) -> Vec<u8> {
             w.u8(tag::TUPLE_NEW);
             w.tuple(&m.new);
         }
-        LogicalMessage::Update(m) => {
-            w.xid(m.xid);
-            w.u32(m.relation_id);
-            if let Some(key) = &m.key {
-                w.u8(tag::TUPLE_KEY);
-                w.tuple(key);
-            }
-            if let Some(old) = &m.old {
-                w.u8(tag::TUPLE_OLD);
-                w.tuple(old);
-            }
-            w.u8(tag::TUPLE_NEW);
-            w.tuple(&m.new);
-        }
-        LogicalMessage::Delete(m) => {
-            w.xid(m.xid);
-            w.u32(m.relation_id);
-            if let Some(key) = &m.key {
-                w.u8(tag::TUPLE_KEY);
-                w.tuple(key);
-            }
-            if let Some(old) = &m.old {
-                w.u8(tag::TUPLE_OLD);
-                w.tuple(old);
-            }
-        }
-        LogicalMessage::Truncate(m) => {
-            w.xid(m.xid);
-            w.i32(i32::try_from(m.relation_ids.len()).expect("test truncate size"));
-            w.u8(m.options);
-            for id in &m.relation_ids {
-                w.u32(*id);
-            }
-        }
-        LogicalMessage::Message(m) => {
-            w.xid(m.xid);
-            w.u8(u8::from(m.transactional));
-            w.u64(m.lsn.0);
-            w.cstr(&m.prefix);
-            w.i32(i32::try_from(m.content.len()).expect("test content size"));
-            w.0.extend_from_slice(&m.content);
-        }
+        LogicalMessage::Update(m) => w.update(m),
+        LogicalMessage::Delete(m) => w.delete(m),
+        LogicalMessage::Truncate(m) => w.truncate(m),
+        LogicalMessage::Message(m) => w.message(m),
         LogicalMessage::StreamStart(m) => {
             w.u32(m.xid);
             w.u8(u8::from(m.first_segment));
@@ -105,16 +54,7 @@ pub(crate) fn encode(message: &LogicalMessage) -> Vec<u8> {
             w.u64(m.end_lsn.0);
             w.i64(m.commit_time);
         }
-        LogicalMessage::StreamAbort(m) => {
-            w.u32(m.xid);
-            w.u32(m.subxid);
-            if let Some(lsn) = m.abort_lsn {
-                w.u64(lsn.0);
-            }
-            if let Some(time) = m.abort_time {
-                w.i64(time);
-            }
-        }
+        LogicalMessage::StreamAbort(m) => w.stream_abort(m),
         LogicalMessage::BeginPrepare(m) => {
             w.u64(m.prepare_lsn.0);
             w.u64(m.end_lsn.0);
@@ -123,23 +63,8 @@ pub(crate) fn encode(message: &LogicalMessage) -> Vec<u8> {
             w.cstr(&m.gid);
         }
         LogicalMessage::Prepare(m) | LogicalMessage::StreamPrepare(m) => w.prepare(m),
-        LogicalMessage::CommitPrepared(m) => {
-            w.u8(m.flags);
-            w.u64(m.commit_lsn.0);
-            w.u64(m.end_lsn.0);
-            w.i64(m.commit_time);
-            w.u32(m.xid);
-            w.cstr(&m.gid);
-        }
-        LogicalMessage::RollbackPrepared(m) => {
-            w.u8(m.flags);
-            w.u64(m.prepare_end_lsn.0);
-            w.u64(m.rollback_end_lsn.0);
-            w.i64(m.prepare_time);
-            w.i64(m.rollback_time);
-            w.u32(m.xid);
-            w.cstr(&m.gid);
-        }
+        LogicalMessage::CommitPrepared(m) => w.commit_prepared(m),
+        LogicalMessage::RollbackPrepared(m) => w.rollback_prepared(m),
     }
     w.0
 }
@@ -147,6 +72,97 @@ pub(crate) fn encode(message: &LogicalMessage) -> Vec<u8> {
 struct Writer(Vec<u8>);
 
 impl Writer {
+    fn relation(&mut self, m: &super::message::Relation) {
+        self.xid(m.xid);
+        self.u32(m.id);
+        self.cstr(&m.namespace);
+        self.cstr(&m.name);
+        self.u8(m.replica_identity);
+        self.i16(m.columns.len());
+        for c in &m.columns {
+            self.u8(c.flags);
+            self.cstr(&c.name);
+            self.u32(c.type_oid);
+            self.i32(c.type_modifier);
+        }
+    }
+
+    fn update(&mut self, m: &super::message::Update) {
+        self.xid(m.xid);
+        self.u32(m.relation_id);
+        if let Some(key) = &m.key {
+            self.u8(tag::TUPLE_KEY);
+            self.tuple(key);
+        }
+        if let Some(old) = &m.old {
+            self.u8(tag::TUPLE_OLD);
+            self.tuple(old);
+        }
+        self.u8(tag::TUPLE_NEW);
+        self.tuple(&m.new);
+    }
+
+    fn delete(&mut self, m: &super::message::Delete) {
+        self.xid(m.xid);
+        self.u32(m.relation_id);
+        if let Some(key) = &m.key {
+            self.u8(tag::TUPLE_KEY);
+            self.tuple(key);
+        }
+        if let Some(old) = &m.old {
+            self.u8(tag::TUPLE_OLD);
+            self.tuple(old);
+        }
+    }
+
+    fn truncate(&mut self, m: &super::message::Truncate) {
+        self.xid(m.xid);
+        self.i32(i32::try_from(m.relation_ids.len()).expect("test truncate size"));
+        self.u8(m.options);
+        for id in &m.relation_ids {
+            self.u32(*id);
+        }
+    }
+
+    fn message(&mut self, m: &super::message::Message) {
+        self.xid(m.xid);
+        self.u8(u8::from(m.transactional));
+        self.u64(m.lsn.0);
+        self.cstr(&m.prefix);
+        self.i32(i32::try_from(m.content.len()).expect("test content size"));
+        self.0.extend_from_slice(&m.content);
+    }
+
+    fn stream_abort(&mut self, m: &super::message::StreamAbort) {
+        self.u32(m.xid);
+        self.u32(m.subxid);
+        if let Some(lsn) = m.abort_lsn {
+            self.u64(lsn.0);
+        }
+        if let Some(time) = m.abort_time {
+            self.i64(time);
+        }
+    }
+
+    fn commit_prepared(&mut self, m: &super::message::CommitPrepared) {
+        self.u8(m.flags);
+        self.u64(m.commit_lsn.0);
+        self.u64(m.end_lsn.0);
+        self.i64(m.commit_time);
+        self.u32(m.xid);
+        self.cstr(&m.gid);
+    }
+
+    fn rollback_prepared(&mut self, m: &super::message::RollbackPrepared) {
+        self.u8(m.flags);
+        self.u64(m.prepare_end_lsn.0);
+        self.u64(m.rollback_end_lsn.0);
+        self.i64(m.prepare_time);
+        self.i64(m.rollback_time);
+        self.u32(m.xid);
+        self.cstr(&m.gid);
+    }
+
     fn u8(&mut self, v: u8) {
         self.0.push(v);
     }

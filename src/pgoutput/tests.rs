@@ -884,64 +884,7 @@ fn samples(version: u32) -> Vec<(bool, LogicalMessage)> {
         &[None]
     };
     for &xid in xids {
-        let streamed = xid.is_some();
-        out.extend([
-            (streamed, LogicalMessage::Relation(expected_relation(xid))),
-            (
-                streamed,
-                LogicalMessage::Type(TypeMessage {
-                    xid,
-                    id: 1,
-                    namespace: "ns".into(),
-                    name: "t".into(),
-                }),
-            ),
-            (
-                streamed,
-                LogicalMessage::Insert(Insert {
-                    xid,
-                    relation_id: 1,
-                    new: tuple.clone(),
-                }),
-            ),
-            (
-                streamed,
-                LogicalMessage::Update(Update {
-                    xid,
-                    relation_id: 1,
-                    key: None,
-                    old: Some(tuple.clone()),
-                    new: tuple.clone(),
-                }),
-            ),
-            (
-                streamed,
-                LogicalMessage::Delete(Delete {
-                    xid,
-                    relation_id: 1,
-                    key: Some(tuple.clone()),
-                    old: None,
-                }),
-            ),
-            (
-                streamed,
-                LogicalMessage::Truncate(Truncate {
-                    xid,
-                    options: 1,
-                    relation_ids: vec![1, 2],
-                }),
-            ),
-            (
-                streamed,
-                LogicalMessage::Message(Message {
-                    xid,
-                    transactional: true,
-                    lsn: Lsn(3),
-                    prefix: "outbox".into(),
-                    content: Bytes::from_static(b"{}"),
-                }),
-            ),
-        ]);
+        out.extend(change_samples(xid, &tuple));
     }
     if version >= 2 {
         out.extend([
@@ -975,51 +918,7 @@ fn samples(version: u32) -> Vec<(bool, LogicalMessage)> {
         ]);
     }
     if version >= 3 {
-        let prepare = Prepare {
-            flags: 0,
-            prepare_lsn: Lsn(1),
-            end_lsn: Lsn(2),
-            prepare_time: 3,
-            xid: 9,
-            gid: "g".into(),
-        };
-        out.extend([
-            (
-                false,
-                LogicalMessage::BeginPrepare(BeginPrepare {
-                    prepare_lsn: Lsn(1),
-                    end_lsn: Lsn(2),
-                    prepare_time: 3,
-                    xid: 9,
-                    gid: "g".into(),
-                }),
-            ),
-            (false, LogicalMessage::Prepare(prepare.clone())),
-            (false, LogicalMessage::StreamPrepare(prepare)),
-            (
-                false,
-                LogicalMessage::CommitPrepared(CommitPrepared {
-                    flags: 0,
-                    commit_lsn: Lsn(1),
-                    end_lsn: Lsn(2),
-                    commit_time: 3,
-                    xid: 9,
-                    gid: "g".into(),
-                }),
-            ),
-            (
-                false,
-                LogicalMessage::RollbackPrepared(RollbackPrepared {
-                    flags: 0,
-                    prepare_end_lsn: Lsn(1),
-                    rollback_end_lsn: Lsn(2),
-                    prepare_time: 3,
-                    rollback_time: 4,
-                    xid: 9,
-                    gid: "g".into(),
-                }),
-            ),
-        ]);
+        out.extend(two_phase_samples());
     }
     if version >= 4 {
         out.push((
@@ -1033,6 +932,117 @@ fn samples(version: u32) -> Vec<(bool, LogicalMessage)> {
         ));
     }
     out
+}
+
+/// One change message of each type, with `xid` (streamed when set).
+fn change_samples(xid: Option<u32>, tuple: &Tuple) -> Vec<(bool, LogicalMessage)> {
+    let streamed = xid.is_some();
+    vec![
+        (streamed, LogicalMessage::Relation(expected_relation(xid))),
+        (
+            streamed,
+            LogicalMessage::Type(TypeMessage {
+                xid,
+                id: 1,
+                namespace: "ns".into(),
+                name: "t".into(),
+            }),
+        ),
+        (
+            streamed,
+            LogicalMessage::Insert(Insert {
+                xid,
+                relation_id: 1,
+                new: tuple.clone(),
+            }),
+        ),
+        (
+            streamed,
+            LogicalMessage::Update(Update {
+                xid,
+                relation_id: 1,
+                key: None,
+                old: Some(tuple.clone()),
+                new: tuple.clone(),
+            }),
+        ),
+        (
+            streamed,
+            LogicalMessage::Delete(Delete {
+                xid,
+                relation_id: 1,
+                key: Some(tuple.clone()),
+                old: None,
+            }),
+        ),
+        (
+            streamed,
+            LogicalMessage::Truncate(Truncate {
+                xid,
+                options: 1,
+                relation_ids: vec![1, 2],
+            }),
+        ),
+        (
+            streamed,
+            LogicalMessage::Message(Message {
+                xid,
+                transactional: true,
+                lsn: Lsn(3),
+                prefix: "outbox".into(),
+                content: Bytes::from_static(b"{}"),
+            }),
+        ),
+    ]
+}
+
+/// One message of each two-phase type (protocol 3+).
+fn two_phase_samples() -> Vec<(bool, LogicalMessage)> {
+    let prepare = Prepare {
+        flags: 0,
+        prepare_lsn: Lsn(1),
+        end_lsn: Lsn(2),
+        prepare_time: 3,
+        xid: 9,
+        gid: "g".into(),
+    };
+    vec![
+        (
+            false,
+            LogicalMessage::BeginPrepare(BeginPrepare {
+                prepare_lsn: Lsn(1),
+                end_lsn: Lsn(2),
+                prepare_time: 3,
+                xid: 9,
+                gid: "g".into(),
+            }),
+        ),
+        (false, LogicalMessage::Prepare(prepare.clone())),
+        (false, LogicalMessage::StreamPrepare(prepare)),
+        (
+            false,
+            LogicalMessage::CommitPrepared(CommitPrepared {
+                flags: 0,
+                commit_lsn: Lsn(1),
+                end_lsn: Lsn(2),
+                commit_time: 3,
+                xid: 9,
+                gid: "g".into(),
+            }),
+        ),
+        (
+            false,
+            LogicalMessage::RollbackPrepared(RollbackPrepared {
+                flags: 0,
+                prepare_end_lsn: Lsn(1),
+                rollback_end_lsn: Lsn(2),
+                prepare_time: 3,
+                rollback_time: 4,
+                xid: 9,
+                gid: "g".into(),
+            }),
+        ),
+    ]
 }
 
 fn decoder_for(version: u32, in_stream: bool) -> Decoder {
@@ -1265,72 +1275,79 @@ fn outside(version: u32) -> BoxedStrategy<LogicalMessage> {
         );
     }
     if version >= 3 {
-        let prepare = || {
-            (
-                any::<u8>(),
-                lsn(),
-                lsn(),
-                any::<i64>(),
-                any::<u32>(),
-                name(),
-            )
-                .prop_map(|(flags, prepare_lsn, end_lsn, prepare_time, xid, gid)| {
-                    Prepare {
-                        flags,
-                        prepare_lsn,
-                        end_lsn,
-                        prepare_time,
-                        xid,
-                        gid,
-                    }
-                })
-        };
-        options.push(prepare().prop_map(LogicalMessage::Prepare).boxed());
-        options.push(prepare().prop_map(LogicalMessage::StreamPrepare).boxed());
-        options.push(
-            prepare()
-                .prop_map(|p| {
-                    LogicalMessage::BeginPrepare(BeginPrepare {
-                        prepare_lsn: p.prepare_lsn,
-                        end_lsn: p.end_lsn,
-                        prepare_time: p.prepare_time,
-                        xid: p.xid,
-                        gid: p.gid,
-                    })
-                })
-                .boxed(),
-        );
-        options.push(
-            prepare()
-                .prop_map(|p| {
-                    LogicalMessage::CommitPrepared(CommitPrepared {
-                        flags: p.flags,
-                        commit_lsn: p.prepare_lsn,
-                        end_lsn: p.end_lsn,
-                        commit_time: p.prepare_time,
-                        xid: p.xid,
-                        gid: p.gid,
-                    })
-                })
-                .boxed(),
-        );
-        options.push(
-            (prepare(), any::<i64>())
-                .prop_map(|(p, rollback_time)| {
-                    LogicalMessage::RollbackPrepared(RollbackPrepared {
-                        flags: p.flags,
-                        prepare_end_lsn: p.prepare_lsn,
-                        rollback_end_lsn: p.end_lsn,
-                        prepare_time: p.prepare_time,
-                        rollback_time,
-                        xid: p.xid,
-                        gid: p.gid,
-                    })
-                })
-                .boxed(),
-        );
+        options.extend(two_phase_strategies());
     }
     prop::strategy::Union::new(options).boxed()
+}
+
+/// One strategy per two-phase message type (protocol 3+).
+fn two_phase_strategies() -> Vec<BoxedStrategy<LogicalMessage>> {
+    let mut options = Vec::new();
+    let prepare = || {
+        (
+            any::<u8>(),
+            lsn(),
+            lsn(),
+            any::<i64>(),
+            any::<u32>(),
+            name(),
+        )
+            .prop_map(
+                |(flags, prepare_lsn, end_lsn, prepare_time, xid, gid)| Prepare {
+                    flags,
+                    prepare_lsn,
+                    end_lsn,
+                    prepare_time,
+                    xid,
+                    gid,
+                },
+            )
+    };
+    options.push(prepare().prop_map(LogicalMessage::Prepare).boxed());
+    options.push(prepare().prop_map(LogicalMessage::StreamPrepare).boxed());
+    options.push(
+        prepare()
+            .prop_map(|p| {
+                LogicalMessage::BeginPrepare(BeginPrepare {
+                    prepare_lsn: p.prepare_lsn,
+                    end_lsn: p.end_lsn,
+                    prepare_time: p.prepare_time,
+                    xid: p.xid,
+                    gid: p.gid,
+                })
+            })
+            .boxed(),
+    );
+    options.push(
+        prepare()
+            .prop_map(|p| {
+                LogicalMessage::CommitPrepared(CommitPrepared {
+                    flags: p.flags,
+                    commit_lsn: p.prepare_lsn,
+                    end_lsn: p.end_lsn,
+                    commit_time: p.prepare_time,
+                    xid: p.xid,
+                    gid: p.gid,
+                })
+            })
+            .boxed(),
+    );
+    options.push(
+        (prepare(), any::<i64>())
+            .prop_map(|(p, rollback_time)| {
+                LogicalMessage::RollbackPrepared(RollbackPrepared {
+                    flags: p.flags,
+                    prepare_end_lsn: p.prepare_lsn,
+                    rollback_end_lsn: p.end_lsn,
+                    prepare_time: p.prepare_time,
+                    rollback_time,
+                    xid: p.xid,
+                    gid: p.gid,
+                })
+            })
+            .boxed(),
+    );
+    options
 }
 
 /// A streamed block: Stream Start, changes carrying its xid, Stream Stop.
