@@ -498,10 +498,9 @@ impl Worker {
         verdicts: &Verdicts,
     ) -> Result<(), tokio_postgres::Error> {
         let (token, client, prepared) = (b.token, b.client, b.prepared);
-        let keys = |idx: &[usize]| b.keys(idx);
         let cfg = &self.shared.config.poll;
         let idx: Vec<usize> = verdicts.retry.iter().map(|(i, _)| *i).collect();
-        let (ids, created) = keys(&idx);
+        let (ids, created) = b.keys(&idx);
         let delay = retry_delay(
             1,
             Duration::from_millis(cfg.backoff_base_ms),
@@ -535,10 +534,9 @@ impl Worker {
     ) -> Result<(), tokio_postgres::Error> {
         let (stats, claimed, token, client, prepared) =
             (&self.shared.stats, b.claimed, b.token, b.client, b.prepared);
-        let keys = |idx: &[usize]| b.keys(idx);
         let cfg = &self.shared.config.poll;
         let idx: Vec<usize> = verdicts.retry.iter().map(|(i, _)| *i).collect();
-        let (ids, created) = keys(&idx);
+        let (ids, created) = b.keys(&idx);
         let delays: Vec<i64> = idx
             .iter()
             .map(|&i| {
@@ -578,9 +576,8 @@ impl Worker {
     ) -> Result<(), tokio_postgres::Error> {
         let (stats, claimed, token, client, prepared) =
             (&self.shared.stats, b.claimed, b.token, b.client, b.prepared);
-        let keys = |idx: &[usize]| b.keys(idx);
         let idx: Vec<usize> = verdicts.dead.iter().map(|(i, _)| *i).collect();
-        let (ids, created) = keys(&idx);
+        let (ids, created) = b.keys(&idx);
         let errors: Vec<&str> = verdicts.dead.iter().map(|(_, e)| e.as_str()).collect();
         let dead_ids: Vec<String> = client
             .query_one(&prepared.dead_letter, &[&token, &ids, &created, &errors])
@@ -605,8 +602,7 @@ impl Worker {
         verdicts: &Verdicts,
     ) -> Result<(), tokio_postgres::Error> {
         let (token, client, prepared) = (b.token, b.client, b.prepared);
-        let keys = |idx: &[usize]| b.keys(idx);
-        let (ids, created) = keys(&verdicts.unsent);
+        let (ids, created) = b.keys(&verdicts.unsent);
         let released: i64 = client
             .query_one(&prepared.release, &[&token, &ids, &created])
             .await?
