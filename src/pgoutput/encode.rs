@@ -87,32 +87,35 @@ impl Writer {
         }
     }
 
-    fn update(&mut self, m: &super::message::Update) {
-        self.xid(m.xid);
-        self.u32(m.relation_id);
-        if let Some(key) = &m.key {
+    /// The head Update and Delete share: xid, relation, and the key or
+    /// old tuple when present.
+    fn old_row(
+        &mut self,
+        xid: Option<u32>,
+        relation_id: u32,
+        key: &Option<Tuple>,
+        old: &Option<Tuple>,
+    ) {
+        self.xid(xid);
+        self.u32(relation_id);
+        if let Some(key) = key {
             self.u8(tag::TUPLE_KEY);
             self.tuple(key);
         }
-        if let Some(old) = &m.old {
+        if let Some(old) = old {
             self.u8(tag::TUPLE_OLD);
             self.tuple(old);
         }
+    }
+
+    fn update(&mut self, m: &super::message::Update) {
+        self.old_row(m.xid, m.relation_id, &m.key, &m.old);
         self.u8(tag::TUPLE_NEW);
         self.tuple(&m.new);
     }
 
     fn delete(&mut self, m: &super::message::Delete) {
-        self.xid(m.xid);
-        self.u32(m.relation_id);
-        if let Some(key) = &m.key {
-            self.u8(tag::TUPLE_KEY);
-            self.tuple(key);
-        }
-        if let Some(old) = &m.old {
-            self.u8(tag::TUPLE_OLD);
-            self.tuple(old);
-        }
+        self.old_row(m.xid, m.relation_id, &m.key, &m.old);
     }
 
     fn truncate(&mut self, m: &super::message::Truncate) {
