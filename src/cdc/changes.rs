@@ -246,17 +246,14 @@ mod tests {
     use crate::pipeline::testing::{Rig, RigOptions};
     use crate::Lsn;
 
-    const OUTBOX: &[&str] = &[
-        "id",
-        "created_at",
-        "tracking_id",
-        "aggregate_id",
-        "aggregate_type",
-        "event_type",
-        "payload",
-        "metadata",
-        "status",
-    ];
+    /// The outbox columns, then `status`.
+    fn outbox_columns() -> Vec<&'static str> {
+        crate::outbox::OUTBOX_COLUMNS
+            .iter()
+            .copied()
+            .chain(["status"])
+            .collect()
+    }
 
     fn relation(id: u32, name: &str, columns: &[&str]) -> LogicalMessage {
         LogicalMessage::Relation(Relation {
@@ -342,7 +339,7 @@ mod tests {
         let mut r = Rig::new(RigOptions::default());
         let mut c = changes();
         let msgs = vec![
-            relation(1, "outbox", OUTBOX),
+            relation(1, "outbox", &outbox_columns()),
             begin(7),
             insert(1, 1, "PENDING", None),
             message(true, "outbox", 150),
@@ -375,7 +372,7 @@ mod tests {
         let mut r = Rig::new(RigOptions::default());
         let mut c = changes();
         let msgs = vec![
-            relation(1, "outbox", OUTBOX),
+            relation(1, "outbox", &outbox_columns()),
             relation(2, "orders", &["id", "total"]),
             begin(7),
             LogicalMessage::Insert(Insert {
@@ -406,7 +403,12 @@ mod tests {
         apply_all(
             &mut c,
             &mut r,
-            vec![relation(1, "outbox", OUTBOX), begin(7), bad, commit(200)],
+            vec![
+                relation(1, "outbox", &outbox_columns()),
+                begin(7),
+                bad,
+                commit(200),
+            ],
         )
         .await;
         assert!(r.sent().is_empty());
@@ -431,7 +433,7 @@ mod tests {
             })
         };
         let msgs = vec![
-            relation(1, "outbox", OUTBOX),
+            relation(1, "outbox", &outbox_columns()),
             start(),
             insert(1, 1, "PENDING", Some(9)),
             insert(1, 2, "PENDING", Some(10)),

@@ -246,6 +246,17 @@ fn lock_timeout_setting(d: Duration) -> String {
     format!("{}ms", d.as_millis().clamp(1, i32::MAX as u128))
 }
 
+/// `lock_timeout` for the rest of the transaction `tx`.
+async fn set_lock_timeout(tx: &tokio_postgres::Transaction<'_>, d: Duration) -> Result<(), Error> {
+    tx.execute(
+        "SELECT set_config('lock_timeout', $1, true)",
+        &[&lock_timeout_setting(d)],
+    )
+    .await
+    .map_err(db("setting lock_timeout"))?;
+    Ok(())
+}
+
 fn db(doing: &str) -> impl FnOnce(tokio_postgres::Error) -> Error + '_ {
     move |e| Error::postgres(doing, &e)
 }
@@ -354,12 +365,7 @@ async fn create_ahead(
         .map_err(db("starting a transaction"))?;
     // Creating a partition locks the outbox (ACCESS EXCLUSIVE) for an
     // instant: wait for it no longer than for a retirement.
-    tx.execute(
-        "SELECT set_config('lock_timeout', $1, true)",
-        &[&lock_timeout_setting(options.lock_timeout)],
-    )
-    .await
-    .map_err(db("setting lock_timeout"))?;
+    set_lock_timeout(&tx, options.lock_timeout).await?;
     let rows = tx
         .query(&create_sql, &[&parent, &ahead, &step, &now])
         .await
@@ -562,12 +568,7 @@ async fn retire(
         .start()
         .await
         .map_err(db("starting a transaction"))?;
-    tx.execute(
-        "SELECT set_config('lock_timeout', $1, true)",
-        &[&lock_timeout_setting(options.lock_timeout)],
-    )
-    .await
-    .map_err(db("setting lock_timeout"))?;
+    set_lock_timeout(&tx, options.lock_timeout).await?;
     // From here on nothing can add or change a row in the partition until
     // this transaction ends.
     let detached = tx
