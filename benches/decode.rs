@@ -43,7 +43,8 @@ fn captured() -> (Vec<Bytes>, OutboxColumns) {
     assert!(!inserts.is_empty(), "fixture has Insert messages");
     (
         inserts,
-        OutboxColumns::from_relation(&relation).expect("outbox relation"),
+        OutboxColumns::from_relation(&relation, &pgoutbox::config::ColumnMap::pgoutbox())
+            .expect("outbox relation"),
     )
 }
 

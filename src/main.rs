@@ -48,6 +48,25 @@ enum Command {
         #[arg(long)]
         no_audit: bool,
     },
+    /// Check an outbox table pgoutbox did not create (Debezium's, your
+    /// own) against [outbox.columns], report what it lacks for relaying,
+    /// marking and poll mode, and make the relay's own tables and the
+    /// publication beside it. Never drops or rewrites anything (see
+    /// docs/migrating-from-debezium.md).
+    Adopt {
+        /// Only report; change nothing.
+        #[arg(long)]
+        check: bool,
+        /// Also add the columns poll mode and marking need (status,
+        /// retry_count, …; constant defaults, no table rewrite; rows
+        /// already there become COMPLETED) and their indexes, built
+        /// concurrently.
+        #[arg(long, conflicts_with = "check")]
+        add_poll_columns: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the relay until SIGTERM or SIGINT.
     Run {
         /// Create a new replication slot even though the one pgoutbox created
@@ -302,6 +321,18 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match args.command {
             Command::Migrate { .. } => cli::migrate_with(&config, relay_role.as_ref()).await,
+            Command::Adopt {
+                check,
+                add_poll_columns,
+                json,
+            } => {
+                let args = cli::AdoptArgs {
+                    check,
+                    add_poll_columns,
+                    json,
+                };
+                cli::adopt(&config, args).await
+            }
             Command::Run { recreate_slot, .. } => cli::run(config, recreate_slot).await,
             Command::Dle { command } => cli::dle(&config, command.into()).await,
             Command::Status { json } => cli::status(&config, json).await,

@@ -96,8 +96,8 @@ async fn a_debezium_format_naming_a_missing_column_stops_at_start_saying_which()
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("kafka.debezium.table.field.event.key")
-            && stderr.contains("\"aggregateid\" is not a column of the outbox table"),
+        stderr.contains("relaying needs the column(s) aggregateid, aggregatetype")
+            && stderr.contains("aggregateid by kafka.debezium.table.field.event.key"),
         "{stderr}"
     );
 }

@@ -1,7 +1,9 @@
 //! No loss at the very start: rows committed before a new slot's consistent
 //! point are not in its stream, so the relay reads the ones still waiting
 //! (`PENDING`, `PROCESSING`, `FAILED`) from the slot's exported snapshot and
-//! publishes them, oldest first, before streaming begins. Rows committed
+//! publishes them, oldest first, before streaming begins. A table without
+//! the row-state columns (`status`, `id`, `created_at`) cannot say which
+//! rows are waiting: its rows are not backfilled, and the relay says so. Rows committed
 //! after the consistent point come from the stream, so none is missed and
 //! none is read twice.
 //!
@@ -13,9 +15,10 @@
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use crate::config::ColumnMap;
 use crate::config::{quote_ident, Config};
 use crate::error::Error;
-use crate::outbox::{select_list, OutboxEvent, RowKey, OUTBOX_COLUMNS};
+use crate::outbox::{select_list, OutboxEvent, RowKey};
 use crate::pipeline::{Pipeline, Source};
 use crate::Lsn;
 
@@ -25,7 +28,7 @@ const CHUNK: u32 = 1000;
 /// Pending rows, chunk by chunk, oldest first.
 pub(super) trait PendingRows {
     /// The next chunk; `None` when every row has been read.
-    async fn next_chunk(&mut self) -> Result<Option<Vec<OutboxEvent>>, Error>;
+    async fn next_chunk(&mut self) -> Result<Option<Vec<(OutboxEvent, RowKey)>>, Error>;
 }
 
 /// Publishes every row of `rows` as one transaction that commits at
@@ -45,13 +48,9 @@ pub(super) async fn run(
     let tx = pipeline.begin();
     let mut read = 0u64;
     while let Some(chunk) = rows.next_chunk().await? {
-        for event in chunk {
+        for (event, key) in chunk {
             pipeline.wait_for_room().await?;
             pipeline.drain()?;
-            let key = RowKey {
-                id: event.id.clone(),
-                created_at: event.created_at.clone(),
-            };
             pipeline.offer(tx, event, Source::Row(key)).await?;
             read += 1;
         }
@@ -72,10 +71,12 @@ pub(super) async fn run(
 /// the new slot's exported snapshot through a cursor per table.
 pub(super) struct SnapshotRows {
     client: tokio_postgres::Client,
-    /// Tables still to read, last first.
-    tables: Vec<(String, String)>,
-    /// The table the open cursor reads.
-    current: Option<Bytes>,
+    map: ColumnMap,
+    /// Tables still to read, last first, each with whether its payload is
+    /// bytea.
+    tables: Vec<(String, String, bool)>,
+    /// The table the open cursor reads, and its payload's kind.
+    current: Option<(Bytes, bool)>,
 }
 
 fn db(e: tokio_postgres::Error) -> Error {
@@ -85,9 +86,10 @@ fn db(e: tokio_postgres::Error) -> Error {
 impl SnapshotRows {
     /// Opens a read-only repeatable-read transaction on `snapshot` and finds
     /// every outbox table of the publication (the configured one and any
-    /// other table carrying the outbox columns).
+    /// other table carrying the mapped and row-state columns).
     pub(super) async fn open(
         config: &Config,
+        map: &ColumnMap,
         pg: &crate::database::Settings,
         snapshot: &str,
     ) -> Result<SnapshotRows, Error> {
@@ -99,24 +101,42 @@ impl SnapshotRows {
             ))
             .await
             .map_err(db)?;
-        let columns: Vec<&str> = OUTBOX_COLUMNS.iter().copied().chain(["status"]).collect();
-        let mut tables: Vec<(String, String)> = client
+        let columns: Vec<&str> = map
+            .required_columns()
+            .chain(["status", "id", "created_at"])
+            .collect();
+        let payload = map.name(crate::config::Role::Payload).unwrap_or("payload");
+        let rows = client
             .query(
-                "SELECT t.schemaname::text, t.tablename::text FROM pg_publication_tables t \
-                  WHERE t.pubname = $1 AND (SELECT count(*) FROM information_schema.columns c \
-                         WHERE c.table_schema = t.schemaname AND c.table_name = t.tablename \
-                           AND c.column_name::text = ANY($2::text[])) = cardinality($2::text[]) \
-                  ORDER BY 1, 2",
-                &[&config.cdc.publication, &columns],
+                "SELECT t.schemaname::text, t.tablename::text, \
+                        (SELECT count(DISTINCT c.column_name) FROM information_schema.columns c \
+                          WHERE c.table_schema = t.schemaname AND c.table_name = t.tablename \
+                            AND c.column_name::text = ANY($2::text[])) = cardinality(ARRAY(SELECT DISTINCT unnest($2::text[]))), \
+                        EXISTS (SELECT 1 FROM information_schema.columns c \
+                          WHERE c.table_schema = t.schemaname AND c.table_name = t.tablename \
+                            AND c.column_name::text = $3 AND c.data_type = 'bytea') \
+                   FROM pg_publication_tables t WHERE t.pubname = $1 ORDER BY 1, 2",
+                &[&config.cdc.publication, &columns, &payload],
             )
             .await
-            .map_err(db)?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+            .map_err(db)?;
+        let mut tables = Vec::new();
+        for r in &rows {
+            let (schema, table, complete, bytea): (String, String, bool, bool) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            if complete {
+                tables.push((schema, table, bytea));
+            } else if schema == config.outbox.schema && table == config.outbox.table {
+                tracing::warn!(
+                    table = %format!("{schema}.{table}"),
+                    "the outbox table has no status, id and created_at columns, so the rows already in it when the slot was created cannot be told apart from delivered ones: they are not backfilled; only rows inserted from now on are relayed"
+                );
+            }
+        }
         tables.reverse();
         Ok(SnapshotRows {
             client,
+            map: map.clone(),
             tables,
             current: None,
         })
@@ -129,12 +149,12 @@ impl SnapshotRows {
 }
 
 impl PendingRows for SnapshotRows {
-    async fn next_chunk(&mut self) -> Result<Option<Vec<OutboxEvent>>, Error> {
+    async fn next_chunk(&mut self) -> Result<Option<Vec<(OutboxEvent, RowKey)>>, Error> {
         loop {
-            let table = match &self.current {
+            let (table, bytea) = match &self.current {
                 Some(t) => t.clone(),
                 None => {
-                    let Some((schema, table)) = self.tables.pop() else {
+                    let Some((schema, table, bytea)) = self.tables.pop() else {
                         return Ok(None);
                     };
                     let sql = format!(
@@ -142,14 +162,14 @@ impl PendingRows for SnapshotRows {
                          SELECT {} FROM {}.{} AS o \
                           WHERE o.status IN ('PENDING', 'PROCESSING', 'FAILED') \
                           ORDER BY o.created_at, o.id",
-                        select_list("o"),
+                        select_list(&self.map, "o"),
                         quote_ident(&schema),
                         quote_ident(&table)
                     );
                     self.client.batch_execute(&sql).await.map_err(db)?;
                     let name = Bytes::copy_from_slice(table.as_bytes());
-                    self.current = Some(name.clone());
-                    name
+                    self.current = Some((name.clone(), bytea));
+                    (name, bytea)
                 }
             };
             let rows = self
@@ -167,7 +187,7 @@ impl PendingRows for SnapshotRows {
             }
             let events = rows
                 .iter()
-                .map(|row| OutboxEvent::from_text_row(&table, |i| row.get(i)))
+                .map(|row| OutboxEvent::from_text_row(&self.map, &table, bytea, |i| row.get(i)))
                 .collect();
             return Ok(Some(events));
         }
@@ -182,23 +202,26 @@ mod tests {
     use crate::pipeline::testing::{event, Rig, RigOptions};
 
     /// Rows from memory, in chunks.
-    struct Chunks(VecDeque<Vec<OutboxEvent>>);
+    struct Chunks(VecDeque<Vec<(OutboxEvent, RowKey)>>);
 
     impl PendingRows for Chunks {
-        async fn next_chunk(&mut self) -> Result<Option<Vec<OutboxEvent>>, Error> {
+        async fn next_chunk(&mut self) -> Result<Option<Vec<(OutboxEvent, RowKey)>>, Error> {
             Ok(self.0.pop_front())
         }
     }
 
     fn chunks(rows: u64, per_chunk: u64) -> Chunks {
-        let all: Vec<OutboxEvent> = (1..=rows)
-            .map(|i| event(i, &format!("agg-{}", i % 7)))
+        let all: Vec<(OutboxEvent, RowKey)> = (1..=rows)
+            .map(|i| {
+                let e = event(i, &format!("agg-{}", i % 7));
+                let key = RowKey {
+                    id: e.id.clone(),
+                    created_at: e.created_at.clone(),
+                };
+                (e, key)
+            })
             .collect();
-        Chunks(
-            all.chunks(per_chunk as usize)
-                .map(<[OutboxEvent]>::to_vec)
-                .collect(),
-        )
+        Chunks(all.chunks(per_chunk as usize).map(<[_]>::to_vec).collect())
     }
 
     #[tokio::test]

@@ -15,10 +15,12 @@
 
 use std::collections::HashMap;
 
+use crate::config::ColumnMap;
 use crate::error::Error;
-use crate::outbox::{envelope, OutboxColumns, OutboxEvent, RowKey};
+use crate::outbox::{envelope, OutboxColumns, OutboxEvent};
 use crate::pgoutput::{Insert, LogicalMessage, Message};
 use crate::pipeline::{Pipeline, Source, TxId};
+use crate::Lsn;
 
 /// Which logical messages are outbox events.
 #[derive(Clone, Debug)]
@@ -42,6 +44,11 @@ enum Item {
 /// Decoding state of one replication session.
 pub(super) struct Changes {
     relations: HashMap<u32, Option<OutboxColumns>>,
+    /// Which column plays which role (`[outbox.columns]`).
+    map: ColumnMap,
+    /// The open transaction's commit LSN (from its Begin), for the dead
+    /// letters of rows that cannot be marked.
+    final_lsn: Lsn,
     open_tx: Option<TxId>,
     in_stream: Option<u32>,
     /// Held streamed changes by top-level xid, each with its (sub)xid.
@@ -50,10 +57,13 @@ pub(super) struct Changes {
 }
 
 impl Changes {
-    /// A fresh state; `messages` enables the table-less outbox.
-    pub(super) fn new(messages: Option<MessageFilter>) -> Changes {
+    /// A fresh state reading tables through `map`; `messages` enables the
+    /// table-less outbox.
+    pub(super) fn new(map: ColumnMap, messages: Option<MessageFilter>) -> Changes {
         Changes {
             relations: HashMap::new(),
+            map,
+            final_lsn: Lsn(0),
             open_tx: None,
             in_stream: None,
             streamed: HashMap::new(),
@@ -73,7 +83,8 @@ impl Changes {
         pipeline: &mut Pipeline,
     ) -> Result<(), Error> {
         match message {
-            LogicalMessage::Begin(_) => {
+            LogicalMessage::Begin(b) => {
+                self.final_lsn = b.final_lsn;
                 self.open_tx = Some(pipeline.begin());
             }
             LogicalMessage::Commit(c) => {
@@ -83,7 +94,7 @@ impl Changes {
                 pipeline.commit(tx, c.end_lsn);
             }
             LogicalMessage::Relation(r) => {
-                let cols = match OutboxColumns::from_relation(&r) {
+                let cols = match OutboxColumns::from_relation(&r, &self.map) {
                     Ok(c) => Some(c),
                     Err(e) => {
                         tracing::warn!(error = %e, "ignoring inserts into a published table that is not an outbox");
@@ -120,6 +131,7 @@ impl Changes {
                 self.route(sub, message_item(&m), pipeline).await?;
             }
             LogicalMessage::StreamStart(s) => {
+                self.final_lsn = Lsn(0);
                 self.in_stream = Some(s.xid);
                 self.streamed.entry(s.xid).or_default();
             }
@@ -172,19 +184,25 @@ impl Changes {
         if !cols.is_pending(&ins.new) {
             return Ok(None);
         }
-        Ok(Some(match cols.event(&ins.new) {
-            Ok(event) => {
-                let key = RowKey { id: event.id.clone(), created_at: event.created_at.clone() };
-                Item::Event(event, Source::Row(key))
+        let key = cols.row_key(&ins.new);
+        Ok(Some(match (cols.event(&ins.new), key) {
+            (Ok(event), Some(key)) => Item::Event(event, Source::Row(key)),
+            (Ok(event), None) => {
+                let source = Source::Unmarked {
+                    lsn: self.final_lsn,
+                    event: Box::new(event.clone()),
+                };
+                Item::Event(event, source)
             }
-            Err(e) => match cols.row_key(&ins.new) {
-                Some(key) => Item::Unreadable(Source::Row(key), e.to_string()),
-                None => {
-                    return Err(Error::Fatal(format!(
-                        "an outbox row without id or created_at cannot be published or dead-lettered: {e}"
-                    )))
-                }
-            },
+            (Err(e), Some(key)) => Item::Unreadable(Source::Row(key), e.to_string()),
+            (Err(e), None) => Item::Unreadable(
+                Source::Message {
+                    lsn: self.final_lsn,
+                    prefix: format!("row:{}", cols.qualified()),
+                    content: cols.row_json(&ins.new),
+                },
+                e.to_string(),
+            ),
         }))
     }
 
@@ -267,7 +285,7 @@ mod tests {
                 .map(|c| RelationColumn {
                     flags: 0,
                     name: (*c).into(),
-                    type_oid: 25,
+                    type_oid: if *c == "id" { 20 } else { 25 },
                     type_modifier: -1,
                 })
                 .collect(),
@@ -322,10 +340,13 @@ mod tests {
     }
 
     fn changes() -> Changes {
-        Changes::new(Some(MessageFilter {
-            prefix: "outbox".into(),
-            non_transactional: false,
-        }))
+        Changes::new(
+            ColumnMap::pgoutbox(),
+            Some(MessageFilter {
+                prefix: "outbox".into(),
+                non_transactional: false,
+            }),
+        )
     }
 
     async fn apply_all(c: &mut Changes, r: &mut Rig, msgs: Vec<LogicalMessage>) {

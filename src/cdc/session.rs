@@ -149,7 +149,13 @@ impl Session<'_> {
                     Error::Fatal("the server exported no snapshot for the new slot".into())
                 })?;
                 health().set_phase(Phase::Backfilling, "");
-                let mut rows = super::backfill::SnapshotRows::open(cfg, self.pg, &snapshot).await?;
+                let mut rows = super::backfill::SnapshotRows::open(
+                    cfg,
+                    &self.column_map()?,
+                    self.pg,
+                    &snapshot,
+                )
+                .await?;
                 let n = super::backfill::run(
                     &mut rows,
                     created.consistent_point,
@@ -190,6 +196,13 @@ impl Session<'_> {
 
     /// The pipeline of this session, starting from `confirmed`: the Kafka
     /// sink and the mark writer behind the pipeline's traits.
+    /// The table's column roles (`[outbox.columns]`).
+    fn column_map(&self) -> Result<crate::config::ColumnMap, Error> {
+        self.config
+            .event_columns()
+            .map_err(|e| Error::Fatal(e.to_string()))
+    }
+
     fn pipeline(&self, confirmed: Lsn) -> Result<Pipeline, Error> {
         let cfg = self.config;
         let (mut sink, deliveries) =
@@ -232,7 +245,7 @@ impl Session<'_> {
         let mut s = Streaming {
             feedback: stream.feedback(),
             decoder: Decoder::new(proto),
-            changes: Changes::new(filter),
+            changes: Changes::new(self.column_map()?, filter),
             received: pipeline.flushed(),
             pipeline,
         };

@@ -20,6 +20,22 @@ pub async fn migrate_with(config: &Config, relay_role: Option<&RelayRole>) -> Re
         publication: config.cdc.publication.clone(),
         message_prefix: config.cdc.message_prefix.clone(),
     };
+    let map = config.outbox.column_map()?;
+    if map != crate::config::ColumnMap::pgoutbox() {
+        return Err(Error::Fatal(format!(
+            "`pgoutbox migrate` creates and updates pgoutbox's own table, but [outbox.columns] maps another shape (preset {:?}): create your table yourself, then run `pgoutbox adopt`",
+            map.preset().as_str()
+        )));
+    }
+    if crate::outbox::is_foreign_table(&client, &target)
+        .await
+        .map_err(|e| Error::postgres("checking who created the table", &e))?
+    {
+        return Err(Error::Fatal(format!(
+            "{}.{} exists but was not created by `pgoutbox migrate`, which never alters a table it did not create: run `pgoutbox adopt` to check it and make what the relay needs beside it",
+            target.schema, target.table
+        )));
+    }
     let applied = apply_migrations(&mut client, &target)
         .await
         .map_err(|e| Error::postgres("applying migrations", &e))?;

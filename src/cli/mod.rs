@@ -3,6 +3,8 @@
 //!
 //! - [`run`]: the relay until SIGTERM/SIGINT (`run.rs`);
 //! - [`migrate_with`]: migrations and the relay role (`migrate.rs`);
+//! - [`adopt()`]: a table pgoutbox did not create, checked and served
+//!   (`adopt.rs`);
 //! - [`dle`]: dead letters, list / show / redrive / skip (`dead_letters.rs`);
 //! - [`status`]: the one-screen overview (`status.rs`);
 //! - [`partitions_maintain`]: partition lifecycle (`partitions.rs`);
@@ -13,6 +15,7 @@
 use crate::config::Config;
 use crate::error::Error;
 
+mod adopt;
 mod dead_letters;
 mod import_debezium;
 mod logging;
@@ -22,6 +25,7 @@ mod run;
 mod status;
 
 pub use crate::VERSION;
+pub use adopt::{adopt, AdoptArgs};
 pub use dead_letters::{dle, DleCommand};
 pub use import_debezium::import_debezium;
 pub use logging::init_logging;

@@ -19,6 +19,7 @@ pub const ENV_VARS: &[&str] = &[
     "DATABASE_TLS_CLIENT_KEY",
     "OUTBOX_SCHEMA",
     "OUTBOX_TABLE",
+    "OUTBOX_TABLE_PRESET",
     "OUTBOX_BATCH_SIZE",
     "OUTBOX_LEASE_SECONDS",
     "OUTBOX_POLL_INTERVAL_MS",
@@ -130,6 +131,12 @@ fn apply_outbox(
     }
     if let Some(v) = get("OUTBOX_TABLE") {
         outbox.table = v;
+    }
+    if let Some(v) = get("OUTBOX_TABLE_PRESET") {
+        outbox.columns.preset = v
+            .trim()
+            .parse()
+            .map_err(|e: String| ConfigError::new("OUTBOX_TABLE_PRESET", e))?;
     }
     if let Some(v) = get("OUTBOX_BATCH_SIZE") {
         outbox.batch_size = parse_env("OUTBOX_BATCH_SIZE", &v, "a whole number")?;

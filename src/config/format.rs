@@ -214,8 +214,8 @@ impl EventRouterConfig {
         Ok(())
     }
 
-    /// `table.fields.additional.placement` as `(column, alias)` pairs.
-    pub fn placements(&self) -> Result<Vec<(String, String)>, ConfigError> {
+    /// `table.fields.additional.placement` as placements, in order.
+    pub fn placements(&self) -> Result<Vec<Placement>, ConfigError> {
         let field = "kafka.debezium.table.fields.additional.placement";
         let Some(list) = &self.additional_placement else {
             return Ok(Vec::new());
@@ -225,23 +225,60 @@ impl EventRouterConfig {
             .filter(|s| !s.is_empty())
             .map(|item| {
                 let parts: Vec<&str> = item.split(':').map(str::trim).collect();
-                match parts.as_slice() {
-                    [column, "header"] => Ok(((*column).to_owned(), (*column).to_owned())),
-                    [column, "header", alias] => Ok(((*column).to_owned(), (*alias).to_owned())),
-                    [_, placement] | [_, placement, _] => Err(ConfigError::new(
-                        field,
-                        format!(
-                            "{item:?}: placement {placement:?} is not supported; pgoutbox places additional fields as headers only (column:header[:alias])"
-                        ),
-                    )),
-                    _ => Err(ConfigError::new(
-                        field,
-                        format!("{item:?} is not column:placement[:alias]"),
-                    )),
-                }
+                let (column, place, alias) = match parts.as_slice() {
+                    [column, place] => (*column, *place, *column),
+                    [column, place, alias] => (*column, *place, *alias),
+                    _ => {
+                        return Err(ConfigError::new(
+                            field,
+                            format!("{item:?} is not column:placement[:alias]"),
+                        ))
+                    }
+                };
+                let place = match place {
+                    "header" => Place::Header,
+                    "envelope" => Place::Envelope,
+                    "partition" => Place::Partition,
+                    other => {
+                        return Err(ConfigError::new(
+                            field,
+                            format!(
+                                "{item:?}: placement {other:?} is not one of header, envelope, partition"
+                            ),
+                        ))
+                    }
+                };
+                Ok(Placement {
+                    column: column.to_owned(),
+                    place,
+                    alias: alias.to_owned(),
+                })
             })
             .collect()
     }
+}
+
+/// Where `table.fields.additional.placement` puts a column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// A header named by the alias.
+    Header,
+    /// A field of the value's envelope, named by the alias (the payload
+    /// then goes under `payload`).
+    Envelope,
+    /// The record's partition (an `integer` column).
+    Partition,
+}
+
+/// One `column:placement[:alias]` item.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// The column.
+    pub column: String,
+    /// Where it goes.
+    pub place: Place,
+    /// Its name there (the column's by default).
+    pub alias: String,
 }
 
 #[cfg(test)]
@@ -277,19 +314,28 @@ mod tests {
         assert_eq!(c.route_by_field, "aggregate_type");
         assert_eq!(c.route_topic_regex, "(?<routedByValue>.*)");
         assert_eq!(c.field_event_key, "aggregateid");
+        let placements = c.placements().unwrap();
+        let placed: Vec<(&str, Place, &str)> = placements
+            .iter()
+            .map(|p| (p.column.as_str(), p.place, p.alias.as_str()))
+            .collect();
         assert_eq!(
-            c.placements().unwrap(),
+            placed,
             [
-                ("event_type".to_owned(), "eventType".to_owned()),
-                ("created_at".to_owned(), "created_at".to_owned())
+                ("event_type", Place::Header, "eventType"),
+                ("created_at", Place::Header, "created_at")
             ]
         );
         let bad = EventRouterConfig {
-            additional_placement: Some("type:envelope".into()),
+            additional_placement: Some("type:body".into()),
             ..EventRouterConfig::default()
         };
         let e = bad.validate().unwrap_err();
-        assert!(e.to_string().contains("headers only"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("not one of header, envelope, partition"),
+            "{e}"
+        );
         assert!(toml::from_str::<EventRouterConfig>("\"route.by\" = \"x\"").is_err());
     }
 }

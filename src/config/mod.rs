@@ -17,6 +17,7 @@
 //! [`Config`], loading, and the order in which the sections are checked.
 
 mod cdc;
+mod columns;
 mod database;
 mod duration;
 mod env;
@@ -40,11 +41,15 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use cdc::CdcConfig;
+pub use columns::{
+    ColumnMap, ColumnsConfig, Role, RoleColumn, TablePreset, MARKING_COLUMNS, ROW_STATE_COLUMNS,
+};
 pub use database::{DatabaseConfig, DatabaseUrl};
 pub use duration::parse_duration;
 pub use env::ENV_VARS;
 pub use format::{
-    CloudEventsConfig, CloudEventsMode, DebeziumConverter, EventRouterConfig, RecordFormat,
+    CloudEventsConfig, CloudEventsMode, DebeziumConverter, EventRouterConfig, Place, Placement,
+    RecordFormat,
 };
 pub use identifier::{quote_ident, validate_identifier, validate_slot_name};
 pub use kafka::{KafkaConfig, MANAGED_PROPERTIES};
@@ -106,6 +111,31 @@ pub struct Config {
 }
 
 impl Config {
+    /// The columns events are read with: the roles of `[outbox.columns]`,
+    /// plus every other column the `debezium` record format names (its
+    /// routing, key, id and payload fields and additional placements).
+    pub fn event_columns(&self) -> Result<ColumnMap, ConfigError> {
+        let mut map = self.outbox.column_map()?;
+        if self.kafka.format == RecordFormat::Debezium {
+            let d = &self.kafka.debezium;
+            for name in [
+                &d.field_event_id,
+                &d.field_event_key,
+                &d.field_event_payload,
+                &d.route_by_field,
+            ] {
+                map = map.with_additional(name);
+            }
+            for placed in d.placements()? {
+                map = map.with_additional(&placed.column);
+            }
+            if let Some(column) = &d.field_event_timestamp {
+                map = map.with_additional(column);
+            }
+        }
+        Ok(map)
+    }
+
     /// Reads `path` (if any), then applies the environment, then validates.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let mut config = match path {

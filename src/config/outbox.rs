@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use super::{range, validate_identifier, ConfigError};
+use super::{range, validate_identifier, ColumnMap, ColumnsConfig, ConfigError};
 
 /// The outbox table and the seed's processing settings.
 #[derive(Clone, Debug, Deserialize)]
@@ -29,6 +29,9 @@ pub struct OutboxConfig {
     /// trigger, `false` drops it (the table is kept), unset leaves it as it
     /// is. See docs/audit.md.
     pub audit: Option<bool>,
+    /// Which column plays which role (`[outbox.columns]`), for tables of
+    /// another shape.
+    pub columns: ColumnsConfig,
 }
 
 impl Default for OutboxConfig {
@@ -42,6 +45,7 @@ impl Default for OutboxConfig {
             max_retries: 5,
             mark_completed: true,
             audit: None,
+            columns: ColumnsConfig::default(),
         }
     }
 }
@@ -75,7 +79,14 @@ impl OutboxConfig {
         if self.audit == Some(true) {
             check_audit_names(&self.table)?;
         }
+        self.columns.resolve()?;
         Ok(())
+    }
+
+    /// The roles of the table's columns (`[outbox.columns]`, resolved).
+    /// Only fails for a configuration that did not pass validation.
+    pub fn column_map(&self) -> Result<ColumnMap, ConfigError> {
+        self.columns.resolve()
     }
 
     /// Checks the numeric settings.

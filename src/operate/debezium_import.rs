@@ -264,6 +264,7 @@ fn outbox_section(
         quoted(table)
     );
     toml.push_str("mark_completed = false  # Debezium's table has no status column to mark\n");
+    columns_section(options, toml);
     let _ = write!(toml, "\n[cdc]\n");
     if let Some(slot) = get("slot.name") {
         used.push("slot.name");
@@ -278,6 +279,31 @@ fn outbox_section(
         toml.push_str("publication = \"dbz_publication\"  # Debezium's default publication.name\n");
     }
     Ok(())
+}
+
+/// The router's field options and the role each names in
+/// `[outbox.columns]`.
+const ROLE_FIELDS: [(&str, &str); 6] = [
+    ("table.field.event.id", "event_id"),
+    ("route.by.field", "aggregate_type"),
+    ("table.field.event.key", "aggregate_id"),
+    ("table.field.event.type", "event_type"),
+    ("table.field.event.payload", "payload"),
+    ("tracing.span.context.field", "trace_context"),
+];
+
+/// `[outbox.columns]`: Debezium's default table, with each role the
+/// connector's router renames mapped to its column.
+fn columns_section(options: &BTreeMap<String, String>, toml: &mut String) {
+    toml.push_str("\n[outbox.columns]\npreset = \"debezium\"  # id, aggregatetype, aggregateid, type, payload\n");
+    let Some(alias) = find_router(options) else {
+        return;
+    };
+    for (field, role) in ROLE_FIELDS {
+        if let Some(column) = options.get(&format!("transforms.{alias}.{field}")) {
+            let _ = writeln!(toml, "{role} = {}  # {field}", quoted(column.trim()));
+        }
+    }
 }
 
 fn kafka_section(

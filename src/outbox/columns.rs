@@ -1,35 +1,48 @@
-//! Finding the outbox columns ([`OUTBOX_COLUMNS`]) in a replicated
-//! relation by name, and reading an [`OutboxEvent`] out of a row's tuple
-//! without copying.
+//! Finding an outbox table's columns in a replicated relation by name,
+//! through the table's [`ColumnMap`], and reading an [`OutboxEvent`] out of
+//! a row's tuple without copying.
 
 use bytes::Bytes;
 
-use super::event::{OutboxEvent, OUTBOX_COLUMNS};
+use super::event::OutboxEvent;
+use crate::config::{ColumnMap, Role};
 use crate::pgoutput::{Relation, Tuple, TupleValue};
 
-/// Position of `metadata`, the one optional column, in [`OUTBOX_COLUMNS`].
-const METADATA: usize = 7;
+/// PostgreSQL's type oid of `bytea`.
+const BYTEA_OID: u32 = 17;
 
-/// Positions of the outbox columns in a relation, found by name from its
+/// `int8`, `int2`, `int4`: the row ids marking can address.
+const INTEGER_OIDS: [u32; 3] = [20, 21, 23];
+
+/// Positions of the mapped columns in a relation, found by name from its
 /// Relation message (so column order and extra columns do not matter).
 #[derive(Clone, Debug)]
 pub struct OutboxColumns {
     table: Bytes,
-    /// Where each of [`OUTBOX_COLUMNS`] is in the relation.
-    at: [Option<usize>; OUTBOX_COLUMNS.len()],
+    /// `schema.table`, for dead letters of rows that cannot be marked.
+    qualified: String,
+    /// Where each role's column is, with its name, in [`Role::ALL`] order.
+    roles: Vec<Option<(usize, String)>>,
+    /// Where each additional column is.
+    additional: Vec<usize>,
+    /// The row key `(id, created_at)` and `status`, when the table has
+    /// them (marking needs all three, and an integer `id`).
+    id: Option<usize>,
+    created_at: Option<usize>,
     status: Option<usize>,
+    bytea_payload: bool,
 }
 
 /// Why a row could not be read as an outbox event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ColumnError {
     /// The relation lacks a required column.
-    #[error("relation {relation} has no column {column:?}, so it is not an outbox table")]
+    #[error("relation {relation} has no column {column:?}, so it is not an outbox table (see [outbox.columns])")]
     Missing {
         /// `schema.table`.
         relation: String,
         /// The missing column.
-        column: &'static str,
+        column: String,
     },
     /// The tuple has fewer values than the relation has columns.
     #[error("row has {got} values but the relation has column #{wanted}")]
@@ -39,48 +52,72 @@ pub enum ColumnError {
         /// The index asked for.
         wanted: usize,
     },
-    /// A required column is NULL, unchanged-TOAST or binary.
+    /// A required column is NULL, unchanged-TOAST, binary or not bytea text.
     #[error("column {column:?} is {kind}, expected a text value")]
     NotText {
         /// The column.
-        column: &'static str,
+        column: String,
         /// What it was instead.
         kind: &'static str,
     },
 }
 
 impl OutboxColumns {
-    /// Locates the outbox columns in `relation`.
-    pub fn from_relation(relation: &Relation) -> Result<OutboxColumns, ColumnError> {
+    /// Locates the columns of `map` in `relation`.
+    pub fn from_relation(
+        relation: &Relation,
+        map: &ColumnMap,
+    ) -> Result<OutboxColumns, ColumnError> {
         let find = |name: &str| relation.columns.iter().position(|c| c.name == name);
-        let mut at = [None; OUTBOX_COLUMNS.len()];
-        for (i, name) in OUTBOX_COLUMNS.iter().enumerate() {
-            at[i] = find(name);
-            if at[i].is_none() && i != METADATA {
-                return Err(ColumnError::Missing {
-                    relation: format!("{}.{}", relation.namespace, relation.name),
-                    column: name,
-                });
-            }
+        let qualified = format!("{}.{}", relation.namespace, relation.name);
+        let missing = |column: &str| ColumnError::Missing {
+            relation: qualified.clone(),
+            column: column.to_string(),
+        };
+        let mut roles = Vec::with_capacity(Role::ALL.len());
+        for role in Role::ALL {
+            roles.push(match map.role(role) {
+                None => None,
+                Some(c) => match find(&c.name) {
+                    Some(at) => Some((at, c.name.clone())),
+                    None if c.required => return Err(missing(&c.name)),
+                    None => None,
+                },
+            });
         }
+        let additional = map
+            .additional()
+            .iter()
+            .map(|c| find(c).ok_or_else(|| missing(c)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let bytea_payload = roles[payload_index()]
+            .as_ref()
+            .is_some_and(|(at, _)| relation.columns[*at].type_oid == BYTEA_OID);
         Ok(OutboxColumns {
             table: Bytes::copy_from_slice(relation.name.as_bytes()),
-            at,
+            qualified,
+            roles,
+            additional,
+            id: find("id").filter(|&i| INTEGER_OIDS.contains(&relation.columns[i].type_oid)),
+            created_at: find("created_at"),
             status: find("status"),
+            bytea_payload,
         })
     }
 
-    /// The text of required column `i` of [`OUTBOX_COLUMNS`].
-    fn required(&self, tuple: &Tuple, i: usize) -> Result<Bytes, ColumnError> {
-        // Every required position was found in `from_relation`.
-        text(tuple, self.at[i].unwrap_or(usize::MAX), OUTBOX_COLUMNS[i])
+    /// `schema.table`.
+    pub fn qualified(&self) -> &str {
+        &self.qualified
     }
 
-    /// The row's key `(id, created_at)` as text, when both are present: used
-    /// to dead-letter a row even when the rest of it is unreadable.
+    /// The row's key `(id, created_at)` as text, when the table can be
+    /// marked (it has `id`, `created_at` and `status`) and both are set:
+    /// used to mark the row, or dead-letter it even when the rest of it is
+    /// unreadable.
     pub fn row_key(&self, tuple: &Tuple) -> Option<super::RowKey> {
-        let id = self.required(tuple, 0).ok()?;
-        let created_at = self.required(tuple, 1).ok()?;
+        self.status?;
+        let id = text(tuple, self.id?, "id").ok()?;
+        let created_at = text(tuple, self.created_at?, "created_at").ok()?;
         Some(super::RowKey { id, created_at })
     }
 
@@ -96,40 +133,91 @@ impl OutboxColumns {
         }
     }
 
+    /// The role's value: an error for a NULL essential role, empty for
+    /// another NULL role or an absent optional one.
+    fn role(&self, tuple: &Tuple, role: Role) -> Result<Option<Bytes>, ColumnError> {
+        let Some((at, name)) = &self.roles[Role::ALL.iter().position(|r| *r == role).unwrap_or(0)]
+        else {
+            return Ok(None);
+        };
+        match text(tuple, *at, name) {
+            Ok(b) => Ok(Some(b)),
+            Err(ColumnError::NotText { kind: "NULL", .. }) if !role.essential() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Reads the event from an inserted row.
     pub fn event(&self, tuple: &Tuple) -> Result<OutboxEvent, ColumnError> {
+        let value = |role| self.role(tuple, role).map(Option::unwrap_or_default);
+        let mut payload = value(Role::Payload)?;
+        if self.bytea_payload {
+            payload = super::bytea::decode(&payload).ok_or_else(|| ColumnError::NotText {
+                column: self.roles[payload_index()]
+                    .as_ref()
+                    .map(|r| r.1.clone())
+                    .unwrap_or_default(),
+                kind: "not bytea text",
+            })?;
+        }
         Ok(OutboxEvent {
             table: self.table.clone(),
-            id: self.required(tuple, 0)?,
-            created_at: self.required(tuple, 1)?,
-            tracking_id: self.required(tuple, 2)?,
-            aggregate_id: self.required(tuple, 3)?,
-            aggregate_type: self.required(tuple, 4)?,
-            event_type: self.required(tuple, 5)?,
-            payload: self.required(tuple, 6)?,
-            metadata: match self.at[METADATA].and_then(|i| tuple.0.get(i)) {
-                Some(TupleValue::Text(b)) => Some(b.clone()),
-                _ => None,
-            },
+            id: self
+                .id
+                .and_then(|i| text(tuple, i, "id").ok())
+                .unwrap_or_default(),
+            created_at: value(Role::Timestamp)?,
+            tracking_id: value(Role::EventId)?,
+            aggregate_id: value(Role::AggregateId)?,
+            aggregate_type: value(Role::AggregateType)?,
+            event_type: value(Role::EventType)?,
+            payload,
+            metadata: self.role(tuple, Role::TraceContext)?,
+            additional: self
+                .additional
+                .iter()
+                .map(|&i| match tuple.0.get(i) {
+                    Some(TupleValue::Text(b)) => Some(b.clone()),
+                    _ => None,
+                })
+                .collect(),
         })
+    }
+
+    /// The row as a JSON object of its mapped columns' text, for the dead
+    /// letter of a row that cannot be marked.
+    pub fn row_json(&self, tuple: &Tuple) -> Bytes {
+        let mut row = serde_json::Map::new();
+        for (at, name) in self.roles.iter().flatten() {
+            let v = match tuple.0.get(*at) {
+                Some(TupleValue::Text(b)) => {
+                    serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
+                }
+                _ => serde_json::Value::Null,
+            };
+            row.insert(name.clone(), v);
+        }
+        Bytes::from(serde_json::Value::Object(row).to_string())
     }
 }
 
-fn text(tuple: &Tuple, index: usize, column: &'static str) -> Result<Bytes, ColumnError> {
+fn payload_index() -> usize {
+    Role::ALL
+        .iter()
+        .position(|r| *r == Role::Payload)
+        .unwrap_or(0)
+}
+
+fn text(tuple: &Tuple, index: usize, column: &str) -> Result<Bytes, ColumnError> {
+    let not_text = |kind| ColumnError::NotText {
+        column: column.to_string(),
+        kind,
+    };
     match tuple.0.get(index) {
         Some(TupleValue::Text(b)) => Ok(b.clone()),
-        Some(TupleValue::Null) => Err(ColumnError::NotText {
-            column,
-            kind: "NULL",
-        }),
-        Some(TupleValue::UnchangedToast) => Err(ColumnError::NotText {
-            column,
-            kind: "an unchanged TOAST value",
-        }),
-        Some(TupleValue::Binary(_)) => Err(ColumnError::NotText {
-            column,
-            kind: "binary",
-        }),
+        Some(TupleValue::Null) => Err(not_text("NULL")),
+        Some(TupleValue::UnchangedToast) => Err(not_text("an unchanged TOAST value")),
+        Some(TupleValue::Binary(_)) => Err(not_text("binary")),
         None => Err(ColumnError::Short {
             got: tuple.0.len(),
             wanted: index,
@@ -154,7 +242,7 @@ mod tests {
                 .map(|n| RelationColumn {
                     flags: 0,
                     name: (*n).into(),
-                    type_oid: 25,
+                    type_oid: if *n == "id" { 20 } else { 25 },
                     type_modifier: -1,
                 })
                 .collect(),
@@ -190,7 +278,7 @@ mod tests {
         let mut names = COLS.to_vec();
         names.reverse();
         names.insert(3, "extra");
-        let cols = OutboxColumns::from_relation(&relation(&names)).unwrap();
+        let cols = OutboxColumns::from_relation(&relation(&names), &ColumnMap::pgoutbox()).unwrap();
         let mut values: Vec<Option<&'static str>> = vec![
             Some("2026-01-01 00:00:00+00"),
             Some("PENDING"),
@@ -214,14 +302,12 @@ mod tests {
 
     #[test]
     fn a_table_without_outbox_columns_is_not_an_outbox() {
-        let err = OutboxColumns::from_relation(&relation(&["id", "name"])).unwrap_err();
+        let err = OutboxColumns::from_relation(&relation(&["id", "name"]), &ColumnMap::pgoutbox())
+            .unwrap_err();
         assert!(
             matches!(
                 err,
-                ColumnError::Missing {
-                    column: "created_at",
-                    ..
-                }
+                ColumnError::Missing { ref column, .. } if column == "tracking_id"
             ),
             "{err}"
         );
@@ -229,7 +315,7 @@ mod tests {
 
     #[test]
     fn null_required_value_is_an_error_not_a_panic() {
-        let cols = OutboxColumns::from_relation(&relation(COLS)).unwrap();
+        let cols = OutboxColumns::from_relation(&relation(COLS), &ColumnMap::pgoutbox()).unwrap();
         let t = tuple(&[
             Some("1"),
             Some("t"),
@@ -243,10 +329,7 @@ mod tests {
         ]);
         assert!(matches!(
             cols.event(&t),
-            Err(ColumnError::NotText {
-                column: "aggregate_type",
-                ..
-            })
+            Err(ColumnError::NotText { ref column, .. }) if column == "aggregate_type"
         ));
         assert!(cols.row_key(&t).is_some());
         let short = tuple(&[Some("1")]);
@@ -255,7 +338,7 @@ mod tests {
 
     #[test]
     fn rows_inserted_in_another_status_are_not_pending() {
-        let cols = OutboxColumns::from_relation(&relation(COLS)).unwrap();
+        let cols = OutboxColumns::from_relation(&relation(COLS), &ColumnMap::pgoutbox()).unwrap();
         let t = tuple(&[
             Some("1"),
             Some("t"),
@@ -268,5 +351,71 @@ mod tests {
             Some("c"),
         ]);
         assert!(!cols.is_pending(&t));
+    }
+
+    fn typed_relation(columns: &[(&str, u32)]) -> Relation {
+        let mut r = relation(&columns.iter().map(|c| c.0).collect::<Vec<_>>());
+        for (c, (_, oid)) in r.columns.iter_mut().zip(columns) {
+            c.type_oid = *oid;
+        }
+        r
+    }
+
+    #[test]
+    fn debeziums_table_is_read_through_its_preset_and_cannot_be_marked() {
+        let map = crate::config::ColumnsConfig {
+            preset: crate::config::TablePreset::Debezium,
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let r = typed_relation(&[
+            ("id", 2950),
+            ("aggregatetype", 1043),
+            ("aggregateid", 1043),
+            ("type", 1043),
+            ("payload", BYTEA_OID),
+        ]);
+        let cols = OutboxColumns::from_relation(&r, &map).unwrap();
+        let t = tuple(&[
+            Some("0b6b7d5e-8c1a-4a51-9a3b-2f8d3c1e9f00"),
+            Some("Order"),
+            Some("17"),
+            Some("Created"),
+            Some("\\x7b7d"),
+        ]);
+        let e = cols.event(&t).unwrap();
+        assert_eq!(&e.tracking_id[..], b"0b6b7d5e-8c1a-4a51-9a3b-2f8d3c1e9f00");
+        assert_eq!(&e.payload[..], b"{}", "bytea decoded");
+        assert_eq!(e.metadata, None, "no tracingspancontext column");
+        assert!(e.created_at.is_empty());
+        assert!(cols.row_key(&t).is_none(), "no status column: not markable");
+        assert!(cols.is_pending(&t));
+        let json: serde_json::Value = serde_json::from_slice(&cols.row_json(&t)).unwrap();
+        assert_eq!(json["aggregateid"], "17");
+        let bad = tuple(&[Some("x"), Some("A"), Some("1"), Some("T"), Some("\\q")]);
+        assert!(matches!(
+            cols.event(&bad),
+            Err(ColumnError::NotText {
+                kind: "not bytea text",
+                ..
+            })
+        ));
+        let no_type = typed_relation(&[
+            ("id", 2950),
+            ("aggregatetype", 25),
+            ("aggregateid", 25),
+            ("payload", 3802),
+        ]);
+        let cols = OutboxColumns::from_relation(&no_type, &map).unwrap();
+        let e = cols
+            .event(&tuple(&[Some("x"), Some("A"), Some("1"), Some("{}")]))
+            .unwrap();
+        assert!(e.event_type.is_empty(), "the event type is optional");
+        let no_key = typed_relation(&[("id", 2950), ("aggregatetype", 25), ("payload", 3802)]);
+        assert!(matches!(
+            OutboxColumns::from_relation(&no_key, &map),
+            Err(ColumnError::Missing { ref column, .. }) if column == "aggregateid"
+        ));
     }
 }

@@ -125,6 +125,7 @@ pub fn parse_with_row(
         event_type: slice(content, &env.event_type),
         payload: content.slice_ref(env.payload.get().as_bytes()),
         metadata: env.metadata.map(|m| content.slice_ref(m.get().as_bytes())),
+        additional: Vec::new(),
     };
     Ok((event, key))
 }

@@ -3,14 +3,16 @@
 //!
 //! Every field is a text slice that shares the buffer it was read from (the
 //! replication stream's, or a query's), so mapping a row copies nothing.
-//! [`OUTBOX_COLUMNS`] is the one list of the columns an outbox table must
-//! have; every reader (the CDC decoder's relation mapping, the backfill,
-//! the poll claim) maps them to an event here.
+//! Which column fills which field is the table's [`ColumnMap`]
+//! (`[outbox.columns]`); every reader (the CDC decoder's relation mapping,
+//! the backfill, the poll claim) maps rows through it.
 
 use bytes::Bytes;
 
-/// The columns every outbox table has, in the order [`OutboxEvent::from_text_row`]
-/// takes them. `metadata` may be NULL.
+use crate::config::{ColumnMap, Role};
+
+/// pgoutbox's own table's columns, in the order `pgoutbox migrate` creates
+/// the ones events are read from.
 pub const OUTBOX_COLUMNS: [&str; 8] = [
     "id",
     "created_at",
@@ -22,14 +24,34 @@ pub const OUTBOX_COLUMNS: [&str; 8] = [
     "metadata",
 ];
 
-/// The SQL select list that reads [`OUTBOX_COLUMNS`] as text from a table
-/// aliased `alias`, in that order.
-pub fn select_list(alias: &str) -> String {
-    OUTBOX_COLUMNS
-        .iter()
-        .map(|c| format!("{alias}.{c}::text AS {c}"))
+/// The SQL select list that reads an event and its row key as text from a
+/// table aliased `alias`: the roles of `map` in [`Role::ALL`] order (an
+/// absent role reads as NULL), its additional columns, then `id` and
+/// `created_at`. [`OutboxEvent::from_text_row`] reads it back.
+pub fn select_list(map: &ColumnMap, alias: &str) -> String {
+    let role = |r: Role| match map.name(r) {
+        Some(c) => format!("{alias}.{}::text", crate::config::quote_ident(c)),
+        None => "NULL::text".to_string(),
+    };
+    Role::ALL
+        .into_iter()
+        .map(role)
+        .chain(
+            map.additional()
+                .iter()
+                .map(|c| format!("{alias}.{}::text", crate::config::quote_ident(c))),
+        )
+        .chain([
+            format!("{alias}.id::text"),
+            format!("{alias}.created_at::text"),
+        ])
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The number of columns [`select_list`] reads for `map`.
+pub fn select_width(map: &ColumnMap) -> usize {
+    Role::ALL.len() + map.additional().len() + 2
 }
 
 /// One outbox row (or table-less message) as read from the stream or the
@@ -38,48 +60,74 @@ pub fn select_list(alias: &str) -> String {
 pub struct OutboxEvent {
     /// The table the row came from (its unqualified name).
     pub table: Bytes,
-    /// `id` (bigserial) as text.
+    /// The row's `id` as text (pgoutbox's bigserial), empty when the table
+    /// has none.
     pub id: Bytes,
-    /// `created_at` as PostgreSQL prints it.
+    /// The event's timestamp as PostgreSQL prints it (pgoutbox's
+    /// `created_at`), empty when the table has none.
     pub created_at: Bytes,
-    /// `tracking_id`, the id consumers deduplicate on.
+    /// The event id consumers deduplicate on (pgoutbox's `tracking_id`).
     pub tracking_id: Bytes,
-    /// `aggregate_id`: the Kafka key.
+    /// The aggregate id: the Kafka key.
     pub aggregate_id: Bytes,
-    /// `aggregate_type`.
+    /// The aggregate type.
     pub aggregate_type: Bytes,
-    /// `event_type`.
+    /// The event type, empty when the table has none.
     pub event_type: Bytes,
-    /// `payload` (JSON text): the Kafka value, unchanged.
+    /// The payload: the Kafka value, unchanged (a bytea payload decoded).
     pub payload: Bytes,
-    /// `metadata` (JSON text), if present.
+    /// The trace-context column (pgoutbox's `metadata`, JSON; Debezium's
+    /// `tracingspancontext`, `key=value` lines), if present.
     pub metadata: Option<Bytes>,
+    /// The map's additional columns, in its order (`None` for NULL).
+    pub additional: Vec<Option<Bytes>>,
 }
 
 impl OutboxEvent {
-    /// The event in a row read with [`select_list`]: `text(i)` returns the
-    /// text of column `i` of [`OUTBOX_COLUMNS`] (`None` for NULL). `table`
-    /// is the unqualified table name. A NULL required column reads as empty
-    /// text (the database's NOT NULL constraints rule that out).
+    /// The event in a row read with [`select_list`] for `map`: `text(i)`
+    /// returns the text of column `i` (`None` for NULL). `table` is the
+    /// unqualified table name; `bytea_payload` says the payload column is
+    /// bytea (its text is then decoded). A NULL essential column reads as
+    /// empty text (the readers select only rows where they are set).
     pub fn from_text_row(
+        map: &ColumnMap,
         table: &Bytes,
+        bytea_payload: bool,
         mut text: impl FnMut(usize) -> Option<String>,
-    ) -> OutboxEvent {
-        let mut required = |i: usize| Bytes::from(text(i).unwrap_or_default());
-        OutboxEvent {
-            table: table.clone(),
-            id: required(0),
-            created_at: required(1),
-            tracking_id: required(2),
-            aggregate_id: required(3),
-            aggregate_type: required(4),
-            event_type: required(5),
-            payload: required(6),
-            metadata: text(7).map(Bytes::from),
+    ) -> (OutboxEvent, super::RowKey) {
+        let mut value = |i: usize| text(i).map(Bytes::from);
+        let mut v: Vec<Option<Bytes>> = (0..select_width(map)).map(&mut value).collect();
+        let mut take = |i: usize| v[i].take();
+        let roles = Role::ALL.len();
+        let mut payload = take(4).unwrap_or_default();
+        if bytea_payload {
+            payload = super::bytea::decode(&payload).unwrap_or(payload);
         }
+        let event = OutboxEvent {
+            table: table.clone(),
+            tracking_id: take(0).unwrap_or_default(),
+            aggregate_type: take(1).unwrap_or_default(),
+            aggregate_id: take(2).unwrap_or_default(),
+            event_type: take(3).unwrap_or_default(),
+            payload,
+            created_at: take(5).unwrap_or_default(),
+            metadata: take(6),
+            additional: (roles..roles + map.additional().len())
+                .map(&mut take)
+                .collect(),
+            id: take(roles + map.additional().len()).unwrap_or_default(),
+        };
+        let key = super::RowKey {
+            id: event.id.clone(),
+            created_at: take(roles + map.additional().len() + 1).unwrap_or_default(),
+        };
+        (event, key)
     }
 
-    /// W3C trace context from `metadata`, if it carries one.
+    /// W3C trace context from the trace-context column, if it carries one:
+    /// a JSON object with `traceparent` / `tracestate` (pgoutbox's
+    /// `metadata`), or Java properties lines `traceparent=…` (what
+    /// Debezium's `tracingspancontext` column holds).
     pub fn trace_context(&self) -> TraceContext {
         let Some(meta) = &self.metadata else {
             return TraceContext::default();
@@ -87,6 +135,9 @@ impl OutboxEvent {
         // Cheap pre-check: most events carry no trace context.
         if !contains(meta, b"trace") {
             return TraceContext::default();
+        }
+        if meta.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return properties_trace_context(meta);
         }
         #[derive(serde::Deserialize)]
         struct Meta {
@@ -101,6 +152,28 @@ impl OutboxEvent {
             Err(_) => TraceContext::default(),
         }
     }
+}
+
+/// `traceparent` / `tracestate` from `java.util.Properties` text: one
+/// `key=value` (or `key: value`) per line, `#` and `!` comment lines.
+fn properties_trace_context(text: &[u8]) -> TraceContext {
+    let mut trace = TraceContext::default();
+    for line in String::from_utf8_lossy(text).lines() {
+        let line = line.trim();
+        if line.starts_with(['#', '!']) {
+            continue;
+        }
+        let Some(at) = line.find(['=', ':']) else {
+            continue;
+        };
+        let (key, value) = (line[..at].trim(), line[at + 1..].trim());
+        match key {
+            "traceparent" => trace.traceparent = Some(value.to_string()),
+            "tracestate" => trace.tracestate = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    trace
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -130,6 +203,7 @@ pub(crate) fn sample_event() -> OutboxEvent {
         metadata: Some(Bytes::from_static(
             br#"{"traceparent": "00-abc-def-01", "other": 1}"#,
         )),
+        additional: Vec::new(),
     }
 }
 
@@ -152,23 +226,71 @@ mod tests {
     }
 
     #[test]
+    fn debeziums_properties_span_context_is_trace_context() {
+        let mut e = sample_event();
+        e.metadata = Some(Bytes::from_static(
+            b"#Thu Dec 03 10:00:00 UTC 2026\ntraceparent=00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\ntracestate = k=v\n",
+        ));
+        let t = e.trace_context();
+        assert_eq!(
+            t.traceparent.as_deref(),
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        );
+        assert_eq!(t.tracestate.as_deref(), Some("k=v"));
+    }
+
+    #[test]
     fn a_text_row_maps_column_for_column() {
         let e = sample_event();
+        let map = ColumnMap::pgoutbox();
+        // Roles in Role::ALL order, then the row key.
         let cols: Vec<Option<String>> = vec![
-            Some("42".into()),
-            Some("2026-11-27 10:00:00.123456+00".into()),
             Some("0b6b7d5e-8c1a-4a51-9a3b-2f8d3c1e9f00".into()),
-            Some("8f14e45f-ceea-467f-a0e6-1c7a5f9d2b11".into()),
             Some("Order".into()),
+            Some("8f14e45f-ceea-467f-a0e6-1c7a5f9d2b11".into()),
             Some("OrderCreated".into()),
             Some(r#"{"total": 10}"#.into()),
+            Some("2026-11-27 10:00:00.123456+00".into()),
             Some(r#"{"traceparent": "00-abc-def-01", "other": 1}"#.into()),
+            Some("42".into()),
+            Some("2026-11-27 10:00:00.123456+00".into()),
         ];
-        let got = OutboxEvent::from_text_row(&e.table, |i| cols[i].clone());
+        let (got, key) = OutboxEvent::from_text_row(&map, &e.table, false, |i| cols[i].clone());
         assert_eq!(got, e);
-        assert_eq!(
-            select_list("o").matches("::text").count(),
-            OUTBOX_COLUMNS.len()
-        );
+        assert_eq!(&key.id[..], b"42");
+        assert_eq!(select_list(&map, "o").matches("::text").count(), cols.len());
+        assert_eq!(select_width(&map), cols.len());
+    }
+
+    #[test]
+    fn a_bytea_payload_is_decoded_and_absent_roles_are_empty() {
+        let map = crate::config::ColumnsConfig {
+            preset: crate::config::TablePreset::Debezium,
+            additional: vec!["tenant".into()],
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let sql = select_list(&map, "o");
+        assert!(sql.contains("aggregateid"), "{sql}");
+        assert!(sql.contains("NULL::text"), "no timestamp column: {sql}");
+        let cols: Vec<Option<String>> = vec![
+            Some("0b6b7d5e-8c1a-4a51-9a3b-2f8d3c1e9f00".into()),
+            Some("Order".into()),
+            Some("17".into()),
+            None,
+            Some("\\x7b7d".into()),
+            None,
+            None,
+            Some("acme".into()),
+            None,
+            None,
+        ];
+        let table = Bytes::from_static(b"outbox");
+        let (e, _) = OutboxEvent::from_text_row(&map, &table, true, |i| cols[i].clone());
+        assert_eq!(&e.payload[..], b"{}");
+        assert_eq!(&e.aggregate_id[..], b"17");
+        assert!(e.event_type.is_empty() && e.created_at.is_empty() && e.id.is_empty());
+        assert_eq!(e.additional, vec![Some(Bytes::from_static(b"acme"))]);
     }
 }

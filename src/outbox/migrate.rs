@@ -65,6 +65,30 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
 ];
 
+/// The migrations that make only the relay's own objects beside an
+/// outbox table (the publication, the slot record, the dead letters of
+/// messages): what `pgoutbox adopt` applies to a table pgoutbox did not
+/// create.
+pub(super) const SUPPORT_MIGRATIONS: [(&str, &str); 3] = [
+    (
+        "publication",
+        include_str!("../../migrations/0002_publication.sql"),
+    ),
+    (
+        "relay_state",
+        include_str!("../../migrations/0004_relay_state.sql"),
+    ),
+    (
+        "table_less_outbox",
+        include_str!("../../migrations/0005_table_less_outbox.sql"),
+    ),
+];
+
+/// `template` rendered for `target`.
+pub(super) fn render_for(target: &MigrationTarget, template: &str) -> String {
+    target.render(template)
+}
+
 /// Names a migration run applies to. All must already be validated
 /// identifiers (see [`crate::config::validate_identifier`]).
 #[derive(Clone, Debug)]
@@ -127,6 +151,35 @@ impl MigrationTarget {
     fn key(&self) -> String {
         format!("{}.{}", self.schema, self.table)
     }
+}
+
+/// Whether `target`'s table exists although `pgoutbox migrate` did not
+/// create it (no migration 1 recorded for it): migrate must not touch it.
+pub async fn is_foreign_table(
+    client: &Client,
+    target: &MigrationTarget,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL, \
+                    to_regclass('public.pgoutbox_migrations') IS NOT NULL",
+            &[&target.schema, &target.table],
+        )
+        .await?;
+    let (exists, ledger): (bool, bool) = (row.get(0), row.get(1));
+    if !exists {
+        return Ok(false);
+    }
+    if !ledger {
+        return Ok(true);
+    }
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM public.pgoutbox_migrations WHERE target = $1 AND version = 1",
+            &[&target.key()],
+        )
+        .await?
+        .is_none())
 }
 
 /// Applies every migration not yet recorded for `target`. Returns the

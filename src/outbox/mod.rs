@@ -7,7 +7,9 @@
 //! `DEAD_LETTER`. Both relay modes leave the same statuses, so either can take
 //! over from the other (ARCHITECTURE.md, invariant 8).
 
+pub mod adopt;
 pub mod audit;
+pub mod bytea;
 mod columns;
 pub mod dead_letter;
 pub mod envelope;
@@ -16,17 +18,20 @@ mod marks;
 mod migrate;
 pub mod partitioning;
 mod privileges;
+mod shape;
 
+pub use adopt::{adopt, AdoptError, AdoptReport, ADOPTED};
 pub use columns::{ColumnError, OutboxColumns};
 #[cfg(test)]
 pub(crate) use event::sample_event;
-pub use event::{select_list, OutboxEvent, TraceContext, OUTBOX_COLUMNS};
+pub use event::{select_list, select_width, OutboxEvent, TraceContext, OUTBOX_COLUMNS};
 pub use marks::{Batching, Mark, MarkKind, MarkWriter, RowKey};
-pub use migrate::{migrate, MigrationTarget, MIGRATIONS};
+pub use migrate::{is_foreign_table, migrate, MigrationTarget, MIGRATIONS};
 pub use privileges::{
     grant_relay_role, Password, PasswordSource, PrivilegeError, RelayRole, RelayRoleReport,
     RELAY_PASSWORD_ENV,
 };
+pub use shape::{Gap, TableShape};
 
 use tokio_postgres::GenericClient;
 use uuid::Uuid;

@@ -21,8 +21,19 @@ pub fn parent(config: &Config) -> String {
 
 /// Creates the partitions ahead through the relay's SECURITY DEFINER
 /// function, on the server's clock, in the configured interval. Returns how
-/// many were created.
+/// many were created (0 for a table that is not partitioned, such as an
+/// adopted one: nothing to do).
 pub async fn ensure_ahead(client: &Client, config: &Config) -> Result<i32, tokio_postgres::Error> {
+    let partitioned = client
+        .query_one(
+            "SELECT coalesce((SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)), false)",
+            &[&parent(config)],
+        )
+        .await?
+        .get::<_, bool>(0);
+    if !partitioned {
+        return Ok(0);
+    }
     let sql = format!(
         "SELECT {}.pgoutbox_ensure_partitions($1::text::regclass, $2, $3)",
         quote_ident(&config.outbox.schema)

@@ -109,6 +109,15 @@ pub enum Source {
         /// Its content as sent.
         content: Bytes,
     },
+    /// A row of a table that cannot be marked (no status column): nothing
+    /// to mark when delivered; recorded in `pgoutbox_dead_letters` (as a
+    /// JSON object of the event, prefix `row:<table>`) when it can never be.
+    Unmarked {
+        /// Its transaction's commit LSN, when known (0/0 otherwise).
+        lsn: Lsn,
+        /// The event, for the dead letter.
+        event: Box<OutboxEvent>,
+    },
 }
 
 /// One event in the window.
@@ -337,6 +346,15 @@ impl Pipeline {
                     error: why,
                 }
             }
+            Source::Unmarked { lsn, event } => {
+                tracing::warn!(table = %String::from_utf8_lossy(&event.table), tracking_id = %String::from_utf8_lossy(&event.tracking_id), error = %why, "recording a row that can never be published in pgoutbox_dead_letters (its table has no status to mark)");
+                MarkKind::DeadMessage {
+                    lsn: *lsn,
+                    prefix: format!("row:{}", String::from_utf8_lossy(&event.table)),
+                    content: event_json(event),
+                    error: why,
+                }
+            }
         };
         metrics().dead_lettered(Mode::Cdc, &f.topic, 1);
         self.counters.dead_lettered += 1;
@@ -434,4 +452,20 @@ impl Pipeline {
     pub fn flush(&self, timeout: Duration) -> bool {
         self.sink.flush(timeout)
     }
+}
+
+/// An event as a JSON object of its fields' text, for the dead letter of a
+/// row that cannot be marked.
+fn event_json(event: &OutboxEvent) -> Bytes {
+    let text = |b: &Bytes| serde_json::Value::String(String::from_utf8_lossy(b).into_owned());
+    let json = serde_json::json!({
+        "table": text(&event.table),
+        "event_id": text(&event.tracking_id),
+        "aggregate_type": text(&event.aggregate_type),
+        "aggregate_id": text(&event.aggregate_id),
+        "event_type": text(&event.event_type),
+        "timestamp": text(&event.created_at),
+        "payload": text(&event.payload),
+    });
+    Bytes::from(json.to_string())
 }

@@ -60,16 +60,23 @@ pub struct Poll {
 }
 
 impl Poll {
-    /// A poll relay for `config`, publishing with `builder`'s records.
-    /// Rows an earlier poller left `FAILED` should be adopted first
+    /// A poll relay for `config`, publishing with `builder`'s records;
+    /// `bytea_payload` says the table's payload column is bytea. Rows an
+    /// earlier poller left `FAILED` should be adopted first
     /// ([`Poll::adopt_failed`]).
-    pub fn new(config: Config, pg: crate::database::Settings, builder: RecordBuilder) -> Poll {
+    pub fn new(
+        config: Config,
+        pg: crate::database::Settings,
+        builder: RecordBuilder,
+        bytea_payload: bool,
+    ) -> Poll {
         let statements = Statements::new(&config);
         Poll {
             shared: Arc::new(worker::Shared {
                 config,
                 pg,
                 statements,
+                bytea_payload,
                 builder,
                 stats: Arc::new(Stats::default()),
             }),

@@ -39,6 +39,7 @@ fn topic_of(
         aggregate_id: Bytes::new(),
         payload: Bytes::new(),
         metadata: None,
+        additional: Vec::new(),
     };
     builder.topic(&event).unwrap_or_default()
 }
@@ -116,7 +117,8 @@ mod tests {
             topic: "{aggregate_type}.{event_type}".into(),
             ..Default::default()
         };
-        let builder = RecordBuilder::from_config(&cfg).unwrap();
+        let builder =
+            RecordBuilder::from_config(&cfg, &crate::config::ColumnMap::pgoutbox()).unwrap();
         assert_eq!(
             topic_of(&builder, "outbox", "Order", "Created"),
             "Order.Created"

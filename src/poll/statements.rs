@@ -8,15 +8,15 @@
 //! arrays, so each update is a handful of index lookups on the right
 //! partitions.
 
-use crate::config::{quote_ident, Config, PollOrdering};
+use crate::config::{quote_ident, ColumnMap, Config, PollOrdering, Role};
 
-/// What a claim returns: the outbox columns as text (the one list,
+/// What a claim returns: the event and its row key as text (the one list,
 /// [`crate::outbox::select_list`]), then the attempt counters and the
 /// creation time for ordering.
-fn claimed_columns() -> String {
+fn claimed_columns(map: &ColumnMap) -> String {
     format!(
         "{}, o.retry_count, o.max_retries, o.created_at AS created_ts",
-        crate::outbox::select_list("o")
+        crate::outbox::select_list(map, "o")
     )
 }
 
@@ -52,6 +52,8 @@ pub struct Statements {
     pub reap: String,
     /// Turns rows the seed's poller left `FAILED` into `PENDING` rows.
     pub adopt_failed: String,
+    /// The table's column roles, for reading claimed rows.
+    pub map: ColumnMap,
 }
 
 /// The keys of the rows a statement applies to, matched with the claim's
@@ -82,7 +84,14 @@ impl Statements {
                       AND (b.created_at, b.id) < (c.created_at, c.id))"
             ),
         };
-        let claimed = claimed_columns();
+        let map = config
+            .event_columns()
+            .unwrap_or_else(|_| ColumnMap::pgoutbox());
+        let claimed = claimed_columns(&map);
+        let role_text = |r: Role| match map.name(r) {
+            Some(c) => format!("o.{}::text", quote_ident(c)),
+            None => "''::text".into(),
+        };
         let claim = format!(
             "WITH due AS ( \
                SELECT c.id, c.created_at FROM {t} AS c \
@@ -156,10 +165,12 @@ impl Statements {
                                       ELSE o.last_error END, \
                     locked_until = NULL, lock_token = NULL \
               WHERE o.status = 'PROCESSING' AND o.locked_until < now() \
-             RETURNING o.status, o.aggregate_type, o.event_type) \
+             RETURNING o.status, {} AS aggregate_type, {} AS event_type) \
              SELECT count(*) FILTER (WHERE status = 'PENDING'), \
                     coalesce(array_agg(aggregate_type) FILTER (WHERE status = 'DEAD_LETTER'), '{{}}'), \
-                    coalesce(array_agg(event_type) FILTER (WHERE status = 'DEAD_LETTER'), '{{}}') FROM u"
+                    coalesce(array_agg(event_type) FILTER (WHERE status = 'DEAD_LETTER'), '{{}}') FROM u",
+            role_text(Role::AggregateType),
+            role_text(Role::EventType)
         );
         let adopt_failed = format!(
             "UPDATE {t} SET status = 'PENDING', locked_until = NULL, lock_token = NULL WHERE status = 'FAILED'"
@@ -174,6 +185,7 @@ impl Statements {
             defer,
             reap,
             adopt_failed,
+            map,
         }
     }
 }

@@ -23,7 +23,7 @@ use tokio_postgres::{Client, Row, Statement};
 
 use super::statements::Statements;
 use super::Stats;
-use crate::config::{Config, Mode};
+use crate::config::{ColumnMap, Config, Mode};
 use crate::error::Error;
 use crate::metrics::{self, health, metrics};
 use crate::outbox::OutboxEvent;
@@ -49,6 +49,8 @@ pub(super) struct Shared {
     pub config: Config,
     pub pg: crate::database::Settings,
     pub statements: Statements,
+    /// The payload column is bytea (its text is decoded).
+    pub bytea_payload: bool,
     pub builder: RecordBuilder,
     pub stats: Arc<Stats>,
 }
@@ -87,14 +89,14 @@ struct Claimed {
 }
 
 impl Claimed {
-    /// The claimed row: the outbox columns first (read with
-    /// [`crate::outbox::select_list`]), then the claim's own.
-    fn from_row(row: &Row, table: &Bytes) -> Claimed {
-        let event = OutboxEvent::from_text_row(table, |i| row.get(i));
+    /// The claimed row: the event and its key first (read with
+    /// [`crate::outbox::select_list`] for `map`), then the claim's own.
+    fn from_row(row: &Row, map: &ColumnMap, table: &Bytes, bytea_payload: bool) -> Claimed {
+        let (event, key) = OutboxEvent::from_text_row(map, table, bytea_payload, |i| row.get(i));
         Claimed {
             attempt: row.get("retry_count"),
-            id: String::from_utf8_lossy(&event.id).into_owned(),
-            created_at: String::from_utf8_lossy(&event.created_at).into_owned(),
+            id: String::from_utf8_lossy(&key.id).into_owned(),
+            created_at: String::from_utf8_lossy(&key.created_at).into_owned(),
             event,
         }
     }
@@ -241,7 +243,17 @@ impl Worker {
             m.poll_claims.inc();
             read.inc_by(rows.len() as u64);
             m.batch(metrics::batch::CLAIM, rows.len());
-            let claimed: Vec<Claimed> = rows.iter().map(|r| Claimed::from_row(r, &table)).collect();
+            let claimed: Vec<Claimed> = rows
+                .iter()
+                .map(|r| {
+                    Claimed::from_row(
+                        r,
+                        &self.shared.statements.map,
+                        &table,
+                        self.shared.bytea_payload,
+                    )
+                })
+                .collect();
             let verdicts = self
                 .publish(&claimed, token, client, prepared, &mut seq)
                 .await;

@@ -80,8 +80,20 @@ pub async fn run(
 
 /// The record builder for the configured topics.
 fn record_builder(config: &Config) -> Result<RecordBuilder, Error> {
-    RecordBuilder::from_config(&config.kafka)
+    RecordBuilder::from_config(&config.kafka, &config.event_columns()?)
         .map_err(|e| ConfigError::new("kafka.topic", e.to_string()).into())
+}
+
+/// Fits the record layout to the outbox table's column types.
+fn fit_table(
+    builder: &mut RecordBuilder,
+    config: &Config,
+    shape: &crate::outbox::TableShape,
+) -> Result<(), Error> {
+    let type_of = |c: &str| shape.type_of(c).map(str::to_string);
+    builder
+        .fit_table(&config.event_columns()?, &type_of)
+        .map_err(Error::from)
 }
 
 /// Runs the CDC relay until `shutdown` turns true (exit 0 after a graceful
@@ -92,11 +104,12 @@ async fn run_cdc(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let pg = crate::database::settings(&config)?;
-    let builder = record_builder(&config)?;
+    let mut builder = record_builder(&config)?;
     let client = crate::database::connect(&pg)
         .await
         .map_err(|e| Error::postgres("connecting to PostgreSQL", &e).at_start())?;
-    let sender_timeout = preflight::cdc(&client, &config).await?;
+    let (sender_timeout, shape) = preflight::cdc(&client, &config).await?;
+    fit_table(&mut builder, &config, &shape)?;
     ensure_partitions(&client, &config).await;
     drop(client);
     let status_interval = config.status_interval(sender_timeout);
@@ -123,13 +136,19 @@ async fn run_cdc(
 /// Runs the poll relay until `shutdown` turns true or a definite error.
 async fn run_poll(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
     let pg = crate::database::settings(&config)?;
-    let builder = record_builder(&config)?;
-    let poll = Poll::new(config.clone(), pg.clone(), builder.clone());
-    {
+    let mut builder = record_builder(&config)?;
+    let poll = {
         let client = crate::database::connect(&pg)
             .await
             .map_err(|e| Error::postgres("connecting to PostgreSQL", &e).at_start())?;
-        preflight::poll(&client, &config).await?;
+        let shape = preflight::poll(&client, &config).await?;
+        fit_table(&mut builder, &config, &shape)?;
+        let poll = Poll::new(
+            config.clone(),
+            pg.clone(),
+            builder.clone(),
+            shape.bytea_payload(&config.event_columns()?),
+        );
         ensure_partitions(&client, &config).await;
         let adopted = poll.adopt_failed(&client).await?;
         if adopted > 0 {
@@ -138,7 +157,8 @@ async fn run_poll(config: Config, mut shutdown: watch::Receiver<bool>) -> Result
                 "rows left FAILED by an earlier poller are PENDING again"
             );
         }
-    }
+        poll
+    };
     if config.poll.concurrency > 1 && config.poll.ordering == PollOrdering::None {
         tracing::warn!(
             concurrency = config.poll.concurrency,

@@ -1,20 +1,23 @@
 //! What only an operator can fix, checked before a mode starts serving:
 //! reachability and credentials, `wal_level`, the publication, the schema's
-//! migrations, the poll ordering index; and, for `mode = "auto"`, which mode
-//! the database allows. Every check's error says what to do.
+//! migrations (or, for a table pgoutbox did not create, its adoption), the
+//! table's columns against `[outbox.columns]`, the poll ordering index; and,
+//! for `mode = "auto"`, which mode the database allows. Every check's error
+//! says what to do.
 
 use std::time::Duration;
 
 use crate::config::{quote_ident, Config, Mode, PollOrdering};
 use crate::error::Error;
+use crate::outbox::TableShape;
 
 /// Checks what only an operator can fix before streaming: `wal_level`,
 /// the publication and the table's migrations. Returns the server's
-/// `wal_sender_timeout`.
+/// `wal_sender_timeout` and the table's shape.
 pub(super) async fn cdc(
     client: &tokio_postgres::Client,
     config: &Config,
-) -> Result<Duration, Error> {
+) -> Result<(Duration, TableShape), Error> {
     let wal_level: String = client
         .query_one("SELECT current_setting('wal_level')", &[])
         .await
@@ -56,7 +59,15 @@ pub(super) async fn cdc(
             "the publication does not include the configured outbox table; only its own tables will be relayed"
         );
     }
-    check_migrations(client, config).await?;
+    let shape = check_table(client, config).await?;
+    check_managed(client, config).await?;
+    let marking = shape.marking_gap();
+    if config.outbox.mark_completed && !marking.is_empty() {
+        tracing::warn!(
+            table = %shape.qualified,
+            "rows will not be marked COMPLETED: {marking}; delivered rows stay as they are (delete them yourself), and rows that can never be published are recorded in pgoutbox_dead_letters"
+        );
+    }
     let timeout_ms: i64 = client
         .query_one(
             "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
@@ -65,27 +76,107 @@ pub(super) async fn cdc(
         .await
         .map_err(|e| Error::postgres("reading wal_sender_timeout", &e))?
         .get(0);
-    Ok(Duration::from_millis(timeout_ms.max(0) as u64))
+    Ok((Duration::from_millis(timeout_ms.max(0) as u64), shape))
 }
 
-/// Stops with a clear message when the table's schema is behind this
-/// binary's migrations.
-async fn check_migrations(client: &tokio_postgres::Client, config: &Config) -> Result<(), Error> {
+/// Reads the outbox table and checks it against `[outbox.columns]`.
+async fn check_table(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<TableShape, Error> {
     let target = format!("{}.{}", config.outbox.schema, config.outbox.table);
-    let applied: Option<i32> = client
+    let map = config.event_columns()?;
+    let shape = TableShape::inspect(client, &config.outbox.schema, &config.outbox.table)
+        .await
+        .map_err(|e| Error::postgres("reading the outbox table's columns", &e))?
+        .ok_or_else(|| {
+            Error::Fatal(format!(
+                "the outbox table {target} does not exist: run `pgoutbox migrate` to create it, or set outbox.schema/outbox.table to your table"
+            ))
+        })?;
+    let gap = shape.relay_gap(&map);
+    if !gap.is_empty() {
+        let named: Vec<String> = gap
+            .missing
+            .iter()
+            .filter_map(|c| {
+                debezium_option_naming(config, c).map(|o| format!("{c} by kafka.debezium.{o}"))
+            })
+            .collect();
+        let named = if named.is_empty() {
+            String::new()
+        } else {
+            format!(" (named {})", named.join(", "))
+        };
+        return Err(Error::Fatal(format!(
+            "{target} cannot be relayed: {gap}{named}; map [outbox.columns] (preset {:?}) to the table's columns, or check it with `pgoutbox adopt --check`",
+            map.preset().as_str()
+        )));
+    }
+    Ok(shape)
+}
+
+/// The `kafka.debezium` option that names `column`, when the debezium
+/// record format is on and the column is not one of the mapped roles.
+fn debezium_option_naming(config: &Config, column: &str) -> Option<&'static str> {
+    if config.kafka.format != crate::config::RecordFormat::Debezium
+        || config.outbox.column_map().ok()?.role_of(column).is_some()
+    {
+        return None;
+    }
+    let d = &config.kafka.debezium;
+    [
+        ("table.field.event.id", &d.field_event_id),
+        ("table.field.event.key", &d.field_event_key),
+        ("table.field.event.payload", &d.field_event_payload),
+        ("route.by.field", &d.route_by_field),
+    ]
+    .into_iter()
+    .chain(
+        d.field_event_timestamp
+            .as_ref()
+            .map(|c| ("table.field.event.timestamp", c)),
+    )
+    .collect::<Vec<_>>()
+    .into_iter()
+    .find(|(_, c)| *c == column)
+    .map(|(o, _)| o)
+    .or_else(|| {
+        let placed = d.placements().ok()?;
+        placed
+            .iter()
+            .any(|p| p.column == column)
+            .then_some("table.fields.additional.placement")
+    })
+}
+
+/// Checks that the table was migrated to this binary's latest migration
+/// (when `pgoutbox migrate` created it) or adopted.
+async fn check_managed(client: &tokio_postgres::Client, config: &Config) -> Result<(), Error> {
+    let target = format!("{}.{}", config.outbox.schema, config.outbox.table);
+    let row = client
         .query_one(
-            "SELECT max(version) FROM public.pgoutbox_migrations WHERE target = $1",
-            &[&target],
+            "SELECT max(version) FILTER (WHERE version > 0), bool_or(version = $2) \
+               FROM public.pgoutbox_migrations WHERE target = $1",
+            &[&target, &crate::outbox::ADOPTED],
         )
         .await
-        .map_err(|e| Error::postgres("reading pgoutbox_migrations", &e))?
-        .get(0);
+        .map_err(|e| Error::postgres("reading pgoutbox_migrations", &e))?;
+    let (applied, adopted): (Option<i32>, Option<bool>) = (row.get(0), row.get(1));
     let latest = crate::outbox::MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
-    if applied.unwrap_or(0) < latest {
-        return Err(Error::Fatal(format!(
-            "the schema of {target} is at migration {} but this pgoutbox needs {latest}: run `pgoutbox migrate`",
-            applied.unwrap_or(0)
-        )));
+    match applied {
+        _ if adopted == Some(true) => {}
+        Some(v) if v >= latest => {}
+        Some(v) => {
+            return Err(Error::Fatal(format!(
+                "the schema of {target} is at migration {v} but this pgoutbox needs {latest}: run `pgoutbox migrate`"
+            )))
+        }
+        None => {
+            return Err(Error::Fatal(format!(
+                "{target} was neither created by `pgoutbox migrate` nor adopted: run `pgoutbox adopt` (it checks the table against [outbox.columns] and creates the relay's own tables beside it, never altering yours)"
+            )))
+        }
     }
     Ok(())
 }
@@ -131,8 +222,19 @@ pub(super) async fn choose_mode(
 }
 
 /// Checks what only an operator can fix before polling.
-pub(super) async fn poll(client: &tokio_postgres::Client, config: &Config) -> Result<(), Error> {
-    check_migrations(client, config).await?;
+pub(super) async fn poll(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<TableShape, Error> {
+    let shape = check_table(client, config).await?;
+    let gap = shape.poll_gap();
+    if !gap.is_empty() {
+        return Err(Error::Fatal(format!(
+            "{} cannot be relayed in poll mode: {gap}. Use CDC mode (mode = \"cdc\"), or add the columns with `pgoutbox adopt --add-poll-columns`",
+            shape.qualified
+        )));
+    }
+    check_managed(client, config).await?;
     if config.poll.ordering == PollOrdering::Aggregate
         && !crate::poll::schema::has_ordering_index(client, config)
             .await
@@ -158,5 +260,5 @@ pub(super) async fn poll(client: &tokio_postgres::Client, config: &Config) -> Re
             "the CDC replication slot still exists and keeps WAL while polling; drop it if CDC is not coming back soon (see docs/switching-modes.md)"
         );
     }
-    Ok(())
+    Ok(shape)
 }

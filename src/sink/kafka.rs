@@ -330,6 +330,12 @@ impl Sink {
         if !record.tombstone {
             base = base.payload(&record.value[..]);
         }
+        if let Some(partition) = record.partition {
+            base = base.partition(partition);
+        }
+        if let Some(ms) = record.timestamp {
+            base = base.timestamp(ms);
+        }
         let record = base;
         // Counted before the send: its report may come before `send` returns.
         let context = self.producer.context();

@@ -119,6 +119,8 @@ impl CloudEvents {
             value,
             tombstone: false,
             headers,
+            partition: None,
+            timestamp: None,
         })
     }
 }

@@ -24,74 +24,66 @@
 use bytes::Bytes;
 use regex::Regex;
 
+use super::connect::{epoch_micros, json_string, Kind};
 use super::{KafkaRecord, RecordError};
-use crate::config::{ConfigError, DebeziumConverter, EventRouterConfig, TopicError};
+use crate::config::{
+    ColumnMap, ConfigError, DebeziumConverter, EventRouterConfig, Place, Role, TopicError,
+};
 use crate::outbox::OutboxEvent;
 
-/// A column of the outbox table, as the router's options name it.
+/// A column of the outbox table, as the router's options name it: one of
+/// the table's roles (`[outbox.columns]`) or an additional column the
+/// events carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Column {
-    Id,
-    CreatedAt,
-    TrackingId,
-    AggregateId,
-    AggregateType,
-    EventType,
-    Payload,
-    Metadata,
+    Role(Role),
+    Additional(usize),
 }
 
 impl Column {
-    const ALL: [(&'static str, Column); 8] = [
-        ("id", Column::Id),
-        ("created_at", Column::CreatedAt),
-        ("tracking_id", Column::TrackingId),
-        ("aggregate_id", Column::AggregateId),
-        ("aggregate_type", Column::AggregateType),
-        ("event_type", Column::EventType),
-        ("payload", Column::Payload),
-        ("metadata", Column::Metadata),
-    ];
-
-    /// The column `name` of the outbox table, or a configuration error for
-    /// `option`.
-    fn named(option: &str, name: &str) -> Result<Column, ConfigError> {
-        Column::ALL
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, c)| *c)
+    /// The column `name`, resolved through `map` (which
+    /// [`crate::config::Config::event_columns`] made read every column the
+    /// router names).
+    fn named(option: &str, name: &str, map: &ColumnMap) -> Result<Column, ConfigError> {
+        if let Some(role) = map.role_of(name) {
+            return Ok(Column::Role(role));
+        }
+        map.additional_index(name)
+            .map(Column::Additional)
             .ok_or_else(|| {
-                let names: Vec<&str> = Column::ALL.iter().map(|(n, _)| *n).collect();
                 ConfigError::new(
                     format!("kafka.debezium.{option}"),
                     format!(
-                        "{name:?} is not a column of the outbox table (it has {}); set the option to one of them",
-                        names.join(", ")
+                        "{name:?} is neither a column of [outbox.columns] nor one of its additional columns"
                     ),
                 )
             })
     }
 
-    /// The column's text in `event` (`None` for a NULL `metadata`).
+    /// The column's text in `event` (`None` for NULL or an absent role).
     fn of(self, event: &OutboxEvent) -> Option<&Bytes> {
-        match self {
-            Column::Id => Some(&event.id),
-            Column::CreatedAt => Some(&event.created_at),
-            Column::TrackingId => Some(&event.tracking_id),
-            Column::AggregateId => Some(&event.aggregate_id),
-            Column::AggregateType => Some(&event.aggregate_type),
-            Column::EventType => Some(&event.event_type),
-            Column::Payload => Some(&event.payload),
-            Column::Metadata => event.metadata.as_ref(),
-        }
+        let role = match self {
+            Column::Additional(i) => return event.additional.get(i)?.as_ref(),
+            Column::Role(r) => r,
+        };
+        let text = match role {
+            Role::EventId => &event.tracking_id,
+            Role::AggregateType => &event.aggregate_type,
+            Role::AggregateId => &event.aggregate_id,
+            Role::EventType => &event.event_type,
+            Role::Payload => &event.payload,
+            Role::Timestamp => &event.created_at,
+            Role::TraceContext => return event.metadata.as_ref(),
+        };
+        Some(text)
     }
 }
 
 /// The router's options, resolved against the outbox table's columns.
 #[derive(Clone, Debug)]
 pub(super) struct EventRouter {
-    id: Column,
-    key: Column,
+    id: Placed,
+    key: Placed,
     payload: Column,
     route_by: Column,
     /// `route.topic.regex`, anchored at both ends (Java's `matches()`).
@@ -99,9 +91,24 @@ pub(super) struct EventRouter {
     /// `route.topic.regex` as given (Java's `find()`, for `replaceFirst`).
     first: Regex,
     replacement: Vec<Piece>,
-    headers: Vec<(super::HeaderName, Column)>,
+    headers: Vec<(super::HeaderName, Placed)>,
+    /// `envelope` placements: the value becomes a struct of the payload
+    /// and these fields.
+    envelope: Vec<(String, Placed)>,
+    /// The last `partition` placement (Debezium keeps the last one).
+    partition: Option<Column>,
+    /// `table.field.event.timestamp`.
+    timestamp: Option<Placed>,
     tombstones: bool,
     json: bool,
+}
+
+/// A column and how Connect renders it ([`Kind::Text`] until
+/// [`EventRouter::fit_types`] learns the table's types).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Placed {
+    column: Column,
+    kind: Kind,
 }
 
 /// A piece of a Java replacement string.
@@ -164,46 +171,124 @@ fn parse_replacement(replacement: &str, re: &Regex) -> Result<Vec<Piece>, String
 }
 
 impl EventRouter {
-    /// Resolves `cfg` against the outbox table's columns.
-    pub(super) fn new(cfg: &EventRouterConfig) -> Result<EventRouter, ConfigError> {
+    /// Resolves `cfg` against the outbox table's columns (`map`).
+    pub(super) fn new(
+        cfg: &EventRouterConfig,
+        map: &ColumnMap,
+    ) -> Result<EventRouter, ConfigError> {
         let regex_error = |e: String| ConfigError::new("kafka.debezium.route.topic.regex", e);
         let first = Regex::new(&cfg.route_topic_regex).map_err(|e| regex_error(e.to_string()))?;
         let whole = Regex::new(&format!("^(?:{})$", cfg.route_topic_regex))
             .map_err(|e| regex_error(e.to_string()))?;
         let replacement = parse_replacement(&cfg.route_topic_replacement, &first)
             .map_err(|e| ConfigError::new("kafka.debezium.route.topic.replacement", e))?;
-        if cfg.field_event_timestamp.is_some() {
-            return Err(ConfigError::new(
-                "kafka.debezium.table.field.event.timestamp",
-                "is not supported yet: records carry the time they are produced, as Debezium's do without it",
-            ));
-        }
         if cfg.expand_json_payload {
             return Err(ConfigError::new(
                 "kafka.debezium.table.expand.json.payload",
                 "is not supported: Kafka Connect re-serialises the expanded JSON in a way that cannot be reproduced byte for byte; leave it false (consumers get the payload's JSON text)",
             ));
         }
-        let headers = cfg
-            .placements()?
-            .into_iter()
-            .map(|(column, alias)| {
-                let c = Column::named("table.fields.additional.placement", &column)?;
-                Ok((super::HeaderName::Owned(alias), c))
+        let placed = |option: &str, name: &str| -> Result<Placed, ConfigError> {
+            Ok(Placed {
+                column: Column::named(option, name, map)?,
+                kind: Kind::Text,
             })
-            .collect::<Result<_, ConfigError>>()?;
+        };
+        let option = "table.fields.additional.placement";
+        let (mut headers, mut envelope, mut partition) = (Vec::new(), Vec::new(), None);
+        for p in cfg.placements()? {
+            let at = placed(option, &p.column)?;
+            match p.place {
+                Place::Header => headers.push((super::HeaderName::Owned(p.alias), at)),
+                Place::Envelope => envelope.push((p.alias, at)),
+                Place::Partition => partition = Some(at.column),
+            }
+        }
+        let timestamp = match &cfg.field_event_timestamp {
+            Some(c) => Some(placed("table.field.event.timestamp", c)?),
+            None => None,
+        };
         Ok(EventRouter {
-            id: Column::named("table.field.event.id", &cfg.field_event_id)?,
-            key: Column::named("table.field.event.key", &cfg.field_event_key)?,
-            payload: Column::named("table.field.event.payload", &cfg.field_event_payload)?,
-            route_by: Column::named("route.by.field", &cfg.route_by_field)?,
+            id: placed("table.field.event.id", &cfg.field_event_id)?,
+            key: placed("table.field.event.key", &cfg.field_event_key)?,
+            payload: Column::named("table.field.event.payload", &cfg.field_event_payload, map)?,
+            route_by: Column::named("route.by.field", &cfg.route_by_field, map)?,
             whole,
             first,
             replacement,
             headers,
+            envelope,
+            partition,
+            timestamp,
             tombstones: cfg.tombstone_on_empty_payload,
             json: cfg.converter == DebeziumConverter::Json,
         })
+    }
+
+    /// Learns how Connect renders each placed column from the table's
+    /// column types (`type_of(column)`, `format_type` spelling), refusing
+    /// a type whose rendering pgoutbox does not reproduce where it shows:
+    /// the key with the JSON converter, headers, envelope fields, the
+    /// partition (Debezium takes it as an `integer`) and the timestamp (a
+    /// `timestamp` or `timestamptz` column).
+    pub(super) fn fit_types(
+        &mut self,
+        map: &ColumnMap,
+        type_of: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let name = |c: Column| match c {
+            Column::Role(r) => map.name(r).unwrap_or_default().to_string(),
+            Column::Additional(i) => map.additional().get(i).cloned().unwrap_or_default(),
+        };
+        let fit = |option: &str, p: &mut Placed| -> Result<(), ConfigError> {
+            let column = name(p.column);
+            let Some(sql_type) = type_of(&column) else {
+                return Ok(());
+            };
+            p.kind = Kind::of(&sql_type).ok_or_else(|| {
+                ConfigError::new(
+                    format!("kafka.debezium.{option}"),
+                    format!(
+                        "column {column:?} is {sql_type}, whose Debezium rendering pgoutbox does not reproduce (text, varchar, uuid, json(b), integers, boolean, timestamp(tz) are); place another column"
+                    ),
+                )
+            })?;
+            Ok(())
+        };
+        fit("table.field.event.id", &mut self.id)?;
+        fit("table.field.event.key", &mut self.key)?;
+        let placement = "table.fields.additional.placement";
+        for (_, p) in &mut self.headers {
+            fit(placement, p)?;
+        }
+        for (_, p) in &mut self.envelope {
+            fit(placement, p)?;
+        }
+        if let Some(c) = self.partition {
+            let column = name(c);
+            match type_of(&column) {
+                Some(t) if t != "integer" => {
+                    return Err(ConfigError::new(
+                        format!("kafka.debezium.{placement}"),
+                        format!("partition placement takes an integer column (as Debezium does); {column:?} is {t}"),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if let Some(p) = &mut self.timestamp {
+            fit("table.field.event.timestamp", p)?;
+            if !matches!(p.kind, Kind::Zoned | Kind::Micros) {
+                return Err(ConfigError::new(
+                    "kafka.debezium.table.field.event.timestamp",
+                    format!(
+                        "column {:?} is not a timestamp or timestamptz",
+                        name(p.column)
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The topic for a routing value, as `RegexRouter` makes it.
@@ -238,28 +323,107 @@ impl EventRouter {
         super::check_topic(self.topic(routed))
     }
 
+    /// The value with `envelope` placements: Connect's `Struct` of the
+    /// payload (field `payload`) and the placed columns, as the converter
+    /// writes it — `Struct{payload=…,alias=…}` (NULL fields left out) with
+    /// the string converter, a JSON object (NULL fields as `null`) with
+    /// the JSON converter.
+    fn envelope_value(&self, event: &OutboxEvent, payload: Option<&Bytes>) -> Bytes {
+        let fields = std::iter::once(("payload", Kind::Text, payload)).chain(
+            self.envelope
+                .iter()
+                .map(|(alias, p)| (alias.as_str(), p.kind, p.column.of(event))),
+        );
+        let mut out = Vec::new();
+        if self.json {
+            out.push(b'{');
+            for (i, (name, kind, value)) in fields.enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(&json_string(name.as_bytes()));
+                out.push(b':');
+                out.extend_from_slice(&kind.json(value.map(|v| &v[..])));
+            }
+            out.push(b'}');
+        } else {
+            out.extend_from_slice(b"Struct{");
+            let present = fields.filter_map(|(name, kind, value)| Some((name, kind.text(value?))));
+            for (i, (name, text)) in present.enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(name.as_bytes());
+                out.push(b'=');
+                out.extend_from_slice(&text);
+            }
+            out.push(b'}');
+        }
+        Bytes::from(out)
+    }
+
     /// The record for `event`.
     pub(super) fn build(&self, event: &OutboxEvent) -> Result<KafkaRecord, RecordError> {
-        let text = |c: Column| c.of(event).cloned().unwrap_or_default();
         let topic = self.topic_for(event)?;
         let payload = self.payload.of(event);
         let empty = payload.is_none_or(|p| p.iter().all(u8::is_ascii_whitespace));
         let value = match payload {
             _ if empty && self.tombstones => None,
+            _ if !self.envelope.is_empty() => Some(self.envelope_value(event, payload)),
             None if self.json => Some(Bytes::from_static(b"null")),
             None => None,
             Some(p) if self.json => Some(json_string(p)),
             Some(p) => Some(p.clone()),
         };
+        let key_text = self.key.column.of(event).cloned().unwrap_or_default();
         let key = if self.json {
-            json_string(&text(self.key))
+            self.key.kind.json(Some(&key_text))
         } else {
-            text(self.key)
+            self.key.kind.text(&key_text)
+        };
+        let rendered = |p: &Placed| {
+            p.column
+                .of(event)
+                .map(|v| p.kind.text(v))
+                .unwrap_or_default()
         };
         let mut headers = Vec::with_capacity(1 + self.headers.len());
-        headers.push((super::HeaderName::Borrowed("id"), text(self.id)));
-        for (alias, column) in &self.headers {
-            headers.push((alias.clone(), text(*column)));
+        headers.push((super::HeaderName::Borrowed("id"), rendered(&self.id)));
+        for (alias, placed) in &self.headers {
+            headers.push((alias.clone(), rendered(placed)));
+        }
+        let partition = match self.partition.and_then(|c| c.of(event)) {
+            None => None,
+            Some(v) => Some(
+                std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|t| t.parse::<i32>().ok())
+                    .ok_or_else(|| {
+                        RecordError::Payload(format!(
+                            "the partition column's value {:?} is not an integer",
+                            String::from_utf8_lossy(v)
+                        ))
+                    })?,
+            ),
+        };
+        let timestamp = self
+            .timestamp
+            .as_ref()
+            .and_then(|p| p.column.of(event))
+            .and_then(|v| epoch_micros(v))
+            .map(|us| us / 1000);
+        let trace = event.trace_context();
+        if let Some(tp) = trace.traceparent {
+            headers.push((
+                super::HeaderName::Borrowed(super::header::TRACEPARENT),
+                Bytes::from(tp),
+            ));
+        }
+        if let Some(ts) = trace.tracestate {
+            headers.push((
+                super::HeaderName::Borrowed(super::header::TRACESTATE),
+                Bytes::from(ts),
+            ));
         }
         Ok(KafkaRecord {
             topic,
@@ -267,32 +431,10 @@ impl EventRouter {
             tombstone: value.is_none(),
             value: value.unwrap_or_default(),
             headers,
+            partition,
+            timestamp,
         })
     }
-}
-
-/// `text` as a JSON string literal, escaped as Kafka Connect's JSON
-/// converter (Jackson) escapes: `\"`, `\\`, the short forms of `\b \t \n
-/// \f \r`, other control characters as `\u00XX` (upper-case hex), the rest
-/// as UTF-8.
-fn json_string(text: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(text.len() + 2);
-    out.push(b'"');
-    for &b in text {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x08 => out.extend_from_slice(b"\\b"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            0x0c => out.extend_from_slice(b"\\f"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            0..=0x1f => out.extend_from_slice(format!("\\u{b:04X}").as_bytes()),
-            _ => out.push(b),
-        }
-    }
-    out.push(b'"');
-    Bytes::from(out)
 }
 
 #[cfg(test)]
@@ -302,7 +444,7 @@ mod tests {
 
     fn router(options: &str) -> EventRouter {
         let cfg: EventRouterConfig = toml::from_str(options).expect("options");
-        EventRouter::new(&cfg).expect("router")
+        EventRouter::new(&cfg, &ColumnMap::pgoutbox()).expect("router")
     }
 
     const PGOUTBOX_TABLE: &str = r#"
@@ -323,7 +465,14 @@ mod tests {
             sample_event().payload,
             "string converter: the payload as is"
         );
-        assert_eq!(rec.headers, [("id".into(), sample_event().tracking_id)]);
+        assert_eq!(
+            rec.headers,
+            [
+                ("id".into(), sample_event().tracking_id),
+                ("traceparent".into(), Bytes::from_static(b"00-abc-def-01"))
+            ],
+            "the trace context column is propagated as W3C trace context"
+        );
         assert!(!rec.tombstone);
     }
 
@@ -357,7 +506,10 @@ mod tests {
                 route_topic_replacement: replacement.into(),
                 ..toml::from_str(PGOUTBOX_TABLE).unwrap()
             };
-            assert!(EventRouter::new(&cfg).is_err(), "{regex} / {replacement}");
+            assert!(
+                EventRouter::new(&cfg, &ColumnMap::pgoutbox()).is_err(),
+                "{regex} / {replacement}"
+            );
         }
     }
 
@@ -400,28 +552,170 @@ mod tests {
         ));
         let rec = r.build(&sample_event()).unwrap();
         let names: Vec<&str> = rec.headers.iter().map(|(k, _)| k.as_ref()).collect();
-        assert_eq!(names, ["id", "eventType", "created_at"]);
+        assert_eq!(names, ["id", "eventType", "created_at", "traceparent"]);
         assert_eq!(rec.headers[1].1, Bytes::from_static(b"OrderCreated"));
     }
 
     #[test]
     fn options_pgoutbox_cannot_honour_are_refused_not_ignored() {
-        for extra in [
-            "\"table.expand.json.payload\" = true",
-            "\"table.field.event.timestamp\" = \"created_at\"",
-            "\"table.fields.additional.placement\" = \"event_type:partition\"",
+        let cfg: EventRouterConfig = toml::from_str(&format!(
+            "{PGOUTBOX_TABLE}\n\"table.expand.json.payload\" = true"
+        ))
+        .unwrap();
+        assert!(EventRouter::new(&cfg, &ColumnMap::pgoutbox()).is_err());
+        let types = |c: &str| {
+            Some(match c {
+                "event_type" => "numeric(10,2)".to_string(),
+                "created_at" => "timestamp with time zone".to_string(),
+                _ => "text".to_string(),
+            })
+        };
+        for (extra, field) in [
+            (
+                "\"table.fields.additional.placement\" = \"event_type:header\"",
+                "placement",
+            ),
+            (
+                "\"table.fields.additional.placement\" = \"event_type:partition\"",
+                "placement",
+            ),
+            ("\"table.field.event.timestamp\" = \"payload\"", "timestamp"),
         ] {
             let cfg: EventRouterConfig =
                 toml::from_str(&format!("{PGOUTBOX_TABLE}\n{extra}")).unwrap();
-            assert!(EventRouter::new(&cfg).is_err(), "{extra}");
+            let mut r = EventRouter::new(&cfg, &ColumnMap::pgoutbox()).unwrap();
+            let e = r.fit_types(&ColumnMap::pgoutbox(), &types).unwrap_err();
+            assert!(e.field.contains(field), "{extra}: {e}");
         }
     }
 
+    /// A router on pgoutbox's table whose columns have these types.
+    fn typed(options: &str, types: &[(&str, &str)]) -> EventRouter {
+        let mut r = router(options);
+        let types: Vec<(String, String)> = types
+            .iter()
+            .map(|(c, t)| (c.to_string(), t.to_string()))
+            .collect();
+        r.fit_types(&ColumnMap::pgoutbox(), &|c| {
+            types.iter().find(|(n, _)| n == c).map(|(_, t)| t.clone())
+        })
+        .unwrap();
+        r
+    }
+
     #[test]
-    fn options_naming_missing_columns_are_refused_with_the_columns_there_are() {
-        let e = EventRouter::new(&EventRouterConfig::default()).unwrap_err();
-        assert_eq!(e.field, "kafka.debezium.table.field.event.key");
-        assert!(e.problem.contains("\"aggregateid\" is not a column"), "{e}");
-        assert!(e.problem.contains("aggregate_id"), "{e}");
+    fn envelope_placements_make_a_struct_as_each_converter_writes_it() {
+        let options = format!(
+            "{PGOUTBOX_TABLE}\n\"table.fields.additional.placement\" = \"event_type:envelope:type,created_at:envelope:at,metadata:envelope\""
+        );
+        let types = [
+            ("created_at", "timestamp with time zone"),
+            ("metadata", "jsonb"),
+        ];
+        let mut e = sample_event();
+        e.metadata = None;
+        let r = typed(&options, &types);
+        assert_eq!(
+            r.build(&e).unwrap().value,
+            Bytes::from_static(
+                b"Struct{payload={\"total\": 10},type=OrderCreated,at=2026-11-27T10:00:00.123456Z}"
+            ),
+            "Struct.toString leaves NULL fields out"
+        );
+        let r = typed(&format!("{options}\nconverter = \"json\""), &types);
+        assert_eq!(
+            r.build(&e).unwrap().value,
+            Bytes::from_static(
+                b"{\"payload\":\"{\\\"total\\\": 10}\",\"type\":\"OrderCreated\",\"at\":\"2026-11-27T10:00:00.123456Z\",\"metadata\":null}"
+            )
+        );
+    }
+
+    #[test]
+    fn partition_timestamp_and_typed_headers_follow_the_columns() {
+        let mut e = sample_event();
+        e.additional = vec![
+            Some(Bytes::from_static(b"3")),
+            Some(Bytes::from_static(b"t")),
+        ];
+        let map = crate::config::ColumnsConfig {
+            additional: vec!["shard".into(), "urgent".into()],
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let cfg: EventRouterConfig = toml::from_str(&format!(
+            "{PGOUTBOX_TABLE}\n\"table.fields.additional.placement\" = \"shard:partition,urgent:header\"\n\"table.field.event.timestamp\" = \"created_at\""
+        ))
+        .unwrap();
+        let mut r = EventRouter::new(&cfg, &map).unwrap();
+        r.fit_types(&map, &|c| {
+            Some(
+                match c {
+                    "shard" => "integer",
+                    "urgent" => "boolean",
+                    "created_at" => "timestamp with time zone",
+                    _ => "uuid",
+                }
+                .to_string(),
+            )
+        })
+        .unwrap();
+        let rec = r.build(&e).unwrap();
+        assert_eq!(rec.partition, Some(3));
+        assert_eq!(rec.timestamp, Some(1_795_773_600_123));
+        assert_eq!(
+            rec.headers[1],
+            ("urgent".into(), Bytes::from_static(b"true"))
+        );
+        e.additional[0] = Some(Bytes::from_static(b"x"));
+        assert!(
+            matches!(r.build(&e), Err(RecordError::Payload(_))),
+            "dead-lettered, not dropped"
+        );
+    }
+
+    #[test]
+    fn options_naming_columns_no_event_carries_are_refused() {
+        let e =
+            EventRouter::new(&EventRouterConfig::default(), &ColumnMap::pgoutbox()).unwrap_err();
+        assert_eq!(e.field, "kafka.debezium.table.field.event.id");
+        assert!(e.problem.contains("\"id\" is neither a column"), "{e}");
+    }
+
+    #[test]
+    fn debeziums_table_needs_no_options_and_extra_columns_come_from_the_map() {
+        let map = crate::config::ColumnsConfig {
+            preset: crate::config::TablePreset::Debezium,
+            additional: vec!["tenant".into()],
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let cfg: EventRouterConfig = toml::from_str(
+            "\"table.fields.additional.placement\" = \"tenant:header:Tenant,type:header\"",
+        )
+        .unwrap();
+        let r = EventRouter::new(&cfg, &map).unwrap();
+        let mut e = sample_event();
+        e.additional = vec![Some(Bytes::from_static(b"acme"))];
+        e.metadata = Some(Bytes::from_static(b"traceparent=00-abc-def-01\n"));
+        let rec = r.build(&e).unwrap();
+        assert_eq!(rec.topic, "outbox.event.Order");
+        assert_eq!(rec.key, e.aggregate_id);
+        let headers: Vec<(&str, &[u8])> = rec
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_ref(), &v[..]))
+            .collect();
+        assert_eq!(
+            headers,
+            [
+                ("id", &e.tracking_id[..]),
+                ("Tenant", &b"acme"[..]),
+                ("type", &b"OrderCreated"[..]),
+                ("traceparent", &b"00-abc-def-01"[..]),
+            ]
+        );
     }
 }

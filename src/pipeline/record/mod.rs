@@ -20,6 +20,7 @@
 //! the event (ARCHITECTURE.md, invariant 5).
 
 mod cloudevents;
+mod connect;
 mod debezium;
 
 use std::borrow::Cow;
@@ -28,7 +29,7 @@ use std::fmt;
 use bytes::Bytes;
 
 use crate::config::{
-    ConfigError, KafkaConfig, RecordFormat, TopicError, TopicField, TopicTemplate,
+    ColumnMap, ConfigError, KafkaConfig, RecordFormat, TopicError, TopicField, TopicTemplate,
 };
 use crate::outbox::OutboxEvent;
 
@@ -70,6 +71,12 @@ pub struct KafkaRecord {
     pub tombstone: bool,
     /// Headers, in order.
     pub headers: Vec<(HeaderName, Bytes)>,
+    /// The partition, when the format chooses it (else the producer's
+    /// partitioner does, by key).
+    pub partition: Option<i32>,
+    /// The record's timestamp in milliseconds since the epoch, when the
+    /// format sets it (else the producer stamps the send time).
+    pub timestamp: Option<i64>,
 }
 
 impl KafkaRecord {
@@ -139,8 +146,9 @@ impl RecordBuilder {
     }
 
     /// The builder for the Kafka configuration (format, topics and size
-    /// limit).
-    pub fn from_config(cfg: &KafkaConfig) -> Result<RecordBuilder, ConfigError> {
+    /// limit), reading events whose columns `map` says
+    /// ([`crate::config::Config::event_columns`]).
+    pub fn from_config(cfg: &KafkaConfig, map: &ColumnMap) -> Result<RecordBuilder, ConfigError> {
         let template = |field: &str, text: &str| {
             TopicTemplate::parse(text).map_err(|e| ConfigError::new(field, e.to_string()))
         };
@@ -158,7 +166,7 @@ impl RecordBuilder {
         let layout = match cfg.format {
             RecordFormat::Pgoutbox => Layout::Pgoutbox,
             RecordFormat::Debezium => {
-                Layout::Debezium(Box::new(debezium::EventRouter::new(&cfg.debezium)?))
+                Layout::Debezium(Box::new(debezium::EventRouter::new(&cfg.debezium, map)?))
             }
             RecordFormat::Cloudevents => {
                 Layout::CloudEvents(cloudevents::CloudEvents::new(&cfg.cloudevents))
@@ -169,6 +177,21 @@ impl RecordBuilder {
             layout,
             ..RecordBuilder::new(default, per_table)
         })
+    }
+
+    /// Fits the layout to the outbox table's column types (`type_of`,
+    /// `format_type` spelling): the `debezium` format renders placed
+    /// columns as Debezium does per type, and refuses types it does not
+    /// reproduce. Other formats need nothing.
+    pub fn fit_table(
+        &mut self,
+        map: &ColumnMap,
+        type_of: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        match &mut self.layout {
+            Layout::Debezium(router) => router.fit_types(map, type_of),
+            Layout::Pgoutbox | Layout::CloudEvents(_) => Ok(()),
+        }
     }
 
     fn template(&self, table: &[u8]) -> &TopicTemplate {
@@ -237,6 +260,8 @@ impl RecordBuilder {
             value: event.payload.clone(),
             tombstone: false,
             headers,
+            partition: None,
+            timestamp: None,
         })
     }
 }

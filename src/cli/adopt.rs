@@ -1,0 +1,52 @@
+//! `pgoutbox adopt`: check an outbox table pgoutbox did not create against
+//! `[outbox.columns]`, say what it lacks for which feature, and make what
+//! the relay needs beside it (see [`crate::outbox::adopt`]).
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::outbox::{AdoptError, MigrationTarget};
+
+use super::connect_for_command;
+
+/// What `pgoutbox adopt` was asked to do.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AdoptArgs {
+    /// Only report; change nothing.
+    pub check: bool,
+    /// Also add the row-state columns poll mode and marking need.
+    pub add_poll_columns: bool,
+    /// JSON output.
+    pub json: bool,
+}
+
+/// Runs `pgoutbox adopt`; prints the report on stdout.
+pub async fn adopt(config: &Config, args: AdoptArgs) -> Result<(), Error> {
+    let mut client = connect_for_command(config).await?;
+    let target = MigrationTarget {
+        schema: config.outbox.schema.clone(),
+        table: config.outbox.table.clone(),
+        publication: config.cdc.publication.clone(),
+        message_prefix: config.cdc.message_prefix.clone(),
+    };
+    let map = config.event_columns()?;
+    let report = crate::outbox::adopt(
+        &mut client,
+        &target,
+        &map,
+        args.check,
+        args.add_poll_columns,
+    )
+    .await
+    .map_err(|e| match e {
+        AdoptError::Database { doing, source } => Error::postgres(&doing, &source),
+        AdoptError::Refused(why) => Error::Fatal(why),
+    })?;
+    if args.json {
+        println!("{}", super::to_json(&report)?);
+    } else {
+        for line in report.lines() {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
