@@ -64,7 +64,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "pg_recvlogical,pgoutbox-cdc-nomark,debezium,pgoutbox-cdc,pgoutbox-poll-1,pgoutbox-poll-4"
+        default_value = "pg_recvlogical,pgoutbox-cdc-nomark,debezium,pgoutbox-cdc-dbzfmt,pgoutbox-cdc,pgoutbox-poll-1,pgoutbox-poll-4"
     )]
     systems: Vec<System>,
     /// Phases to run.

@@ -19,6 +19,11 @@ pub enum System {
     /// pgoutbox CDC with `mark_completed = false`.
     #[value(name = "pgoutbox-cdc-nomark")]
     PgoutboxCdcNomark,
+    /// pgoutbox CDC like for like with Debezium: not marking, records in
+    /// the `debezium` format with the EventRouter options scripts/debezium
+    /// gives Debezium.
+    #[value(name = "pgoutbox-cdc-dbzfmt")]
+    PgoutboxCdcDbzfmt,
     /// pgoutbox poll mode, one worker.
     #[value(name = "pgoutbox-poll-1")]
     PgoutboxPoll1,
@@ -33,10 +38,11 @@ pub enum System {
 
 impl System {
     /// Every system, in the order they are measured.
-    pub const ALL: [System; 6] = [
+    pub const ALL: [System; 7] = [
         System::PgRecvlogical,
         System::PgoutboxCdcNomark,
         System::Debezium,
+        System::PgoutboxCdcDbzfmt,
         System::PgoutboxCdc,
         System::PgoutboxPoll1,
         System::PgoutboxPoll4,
@@ -48,6 +54,7 @@ impl System {
             System::PgRecvlogical => "pg_recvlogical",
             System::PgoutboxCdc => "pgoutbox-cdc",
             System::PgoutboxCdcNomark => "pgoutbox-cdc-nomark",
+            System::PgoutboxCdcDbzfmt => "pgoutbox-cdc-dbzfmt",
             System::PgoutboxPoll1 => "pgoutbox-poll-1",
             System::PgoutboxPoll4 => "pgoutbox-poll-4",
             System::Debezium => "debezium",
@@ -63,6 +70,18 @@ impl System {
     pub fn delivers(self) -> bool {
         self != System::PgRecvlogical
     }
+}
+
+/// The `debezium` record format with the EventRouter options
+/// scripts/debezium gives Debezium (routing every record to `topic`).
+fn debezium_format_config(topic: &str) -> String {
+    format!(
+        "[kafka]\nformat = \"debezium\"\n\n[kafka.debezium]\nconverter = \"string\"\n\
+         \"table.field.event.id\" = \"tracking_id\"\n\"table.field.event.key\" = \"aggregate_id\"\n\
+         \"table.field.event.payload\" = \"payload\"\n\"route.by.field\" = \"aggregate_type\"\n\
+         \"route.topic.replacement\" = \"{topic}\"\n\
+         \"table.fields.additional.placement\" = \"tracking_id:header,aggregate_type:header,aggregate_id:header,event_type:header,created_at:header\"\n"
+    )
 }
 
 /// Where the programs and their logs are.
@@ -140,14 +159,19 @@ impl Setup {
             _ => {
                 let (mode, mark, workers) = match system {
                     System::PgoutboxCdc => ("cdc", "true", "1"),
-                    System::PgoutboxCdcNomark => ("cdc", "false", "1"),
+                    System::PgoutboxCdcNomark | System::PgoutboxCdcDbzfmt => ("cdc", "false", "1"),
                     System::PgoutboxPoll1 => ("poll", "true", "1"),
                     _ => ("poll", "true", "4"),
                 };
                 // Defaults of config/pgoutbox.toml for everything else;
                 // nothing of the caller's OUTBOX_* / KAFKA_* leaks in.
-                Command::new(&self.relay_bin)
-                    .args(["run", "--mode", mode])
+                let mut cmd = Command::new(&self.relay_bin);
+                if system == System::PgoutboxCdcDbzfmt {
+                    let config = self.logs.join(format!("{label}.toml"));
+                    std::fs::write(&config, debezium_format_config(topic))?;
+                    cmd.arg("--config").arg(config);
+                }
+                cmd.args(["run", "--mode", mode])
                     .env_clear()
                     .env("PATH", std::env::var_os("PATH").unwrap_or_default())
                     .env("DATABASE_URL", &self.db_url)
