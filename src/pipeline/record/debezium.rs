@@ -25,6 +25,7 @@ use bytes::Bytes;
 use regex::Regex;
 
 use super::connect::{epoch_micros, json_string, Kind};
+use super::expand::{expand, Expanded};
 use super::{KafkaRecord, RecordError};
 use crate::config::{
     ColumnMap, ConfigError, DebeziumConverter, EventRouterConfig, Place, Role, TopicError,
@@ -101,6 +102,8 @@ pub(super) struct EventRouter {
     timestamp: Option<Placed>,
     tombstones: bool,
     json: bool,
+    /// `table.expand.json.payload` (see [`super::expand`]).
+    expand: bool,
 }
 
 /// A column and how Connect renders it ([`Kind::Text`] until
@@ -182,12 +185,6 @@ impl EventRouter {
             .map_err(|e| regex_error(e.to_string()))?;
         let replacement = parse_replacement(&cfg.route_topic_replacement, &first)
             .map_err(|e| ConfigError::new("kafka.debezium.route.topic.replacement", e))?;
-        if cfg.expand_json_payload {
-            return Err(ConfigError::new(
-                "kafka.debezium.table.expand.json.payload",
-                "is not supported: Kafka Connect re-serialises the expanded JSON in a way that cannot be reproduced byte for byte; leave it false (consumers get the payload's JSON text)",
-            ));
-        }
         let placed = |option: &str, name: &str| -> Result<Placed, ConfigError> {
             Ok(Placed {
                 column: Column::named(option, name, map)?,
@@ -222,6 +219,7 @@ impl EventRouter {
             timestamp,
             tombstones: cfg.tombstone_on_empty_payload,
             json: cfg.converter == DebeziumConverter::Json,
+            expand: cfg.expand_json_payload,
         })
     }
 
@@ -328,7 +326,12 @@ impl EventRouter {
     /// writes it — `Struct{payload=…,alias=…}` (NULL fields left out) with
     /// the string converter, a JSON object (NULL fields as `null`) with
     /// the JSON converter.
-    fn envelope_value(&self, event: &OutboxEvent, payload: Option<&Bytes>) -> Bytes {
+    fn envelope_value(
+        &self,
+        event: &OutboxEvent,
+        payload: Option<&Bytes>,
+        expanded: Option<&Bytes>,
+    ) -> Bytes {
         let fields = std::iter::once(("payload", Kind::Text, payload)).chain(
             self.envelope
                 .iter()
@@ -343,12 +346,21 @@ impl EventRouter {
                 }
                 out.extend_from_slice(&json_string(name.as_bytes()));
                 out.push(b':');
-                out.extend_from_slice(&kind.json(value.map(|v| &v[..])));
+                match expanded {
+                    Some(printed) if i == 0 => out.extend_from_slice(printed),
+                    _ => out.extend_from_slice(&kind.json(value.map(|v| &v[..]))),
+                }
             }
             out.push(b'}');
         } else {
             out.extend_from_slice(b"Struct{");
-            let present = fields.filter_map(|(name, kind, value)| Some((name, kind.text(value?))));
+            let present =
+                fields
+                    .enumerate()
+                    .filter_map(|(i, (name, kind, value))| match expanded {
+                        Some(printed) if i == 0 => Some((name, printed.clone())),
+                        _ => Some((name, kind.text(value?))),
+                    });
             for (i, (name, text)) in present.enumerate() {
                 if i > 0 {
                     out.push(b',');
@@ -367,9 +379,20 @@ impl EventRouter {
         let topic = self.topic_for(event)?;
         let payload = self.payload.of(event);
         let empty = payload.is_none_or(|p| p.iter().all(u8::is_ascii_whitespace));
+        let expanded = match payload {
+            Some(p) if self.expand => match expand(p, self.json) {
+                Expanded::Value(v) => Some(Bytes::from(v)),
+                Expanded::Unchanged => None,
+                Expanded::Refused(why) => return Err(RecordError::Payload(why)),
+            },
+            _ => None,
+        };
         let value = match payload {
             _ if empty && self.tombstones => None,
-            _ if !self.envelope.is_empty() => Some(self.envelope_value(event, payload)),
+            _ if !self.envelope.is_empty() => {
+                Some(self.envelope_value(event, payload, expanded.as_ref()))
+            }
+            _ if expanded.is_some() => expanded.clone(),
             None if self.json => Some(Bytes::from_static(b"null")),
             None => None,
             Some(p) if self.json => Some(json_string(p)),
@@ -557,12 +580,34 @@ mod tests {
     }
 
     #[test]
+    fn an_expanded_payload_is_the_value_and_the_envelopes_payload() {
+        let r = router(&format!(
+            "{PGOUTBOX_TABLE}\n\"table.expand.json.payload\" = true\nconverter = \"json\""
+        ));
+        assert_eq!(
+            r.build(&sample_event()).unwrap().value,
+            Bytes::from_static(b"{\"total\":10}")
+        );
+        let r = router(&format!(
+            "{PGOUTBOX_TABLE}\n\"table.expand.json.payload\" = true\n\"table.fields.additional.placement\" = \"event_type:envelope:type\""
+        ));
+        assert_eq!(
+            r.build(&sample_event()).unwrap().value,
+            Bytes::from_static(b"Struct{payload=Struct{total=10},type=OrderCreated}")
+        );
+        let mut e = sample_event();
+        e.payload = Bytes::from_static(b"[1, 2]");
+        let r = router(&format!(
+            "{PGOUTBOX_TABLE}\n\"table.expand.json.payload\" = true\nconverter = \"json\""
+        ));
+        assert!(
+            matches!(r.build(&e), Err(RecordError::Payload(_))),
+            "what stops Debezium's task is dead-lettered"
+        );
+    }
+
+    #[test]
     fn options_pgoutbox_cannot_honour_are_refused_not_ignored() {
-        let cfg: EventRouterConfig = toml::from_str(&format!(
-            "{PGOUTBOX_TABLE}\n\"table.expand.json.payload\" = true"
-        ))
-        .unwrap();
-        assert!(EventRouter::new(&cfg, &ColumnMap::pgoutbox()).is_err());
         let types = |c: &str| {
             Some(match c {
                 "event_type" => "numeric(10,2)".to_string(),

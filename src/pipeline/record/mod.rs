@@ -22,6 +22,7 @@
 mod cloudevents;
 mod connect;
 mod debezium;
+mod expand;
 
 use std::borrow::Cow;
 use std::fmt;
