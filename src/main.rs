@@ -63,6 +63,15 @@ enum Command {
         /// concurrently.
         #[arg(long, conflicts_with = "check")]
         add_poll_columns: bool,
+        /// Also create this least-privilege role for the relay if missing
+        /// and grant it what the relay needs on the adopted table (SELECT,
+        /// UPDATE of the status columns it has, the relay's own tables).
+        #[arg(long, value_name = "ROLE", conflicts_with = "check")]
+        relay_role: Option<String>,
+        /// A file whose first line is the relay role's password (wins over
+        /// PGOUTBOX_RELAY_PASSWORD).
+        #[arg(long, value_name = "PATH", requires = "relay_role")]
+        relay_password_file: Option<PathBuf>,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -281,6 +290,11 @@ fn main() -> ExitCode {
             relay_role: Some(name),
             relay_password_file,
             ..
+        }
+        | Command::Adopt {
+            relay_role: Some(name),
+            relay_password_file,
+            ..
         } => match pgoutbox::outbox::RelayRole::new(
             name,
             relay_password_file.as_deref(),
@@ -325,13 +339,14 @@ fn main() -> ExitCode {
                 check,
                 add_poll_columns,
                 json,
+                ..
             } => {
                 let args = cli::AdoptArgs {
                     check,
                     add_poll_columns,
                     json,
                 };
-                cli::adopt(&config, args).await
+                cli::adopt(&config, args, relay_role.as_ref()).await
             }
             Command::Run { recreate_slot, .. } => cli::run(config, recreate_slot).await,
             Command::Dle { command } => cli::dle(&config, command.into()).await,

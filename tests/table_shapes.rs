@@ -10,7 +10,9 @@ mod common;
 use std::process::Output;
 use std::time::Duration;
 
-use common::harness::{read_topics, wait_for, Record, Relay, TestOutbox};
+use common::harness::{
+    read_topics, relay_password, wait_for, Record, Relay, TestOutbox, RELAY_ROLE,
+};
 use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -49,10 +51,20 @@ async fn read(topic: String, done: impl Fn(&[Record]) -> bool + Send + 'static) 
         .expect("reader")
 }
 
-/// Starts `pgoutbox run` as the admin role (an adopted table has no grants
-/// for the relay's least-privilege role).
-fn start(outbox: &TestOutbox, mode: &str) -> Relay {
+/// Runs `pgoutbox adopt <args> --relay-role …` as the admin role.
+fn adopt(outbox: &TestOutbox, args: &[&str]) -> Output {
     let mut cmd = outbox.admin_command();
+    cmd.arg("adopt")
+        .args(args)
+        .args(["--relay-role", RELAY_ROLE])
+        .env("PGOUTBOX_RELAY_PASSWORD", relay_password());
+    common::harness::output_checked(&mut cmd)
+}
+
+/// Starts `pgoutbox run` as the relay's least-privilege role, which only
+/// `adopt --relay-role` granted anything on the adopted table.
+fn start(outbox: &TestOutbox, mode: &str) -> Relay {
+    let mut cmd = outbox.command();
     cmd.args(["run", "--mode", mode]);
     Relay::spawn(cmd, &format!("{}-{mode}", outbox.name))
 }
@@ -134,7 +146,7 @@ async fn debeziums_default_table_is_adopted_and_relayed_in_debeziums_format() {
         "{err}"
     );
 
-    let out = admin(&outbox, &["adopt"]);
+    let out = adopt(&outbox, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains("publication: covers the table"),
@@ -241,7 +253,7 @@ async fn a_home_grown_table_is_mapped_given_poll_columns_polled_and_marked_by_cd
         report.contains("poll mode: not possible, missing created_at, status"),
         "{report}"
     );
-    let out = admin(&outbox, &["adopt", "--add-poll-columns"]);
+    let out = adopt(&outbox, &["--add-poll-columns"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report = text(&out.stdout);
     assert!(

@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::outbox::{AdoptError, MigrationTarget};
+use crate::outbox::{AdoptError, GrantScope, MigrationTarget, RelayRole, TableShape};
 
 use super::connect_for_command;
 
@@ -19,8 +19,13 @@ pub struct AdoptArgs {
     pub json: bool,
 }
 
-/// Runs `pgoutbox adopt`; prints the report on stdout.
-pub async fn adopt(config: &Config, args: AdoptArgs) -> Result<(), Error> {
+/// Runs `pgoutbox adopt` (granting `relay_role`, when given, what the
+/// relay needs on the adopted table); prints the report on stdout.
+pub async fn adopt(
+    config: &Config,
+    args: AdoptArgs,
+    relay_role: Option<&RelayRole>,
+) -> Result<(), Error> {
     let mut client = connect_for_command(config).await?;
     let target = MigrationTarget {
         schema: config.outbox.schema.clone(),
@@ -41,6 +46,21 @@ pub async fn adopt(config: &Config, args: AdoptArgs) -> Result<(), Error> {
         AdoptError::Database { doing, source } => Error::postgres(&doing, &source),
         AdoptError::Refused(why) => Error::Fatal(why),
     })?;
+    if let (Some(role), false) = (relay_role, args.check) {
+        let shape = TableShape::inspect(&client, &target.schema, &target.table)
+            .await
+            .map_err(|e| Error::postgres("reading the table's columns", &e))?
+            .ok_or_else(|| Error::Fatal(format!("table {} does not exist", report.table)))?;
+        let scope = GrantScope {
+            update_columns: crate::outbox::STATUS_COLUMNS
+                .iter()
+                .filter(|c| shape.type_of(c).is_some())
+                .map(|c| (*c).to_string())
+                .collect(),
+            partitions: report.created_by_migrate,
+        };
+        super::migrate::relay_role_grants(&mut client, &target, role, &scope).await?;
+    }
     if args.json {
         println!("{}", super::to_json(&report)?);
     } else {

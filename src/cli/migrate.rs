@@ -63,7 +63,13 @@ pub async fn migrate_with(config: &Config, relay_role: Option<&RelayRole>) -> Re
         tracing::info!("{change}");
     }
     if let Some(role) = relay_role {
-        relay_role_grants(&mut client, &target, role).await?;
+        relay_role_grants(
+            &mut client,
+            &target,
+            role,
+            &crate::outbox::GrantScope::migrated(),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -71,12 +77,13 @@ pub async fn migrate_with(config: &Config, relay_role: Option<&RelayRole>) -> Re
 /// Creates (if missing) and grants the relay role; says what was done and,
 /// for a role created without a password, how to set one. Never prints the
 /// password.
-async fn relay_role_grants(
+pub(super) async fn relay_role_grants(
     client: &mut tokio_postgres::Client,
     target: &MigrationTarget,
     role: &RelayRole,
+    scope: &crate::outbox::GrantScope,
 ) -> Result<(), Error> {
-    let report = grant_relay_role(client, target, role)
+    let report = grant_relay_role(client, target, role, scope)
         .await
         .map_err(|e| match e {
             PrivilegeError::Database { context, source } => Error::postgres(&context, &source),

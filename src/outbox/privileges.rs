@@ -175,38 +175,71 @@ fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// Which objects of a table the relay role is granted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantScope {
+    /// The row-state columns it may update (marking, poll mode).
+    pub update_columns: Vec<String>,
+    /// Whether the table has pgoutbox's partition function (a table
+    /// `pgoutbox migrate` created).
+    pub partitions: bool,
+}
+
+impl GrantScope {
+    /// pgoutbox's own table: every status column, the partition function.
+    pub fn migrated() -> GrantScope {
+        GrantScope {
+            update_columns: STATUS_COLUMNS.iter().map(|c| (*c).to_string()).collect(),
+            partitions: true,
+        }
+    }
+}
+
 /// The GRANT statements for `role` on `target` (all names quoted), without
 /// the dead-letter sequence, whose name the server knows.
-pub fn grant_statements(target: &MigrationTarget, role: &str) -> Vec<String> {
+pub fn grant_statements(target: &MigrationTarget, role: &str, scope: &GrantScope) -> Vec<String> {
     let r = quote_ident(role);
     let s = quote_ident(&target.schema);
     let t = format!("{s}.{}", quote_ident(&target.table));
-    let columns = STATUS_COLUMNS
+    let columns = scope
+        .update_columns
         .iter()
         .map(|c| quote_ident(c))
         .collect::<Vec<_>>()
         .join(", ");
-    vec![
+    let mut out = vec![
         format!("GRANT USAGE ON SCHEMA {s} TO {r}"),
         format!("GRANT SELECT ON TABLE {t} TO {r}"),
-        format!("GRANT UPDATE ({columns}) ON TABLE {t} TO {r}"),
+    ];
+    if !columns.is_empty() {
+        out.push(format!("GRANT UPDATE ({columns}) ON TABLE {t} TO {r}"));
+    }
+    out.extend([
         format!("GRANT SELECT, INSERT, UPDATE ON TABLE {s}.pgoutbox_slot_state TO {r}"),
         format!("GRANT INSERT ON TABLE {s}.pgoutbox_dead_letters TO {r}"),
         format!("GRANT SELECT ON TABLE public.pgoutbox_migrations TO {r}"),
-        format!("GRANT EXECUTE ON FUNCTION {s}.pgoutbox_ensure_partitions(regclass, int) TO {r}"),
-        format!(
-            "GRANT EXECUTE ON FUNCTION {s}.pgoutbox_ensure_partitions(regclass, int, text) TO {r}"
-        ),
-    ]
+    ]);
+    if scope.partitions {
+        out.extend([
+            format!(
+                "GRANT EXECUTE ON FUNCTION {s}.pgoutbox_ensure_partitions(regclass, int) TO {r}"
+            ),
+            format!(
+                "GRANT EXECUTE ON FUNCTION {s}.pgoutbox_ensure_partitions(regclass, int, text) TO {r}"
+            ),
+        ]);
+    }
+    out
 }
 
 /// Creates `role` if it is missing and grants it what the relay needs on
-/// `target` (which must be migrated). Refuses a superuser role and the role
-/// running this.
+/// `target` (migrated or adopted), within `scope`. Refuses a superuser role
+/// and the role running this.
 pub async fn grant_relay_role(
     client: &mut Client,
     target: &MigrationTarget,
     role: &RelayRole,
+    scope: &GrantScope,
 ) -> Result<RelayRoleReport, PrivilegeError> {
     let mut report = RelayRoleReport::default();
     let r = quote_ident(&role.name);
@@ -245,7 +278,7 @@ pub async fn grant_relay_role(
         report.warnings.push(warning);
     }
     grant_database_access(&tx, &role.name, &r).await?;
-    for sql in grant_statements(target, &role.name) {
+    for sql in grant_statements(target, &role.name, scope) {
         tx.batch_execute(&sql)
             .await
             .map_err(db(&format!("granting the relay role: {sql}")))?;
@@ -457,7 +490,7 @@ mod tests {
 
     #[test]
     fn grants_are_quoted_and_limited_to_the_status_columns() {
-        let sql = grant_statements(&target(), "Relay").join(";\n");
+        let sql = grant_statements(&target(), "Relay", &GrantScope::migrated()).join(";\n");
         assert!(
             sql.contains("GRANT USAGE ON SCHEMA \"Shop\" TO \"Relay\""),
             "{sql}"
