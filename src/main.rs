@@ -117,6 +117,16 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Print the Kafka Connect offset (the body of PATCH
+    /// /connectors/<name>/offsets) that makes Debezium resume the
+    /// configured slot exactly where pgoutbox stopped: the way back to
+    /// Debezium (see docs/migrating-from-debezium.md). pgoutbox must be
+    /// stopped.
+    DebeziumOffset {
+        /// The connector's `topic.prefix` (Debezium's offset partition).
+        #[arg(long, value_name = "PREFIX")]
+        topic_prefix: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -352,6 +362,9 @@ fn main() -> ExitCode {
             Command::Dle { command } => cli::dle(&config, command.into()).await,
             Command::Status { json } => cli::status(&config, json).await,
             Command::ImportDebezium { .. } => unreachable!("handled before the runtime starts"),
+            Command::DebeziumOffset { topic_prefix } => {
+                cli::debezium_offset(&config, &topic_prefix).await
+            }
             Command::Partitions {
                 command:
                     PartitionsCommand::Maintain {

@@ -1,10 +1,13 @@
 //! `pgoutbox import-debezium FILE`: the configuration on stdout, what was
-//! not carried over on stderr.
+//! not carried over on stderr; and `pgoutbox debezium-offset`, the offset
+//! that hands the slot back to Debezium.
 
 use std::io::Read;
 use std::path::Path;
 
-use crate::operate::debezium_import;
+use crate::config::Config;
+use crate::error::Error;
+use crate::operate::{debezium_import, debezium_offset};
 
 /// Reads `file` (`-` for stdin), prints the pgoutbox configuration on
 /// stdout and one `warning:` line per option not carried over on stderr.
@@ -26,5 +29,24 @@ pub fn import_debezium(file: &Path) -> Result<(), String> {
         eprintln!("warning: {w}");
     }
     print!("{}", imported.toml);
+    Ok(())
+}
+
+/// `pgoutbox debezium-offset --topic-prefix P`: prints the body of Kafka
+/// Connect's `PATCH /connectors/<name>/offsets` that makes Debezium resume
+/// the configured slot where pgoutbox stopped (see
+/// docs/migrating-from-debezium.md, "Rolling back").
+pub async fn debezium_offset(config: &Config, topic_prefix: &str) -> Result<(), Error> {
+    let client = super::connect_for_command(config).await?;
+    let confirmed = debezium_offset::confirmed_position(&client, &config.cdc.slot)
+        .await
+        .map_err(Error::Fatal)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let body = debezium_offset::offset_body(topic_prefix, confirmed, now);
+    tracing::info!(slot = %config.cdc.slot, confirmed_flush = %confirmed, "PATCH /connectors/<name>/offsets with this body while the connector is STOPPED, then PUT /connectors/<name>/resume");
+    println!("{}", super::to_json(&body)?);
     Ok(())
 }

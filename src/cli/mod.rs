@@ -27,7 +27,7 @@ mod status;
 pub use crate::VERSION;
 pub use adopt::{adopt, AdoptArgs};
 pub use dead_letters::{dle, DleCommand};
-pub use import_debezium::import_debezium;
+pub use import_debezium::{debezium_offset, import_debezium};
 pub use logging::init_logging;
 pub use migrate::migrate_with;
 pub use partitions::{format_maintain, partitions_maintain, MaintainArgs};

@@ -19,7 +19,9 @@ const ROUTER_OPTIONS: &[&str] = &[
     "table.field.event.key",
     "table.field.event.type",
     "table.field.event.payload",
+    "table.field.event.timestamp",
     "table.fields.additional.placement",
+    "table.expand.json.payload",
     "route.by.field",
     "route.topic.regex",
     "route.topic.replacement",
@@ -339,7 +341,10 @@ fn kafka_section(
             }
             continue;
         };
-        let value = if known == "route.tombstone.on.empty.payload" {
+        let value = if matches!(
+            known,
+            "route.tombstone.on.empty.payload" | "table.expand.json.payload"
+        ) {
             value.trim().eq_ignore_ascii_case("true").to_string()
         } else {
             quoted(value)
@@ -480,12 +485,13 @@ key.converter=org.apache.kafka.connect.storage.StringConverter
         );
         assert_eq!(router["converter"].as_str(), Some("string"));
         let w = imported.warnings.join("\n");
-        for option in [
-            "database.password",
-            "heartbeat.interval.ms",
-            "topic.prefix",
-            "transforms.outbox.table.expand.json.payload",
-        ] {
+        assert_eq!(
+            router["table.expand.json.payload"].as_bool(),
+            Some(true),
+            "carried over, now that pgoutbox reproduces it"
+        );
+        assert_eq!(cfg["outbox"]["columns"]["preset"].as_str(), Some("debezium"));
+        for option in ["database.password", "heartbeat.interval.ms", "topic.prefix"] {
             assert!(w.contains(option), "{option} is not in the warnings:\n{w}");
         }
         assert!(!w.contains("s3cret"));

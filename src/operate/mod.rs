@@ -4,9 +4,11 @@
 //! - [`sampler`]: the gauges read from the database (pending rows, slot lag);
 //! - [`overview`]: what `pgoutbox status` shows;
 //! - [`partitions`]: partitions created ahead, old ones archived and retired;
-//! - [`debezium_import`]: a Debezium connector's configuration as pgoutbox's.
+//! - [`debezium_import`]: a Debezium connector's configuration as pgoutbox's;
+//! - [`debezium_offset`]: the offset that hands the slot back to Debezium.
 
 pub mod debezium_import;
+pub mod debezium_offset;
 pub mod http;
 pub mod overview;
 pub mod partitions;

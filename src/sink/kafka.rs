@@ -250,6 +250,15 @@ impl Sink {
         if !cfg.properties.contains_key("client.id") {
             client.set("client.id", "pgoutbox");
         }
+        // Kafka Connect's (Java) producer puts a keyed record on
+        // murmur2(key) % partitions; librdkafka's default hashes with
+        // CRC32. A drop-in for Debezium keeps every aggregate on the
+        // partition Debezium used (ARCHITECTURE.md, invariant 4).
+        if cfg.format == crate::config::RecordFormat::Debezium
+            && !cfg.properties.contains_key("partitioner")
+        {
+            client.set("partitioner", "murmur2_random");
+        }
         let context = Context {
             deliveries: tx,
             fatal: fatal.clone(),

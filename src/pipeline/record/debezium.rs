@@ -92,6 +92,8 @@ pub(super) struct EventRouter {
     /// `route.topic.regex` as given (Java's `find()`, for `replaceFirst`).
     first: Regex,
     replacement: Vec<Piece>,
+    /// `route.regex` → `route.topic.replacement` as configured, for logs.
+    routing: String,
     headers: Vec<(super::HeaderName, Placed)>,
     /// `envelope` placements: the value becomes a struct of the payload
     /// and these fields.
@@ -112,6 +114,12 @@ pub(super) struct EventRouter {
 struct Placed {
     column: Column,
     kind: Kind,
+}
+
+impl std::fmt::Display for EventRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.routing)
+    }
 }
 
 /// A piece of a Java replacement string.
@@ -213,6 +221,10 @@ impl EventRouter {
             whole,
             first,
             replacement,
+            routing: format!(
+                "{} routed by {:?} → {:?}",
+                cfg.route_by_field, cfg.route_topic_regex, cfg.route_topic_replacement
+            ),
             headers,
             envelope,
             partition,

@@ -269,6 +269,9 @@ impl RecordBuilder {
 
 impl fmt::Display for RecordBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Layout::Debezium(router) = &self.layout {
+            return write!(f, "{router}");
+        }
         write!(f, "{}", self.default)?;
         for (t, tpl) in &self.per_table {
             write!(f, ", {t}: {tpl}")?;
