@@ -222,6 +222,14 @@ async fn debeziums_default_table_is_adopted_and_relayed_in_debeziums_format() {
         1,
         "no trace context, no traceparent"
     );
+    let out = admin(&outbox, &["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        status["rows"].is_null(),
+        "no status column, no row counts: {status}"
+    );
+    assert_eq!(status["mode"]["serving"], "cdc", "{status}");
     relay.terminate();
     assert_eq!(
         columns(&outbox, "dbz_outbox").await,

@@ -50,7 +50,12 @@ pub fn format_overview(o: &Overview) -> String {
     let _ = writeln!(out, "outbox      {}  (at {})", o.table, o.generated_at);
     write_mode(&mut out, &o.mode);
     write_slot(&mut out, &o.slot);
-    write_rows(&mut out, &o.rows);
+    match &o.rows {
+        Some(rows) => write_rows(&mut out, rows),
+        None => out.push_str(
+            "rows        not tracked: the table has no status column (delivery is recorded by the slot's position only)\n",
+        ),
+    }
     write_partitions(&mut out, &o.partitions);
     out
 }

@@ -36,7 +36,9 @@ pub struct Overview {
     /// The CDC replication slot (`cdc.slot`).
     pub slot: SlotOverview,
     /// Rows not yet delivered, and dead letters.
-    pub rows: RowsOverview,
+    /// Row counts by status; `None` for a table without `status` and
+    /// `created_at` (an adopted table the relay does not mark).
+    pub rows: Option<RowsOverview>,
     /// The partitions.
     pub partitions: PartitionsOverview,
 }
@@ -183,7 +185,16 @@ pub async fn read(client: &Client, config: &Config) -> Result<Overview, Error> {
         .map(|h| h.relay_mode.clone())
         .unwrap_or_else(|| "none".into());
     let slot = read_slot(client, &config.cdc.slot).await?;
-    let rows = read_rows(client, &table).await?;
+    let shape =
+        crate::outbox::TableShape::inspect(client, &config.outbox.schema, &config.outbox.table)
+            .await
+            .map_err(db("reading the outbox table's columns"))?
+            .ok_or_else(|| Error::Fatal(format!("the outbox table {name} does not exist")))?;
+    let rows = if tracks_rows(&shape) {
+        Some(read_rows(client, &table).await?)
+    } else {
+        None
+    };
     let partitions = read_partitions(client, config, &table).await?;
     Ok(Overview {
         table: name,
@@ -269,6 +280,12 @@ async fn read_slot(client: &Client, slot: &str) -> Result<SlotOverview, Error> {
         wal_status: slot_row.get(8),
         safe_wal_size_bytes: slot_row.get(9),
     })
+}
+
+/// Whether the table says which rows wait: it has `status` and
+/// `created_at` (an adopted table may not).
+pub fn tracks_rows(shape: &crate::outbox::TableShape) -> bool {
+    shape.type_of("status").is_some() && shape.type_of("created_at").is_some()
 }
 
 /// The rows of `table` (quoted) by status, and the oldest pending one.

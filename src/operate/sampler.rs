@@ -116,6 +116,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
     pg.pg_mut().application_name("pgoutbox-metrics");
     let mut client: Option<tokio_postgres::Client> = None;
     let mut alarm = RetentionAlarm::default();
+    // Whether the table says which rows wait (known once connected).
+    let mut tracks_rows: Option<bool> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -134,6 +136,20 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
         match sample_slot(c, &config.cdc.slot).await {
             Ok(s) => record_slot(&config, &s, &mut alarm),
             Err(e) => failed("reading the replication slot", &e),
+        }
+        if tracks_rows.is_none() {
+            match crate::outbox::TableShape::inspect(c, &config.outbox.schema, &config.outbox.table)
+                .await
+            {
+                Ok(shape) => {
+                    tracks_rows = Some(shape.is_some_and(|s| super::overview::tracks_rows(&s)))
+                }
+                Err(e) => failed("reading the outbox table's columns", &e),
+            }
+        }
+        if tracks_rows != Some(true) {
+            // No status column (an adopted table): no row gauges.
+            continue;
         }
         match c.query_one(&rows, &[]).await {
             Ok(r) => {
