@@ -342,56 +342,63 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match args.command {
-            Command::Migrate { .. } => cli::migrate_with(&config, relay_role.as_ref()).await,
-            Command::Adopt {
-                check,
-                add_poll_columns,
-                json,
-                ..
-            } => {
-                let args = cli::AdoptArgs {
-                    check,
-                    add_poll_columns,
-                    json,
-                };
-                cli::adopt(&config, args, relay_role.as_ref()).await
-            }
-            Command::Run { recreate_slot, .. } => cli::run(config, recreate_slot).await,
-            Command::Dle { command } => cli::dle(&config, command.into()).await,
-            Command::Status { json } => cli::status(&config, json).await,
-            Command::ImportDebezium { .. } => unreachable!("handled before the runtime starts"),
-            Command::DebeziumOffset { topic_prefix } => {
-                cli::debezium_offset(&config, &topic_prefix).await
-            }
-            Command::Partitions {
-                command:
-                    PartitionsCommand::Maintain {
-                        archive_dir,
-                        dry_run,
-                        lock_timeout,
-                        json,
-                        now,
-                    },
-            } => {
-                let args = cli::MaintainArgs {
-                    archive_dir,
-                    dry_run,
-                    lock_timeout,
-                    json,
-                    now,
-                };
-                cli::partitions_maintain(&config, args).await
-            }
-        }
-    });
+    let result = runtime.block_on(dispatch(args.command, config, relay_role));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "pgoutbox stopped");
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a command that needs the configuration and a runtime.
+async fn dispatch(
+    command: Command,
+    config: pgoutbox::config::Config,
+    relay_role: Option<pgoutbox::outbox::RelayRole>,
+) -> Result<(), pgoutbox::error::Error> {
+    match command {
+        Command::Migrate { .. } => cli::migrate_with(&config, relay_role.as_ref()).await,
+        Command::Adopt {
+            check,
+            add_poll_columns,
+            json,
+            ..
+        } => {
+            let args = cli::AdoptArgs {
+                check,
+                add_poll_columns,
+                json,
+            };
+            cli::adopt(&config, args, relay_role.as_ref()).await
+        }
+        Command::Run { recreate_slot, .. } => cli::run(config, recreate_slot).await,
+        Command::Dle { command } => cli::dle(&config, command.into()).await,
+        Command::Status { json } => cli::status(&config, json).await,
+        Command::ImportDebezium { .. } => unreachable!("handled before the runtime starts"),
+        Command::DebeziumOffset { topic_prefix } => {
+            cli::debezium_offset(&config, &topic_prefix).await
+        }
+        Command::Partitions {
+            command:
+                PartitionsCommand::Maintain {
+                    archive_dir,
+                    dry_run,
+                    lock_timeout,
+                    json,
+                    now,
+                },
+        } => {
+            let args = cli::MaintainArgs {
+                archive_dir,
+                dry_run,
+                lock_timeout,
+                json,
+                now,
+            };
+            cli::partitions_maintain(&config, args).await
         }
     }
 }

@@ -88,10 +88,6 @@ impl Statements {
             .event_columns()
             .unwrap_or_else(|_| ColumnMap::pgoutbox());
         let claimed = claimed_columns(&map);
-        let role_text = |r: Role| match map.name(r) {
-            Some(c) => format!("o.{}::text", quote_ident(c)),
-            None => "''::text".into(),
-        };
         let claim = format!(
             "WITH due AS ( \
                SELECT c.id, c.created_at FROM {t} AS c \
@@ -155,23 +151,7 @@ impl Statements {
                FROM {KEYS} WHERE {MATCH} AND o.lock_token = $1 AND o.status = 'PROCESSING' \
              RETURNING 1) SELECT count(*) FROM u"
         );
-        let reap = format!(
-            "WITH u AS (UPDATE {t} AS o SET \
-                    status = CASE WHEN o.retry_count >= o.max_retries THEN 'DEAD_LETTER' ELSE 'PENDING' END, \
-                    processed_at = CASE WHEN o.retry_count >= o.max_retries THEN now() END, \
-                    last_error = CASE WHEN o.retry_count >= o.max_retries \
-                                      THEN 'lease expired on attempt ' || o.retry_count || ' of ' || o.max_retries \
-                                           || ' (the worker holding it stopped or stalled)' \
-                                      ELSE o.last_error END, \
-                    locked_until = NULL, lock_token = NULL \
-              WHERE o.status = 'PROCESSING' AND o.locked_until < now() \
-             RETURNING o.status, {} AS aggregate_type, {} AS event_type) \
-             SELECT count(*) FILTER (WHERE status = 'PENDING'), \
-                    coalesce(array_agg(aggregate_type) FILTER (WHERE status = 'DEAD_LETTER'), '{{}}'), \
-                    coalesce(array_agg(event_type) FILTER (WHERE status = 'DEAD_LETTER'), '{{}}') FROM u",
-            role_text(Role::AggregateType),
-            role_text(Role::EventType)
-        );
+        let reap = reap_statement(&t, &map);
         let adopt_failed = format!(
             "UPDATE {t} SET status = 'PENDING', locked_until = NULL, lock_token = NULL WHERE status = 'FAILED'"
         );
@@ -188,6 +168,33 @@ impl Statements {
             map,
         }
     }
+}
+
+/// Returns expired leases to `PENDING` (or `DEAD_LETTER` when the row used
+/// its attempts); returns the counts and the dead rows' types for the
+/// metrics' topic label, read through the table's column roles.
+fn reap_statement(t: &str, map: &ColumnMap) -> String {
+    let role_text = |r: Role| match map.name(r) {
+        Some(c) => format!("o.{}::text", quote_ident(c)),
+        None => "''::text".into(),
+    };
+    format!(
+        "WITH u AS (UPDATE {t} AS o SET \
+                status = CASE WHEN o.retry_count >= o.max_retries THEN 'DEAD_LETTER' ELSE 'PENDING' END, \
+                processed_at = CASE WHEN o.retry_count >= o.max_retries THEN now() END, \
+                last_error = CASE WHEN o.retry_count >= o.max_retries \
+                                  THEN 'lease expired on attempt ' || o.retry_count || ' of ' || o.max_retries \
+                                       || ' (the worker holding it stopped or stalled)' \
+                                  ELSE o.last_error END, \
+                locked_until = NULL, lock_token = NULL \
+          WHERE o.status = 'PROCESSING' AND o.locked_until < now() \
+         RETURNING o.status, {} AS aggregate_type, {} AS event_type) \
+         SELECT count(*) FILTER (WHERE status = 'PENDING'), \
+                coalesce(array_agg(aggregate_type) FILTER (WHERE status = 'DEAD_LETTER'), '{{}}'), \
+                coalesce(array_agg(event_type) FILTER (WHERE status = 'DEAD_LETTER'), '{{}}') FROM u",
+        role_text(Role::AggregateType),
+        role_text(Role::EventType)
+    )
 }
 
 #[cfg(test)]
