@@ -27,12 +27,7 @@ pub async fn adopt(
     relay_role: Option<&RelayRole>,
 ) -> Result<(), Error> {
     let mut client = connect_for_command(config).await?;
-    let target = MigrationTarget {
-        schema: config.outbox.schema.clone(),
-        table: config.outbox.table.clone(),
-        publication: config.cdc.publication.clone(),
-        message_prefix: config.cdc.message_prefix.clone(),
-    };
+    let target = MigrationTarget::from_config(config);
     let map = config.event_columns()?;
     let report = crate::outbox::adopt(
         &mut client,

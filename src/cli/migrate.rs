@@ -14,12 +14,7 @@ use super::connect_for_command;
 /// missing and granted what the relay needs (see docs/least-privilege.md).
 pub async fn migrate_with(config: &Config, relay_role: Option<&RelayRole>) -> Result<(), Error> {
     let mut client = connect_for_command(config).await?;
-    let target = MigrationTarget {
-        schema: config.outbox.schema.clone(),
-        table: config.outbox.table.clone(),
-        publication: config.cdc.publication.clone(),
-        message_prefix: config.cdc.message_prefix.clone(),
-    };
+    let target = MigrationTarget::from_config(config);
     let map = config.outbox.column_map()?;
     if map != crate::config::ColumnMap::pgoutbox() {
         return Err(Error::Fatal(format!(

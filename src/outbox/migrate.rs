@@ -108,6 +108,16 @@ fn literal(s: &str) -> String {
 }
 
 impl MigrationTarget {
+    /// The configured outbox table, publication and message prefix.
+    pub fn from_config(config: &crate::config::Config) -> MigrationTarget {
+        MigrationTarget {
+            schema: config.outbox.schema.clone(),
+            table: config.outbox.table.clone(),
+            publication: config.cdc.publication.clone(),
+            message_prefix: config.cdc.message_prefix.clone(),
+        }
+    }
+
     fn render(&self, template: &str) -> String {
         template
             .replace("{{schema}}", &quote_ident(&self.schema))
