@@ -222,6 +222,48 @@ async fn debeziums_default_table_is_adopted_and_relayed_in_debeziums_format() {
         1,
         "no trace context, no traceparent"
     );
+    // A row that can never be published (no legal topic) cannot be marked
+    // here: it is recorded in pgoutbox_dead_letters and the stream moves on;
+    // a NULL payload is a record without a value.
+    let (unroutable, empty) = (Uuid::new_v4(), Uuid::new_v4());
+    outbox
+        .client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.dbz_outbox (id, aggregatetype, aggregateid, type, payload) \
+                 VALUES ($1, 'no topic!', 'order-7', 'X', '{{}}'), ($2, 'Order', 'order-7', 'Deleted', NULL)"
+            ),
+            &[&unroutable, &empty],
+        )
+        .await
+        .unwrap();
+    let want = empty.to_string();
+    let records = read(topic.clone(), move |recs| {
+        recs.iter().any(|r| r.header("id") == want)
+    })
+    .await;
+    let last = records.last().unwrap();
+    assert_eq!(
+        (last.header("id"), last.value.as_str()),
+        (empty.to_string().as_str(), "")
+    );
+    let dead: String = wait_for("the unroutable row in pgoutbox_dead_letters", DEADLINE, || {
+        let client = &outbox.client;
+        let sql = format!(
+            "SELECT convert_from(content, 'UTF8') FROM {schema}.pgoutbox_dead_letters WHERE prefix = 'row:dbz_outbox'"
+        );
+        async move {
+            client
+                .query_opt(&sql, &[])
+                .await
+                .unwrap()
+                .map(|r| r.get::<_, String>(0))
+        }
+    })
+    .await;
+    assert!(dead.contains(&unroutable.to_string()), "{dead}");
+    assert!(relay.running(), "{}", relay.log_text());
+
     let out = admin(&outbox, &["status", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

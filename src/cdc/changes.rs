@@ -419,7 +419,7 @@ mod tests {
         let mut c = changes();
         let mut bad = insert(1, 5, "PENDING", None);
         if let LogicalMessage::Insert(i) = &mut bad {
-            i.new.0[6] = TupleValue::Null; // payload
+            i.new.0[4] = TupleValue::Null; // aggregate_type
         }
         apply_all(
             &mut c,
@@ -484,7 +484,7 @@ mod tests {
         let ids: Vec<_> = r
             .sent()
             .iter()
-            .map(|(_, rec)| rec.headers[0].1.clone())
+            .map(|(_, rec)| rec.headers[0].1.clone().unwrap_or_default())
             .collect();
         assert_eq!(ids.len(), 3, "the aborted subtransaction's row is dropped");
         assert!(!ids.contains(&Bytes::from("00000000-0000-4000-8000-000000000002")));

@@ -116,6 +116,16 @@ impl Role {
         )
     }
 
+    /// Whether a NULL in this role's column still makes an event: an
+    /// event needs its id, aggregate type and aggregate id; a NULL payload
+    /// is an event without a value.
+    pub fn may_be_null(self) -> bool {
+        !matches!(
+            self,
+            Role::EventId | Role::AggregateType | Role::AggregateId
+        )
+    }
+
     fn index(self) -> usize {
         Role::ALL.iter().position(|r| *r == self).unwrap_or(0)
     }

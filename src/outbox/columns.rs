@@ -142,7 +142,7 @@ impl OutboxColumns {
         };
         match text(tuple, *at, name) {
             Ok(b) => Ok(Some(b)),
-            Err(ColumnError::NotText { kind: "NULL", .. }) if !role.essential() => Ok(None),
+            Err(ColumnError::NotText { kind: "NULL", .. }) if role.may_be_null() => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -150,7 +150,9 @@ impl OutboxColumns {
     /// Reads the event from an inserted row.
     pub fn event(&self, tuple: &Tuple) -> Result<OutboxEvent, ColumnError> {
         let value = |role| self.role(tuple, role).map(Option::unwrap_or_default);
-        let mut payload = value(Role::Payload)?;
+        let payload_text = self.role(tuple, Role::Payload)?;
+        let payload_null = payload_text.is_none();
+        let mut payload = payload_text.unwrap_or_default();
         if self.bytea_payload {
             payload = super::bytea::decode(&payload).ok_or_else(|| ColumnError::NotText {
                 column: self.roles[payload_index()]
@@ -172,6 +174,7 @@ impl OutboxColumns {
             aggregate_type: value(Role::AggregateType)?,
             event_type: value(Role::EventType)?,
             payload,
+            payload_null,
             metadata: self.role(tuple, Role::TraceContext)?,
             additional: self
                 .additional

@@ -124,6 +124,7 @@ pub fn parse_with_row(
         aggregate_type: slice(content, &env.aggregate_type),
         event_type: slice(content, &env.event_type),
         payload: content.slice_ref(env.payload.get().as_bytes()),
+        payload_null: false,
         metadata: env.metadata.map(|m| content.slice_ref(m.get().as_bytes())),
         additional: Vec::new(),
     };

@@ -74,8 +74,11 @@ pub struct OutboxEvent {
     pub aggregate_type: Bytes,
     /// The event type, empty when the table has none.
     pub event_type: Bytes,
-    /// The payload: the Kafka value, unchanged (a bytea payload decoded).
+    /// The payload: the Kafka value, unchanged (a bytea payload decoded);
+    /// empty when NULL.
     pub payload: Bytes,
+    /// The payload is NULL (sent as a record without a value).
+    pub payload_null: bool,
     /// The trace-context column (pgoutbox's `metadata`, JSON; Debezium's
     /// `tracingspancontext`, `key=value` lines), if present.
     pub metadata: Option<Bytes>,
@@ -99,7 +102,9 @@ impl OutboxEvent {
         let mut v: Vec<Option<Bytes>> = (0..select_width(map)).map(&mut value).collect();
         let mut take = |i: usize| v[i].take();
         let roles = Role::ALL.len();
-        let mut payload = take(4).unwrap_or_default();
+        let payload_text = take(4);
+        let payload_null = payload_text.is_none();
+        let mut payload = payload_text.unwrap_or_default();
         if bytea_payload {
             payload = super::bytea::decode(&payload).unwrap_or(payload);
         }
@@ -110,6 +115,7 @@ impl OutboxEvent {
             aggregate_id: take(2).unwrap_or_default(),
             event_type: take(3).unwrap_or_default(),
             payload,
+            payload_null,
             created_at: take(5).unwrap_or_default(),
             metadata: take(6),
             additional: (roles..roles + map.additional().len())
@@ -200,6 +206,7 @@ pub(crate) fn sample_event() -> OutboxEvent {
         aggregate_type: Bytes::from_static(b"Order"),
         event_type: Bytes::from_static(b"OrderCreated"),
         payload: Bytes::from_static(br#"{"total": 10}"#),
+        payload_null: false,
         metadata: Some(Bytes::from_static(
             br#"{"traceparent": "00-abc-def-01", "other": 1}"#,
         )),

@@ -213,7 +213,7 @@ async fn run(
             return;
         }
         if client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-            match connect(&pg, &sql).await {
+            match connect(&pg).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
                     let text = crate::error::postgres_text(&e);
@@ -227,10 +227,10 @@ async fn run(
                 }
             }
         }
-        let Some((c, prepared)) = client.as_ref() else {
+        let Some((c, statements)) = client.as_mut() else {
             continue;
         };
-        match apply(c, prepared, &batch).await {
+        match apply(c, statements, &sql, &batch).await {
             Ok(unseen) => {
                 backoff = Duration::from_millis(100);
                 let gave_up = unseen_since.is_some_and(|t: Instant| t.elapsed() > UNSEEN_PATIENCE);
@@ -279,31 +279,40 @@ struct Statements {
     message: String,
 }
 
-/// The statements, prepared once per connection.
+/// The statements, each prepared once per connection on its first use: a
+/// table that cannot be marked (no status column, invariant 12) only ever
+/// gets `message`, the others would not even prepare.
+#[derive(Default)]
 struct Prepared {
-    completed: tokio_postgres::Statement,
-    dead: tokio_postgres::Statement,
-    message: tokio_postgres::Statement,
+    completed: Option<tokio_postgres::Statement>,
+    dead: Option<tokio_postgres::Statement>,
+    message: Option<tokio_postgres::Statement>,
+}
+
+async fn prepared<'a>(
+    client: &tokio_postgres::Client,
+    slot: &'a mut Option<tokio_postgres::Statement>,
+    sql: &str,
+) -> Result<&'a tokio_postgres::Statement, tokio_postgres::Error> {
+    if slot.is_none() {
+        *slot = Some(client.prepare(sql).await?);
+    }
+    Ok(slot.as_ref().expect("prepared just above"))
 }
 
 async fn connect(
     pg: &crate::database::Settings,
-    sql: &Statements,
 ) -> Result<(tokio_postgres::Client, Prepared), tokio_postgres::Error> {
     let client = crate::database::connect(pg).await?;
-    let prepared = Prepared {
-        completed: client.prepare(&sql.completed).await?,
-        dead: client.prepare(&sql.dead).await?,
-        message: client.prepare(&sql.message).await?,
-    };
-    Ok((client, prepared))
+    Ok((client, Prepared::default()))
 }
 
 /// Applies a batch; returns the ids of rows the statements could not see
 /// yet (to retry).
 async fn apply(
     client: &tokio_postgres::Client,
-    sql: &Prepared,
+    statements: &mut Prepared,
+    sql: &Statements,
     batch: &[Mark],
 ) -> Result<Vec<String>, tokio_postgres::Error> {
     let mut unseen = Vec::new();
@@ -342,14 +351,14 @@ async fn apply(
         }
     }
     if !ids.is_empty() {
-        for row in client.query(&sql.completed, &[&ids, &ats]).await? {
+        let st = prepared(client, &mut statements.completed, &sql.completed).await?;
+        for row in client.query(st, &[&ids, &ats]).await? {
             unseen.push(row.get::<_, String>(0));
         }
     }
     if !dead_ids.is_empty() {
-        let rows = client
-            .query(&sql.dead, &[&dead_ids, &dead_ats, &errs])
-            .await?;
+        let st = prepared(client, &mut statements.dead, &sql.dead).await?;
+        let rows = client.query(st, &[&dead_ids, &dead_ats, &errs]).await?;
         tracing::warn!(
             rows = dead_ids.len() - rows.len(),
             "dead-lettered rows that can never be published"
@@ -359,8 +368,9 @@ async fn apply(
         }
     }
     if !lsns.is_empty() {
+        let st = prepared(client, &mut statements.message, &sql.message).await?;
         let n = client
-            .execute(&sql.message, &[&lsns, &prefixes, &contents, &msg_errs])
+            .execute(st, &[&lsns, &prefixes, &contents, &msg_errs])
             .await?;
         tracing::warn!(
             messages = n,

@@ -28,8 +28,8 @@ pub use event::{select_list, select_width, OutboxEvent, TraceContext, OUTBOX_COL
 pub use marks::{Batching, Mark, MarkKind, MarkWriter, RowKey};
 pub use migrate::{is_foreign_table, migrate, MigrationTarget, MIGRATIONS};
 pub use privileges::{
-    grant_relay_role, GrantScope, Password, PasswordSource, PrivilegeError, RelayRole, RelayRoleReport,
-    RELAY_PASSWORD_ENV, STATUS_COLUMNS,
+    grant_relay_role, GrantScope, Password, PasswordSource, PrivilegeError, RelayRole,
+    RelayRoleReport, RELAY_PASSWORD_ENV, STATUS_COLUMNS,
 };
 pub use shape::{Gap, TableShape};
 

@@ -38,6 +38,7 @@ fn topic_of(
         tracking_id: Bytes::new(),
         aggregate_id: Bytes::new(),
         payload: Bytes::new(),
+        payload_null: false,
         metadata: None,
         additional: Vec::new(),
     };

@@ -2,6 +2,7 @@
 //! replication commands, then hand the socket to a [`ReplicationStream`].
 
 use postgres_protocol::message::frontend;
+use tokio_postgres::config::TargetSessionAttrs;
 
 use super::command::{self, SnapshotAction};
 use super::connection::{self, BoxedSocket, Connection, StartupParams};
@@ -56,10 +57,17 @@ pub struct ReplicationClient {
 }
 
 impl ReplicationClient {
-    /// Connects to the first host of `config` (TCP host and port, or a Unix
-    /// socket directory), negotiates TLS, starts a logical walsender session
-    /// and authenticates (trust, cleartext password, md5, SCRAM-SHA-256, and
+    /// Connects to `config`'s host (TCP host and port, or a Unix socket
+    /// directory), negotiates TLS, starts a logical walsender session and
+    /// authenticates (trust, cleartext password, md5, SCRAM-SHA-256, and
     /// SCRAM-SHA-256-PLUS over TLS).
+    ///
+    /// Several hosts (`postgres://h1:5432,h2:5432/db`, `host=h1,h2`) are
+    /// tried in order, as libpq tries them: the first that accepts the
+    /// session wins, and with `target_session_attrs=read-write` only a
+    /// server that is not in recovery (a primary) does — so after a
+    /// failover the relay finds the new primary. The error of the last host
+    /// tried is returned when none will do.
     ///
     /// `config` is pgoutbox's [`Settings`] (every libpq `sslmode`, with
     /// certificate verification; see `crate::database::settings`), or a bare
@@ -69,12 +77,32 @@ impl ReplicationClient {
     /// does not offer TLS; `require` and stricter modes fail with
     /// [`ReplicationError::Tls`]. Unix sockets never use TLS.
     ///
-    /// The whole exchange is bounded by the configuration's
+    /// Each host's attempt is bounded by the configuration's
     /// `connect_timeout`, 10 seconds when unset.
     pub async fn connect(
         config: impl Into<Settings>,
     ) -> Result<ReplicationClient, ReplicationError> {
         let settings: Settings = config.into();
+        let pg = settings.pg();
+        let mut last = None;
+        for index in 0..connection::host_count(pg) {
+            match Self::connect_host(&settings, index).await {
+                Ok(client) => return Ok(client),
+                Err(e) => {
+                    tracing::debug!(host = index, error = %e, "replication connection: trying the next host");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ReplicationError::Config("no host configured".into())))
+    }
+
+    /// One host's attempt: connect, authenticate, and with
+    /// `target_session_attrs=read-write` check that it is a primary.
+    async fn connect_host(
+        settings: &Settings,
+        index: usize,
+    ) -> Result<ReplicationClient, ReplicationError> {
         let pg = settings.pg();
         let params = StartupParams::from_config(pg)?;
         let timeout = pg
@@ -84,20 +112,26 @@ impl ReplicationClient {
         let attempt = |tls: Tls| {
             let params = &params;
             async move {
-                let (socket, host) = connection::open_socket(pg).await?;
+                let (socket, host) = connection::open_socket(pg, index).await?;
                 Self::handshake(socket, host.as_deref(), &tls, params).await
             }
         };
         let tls = settings.tls();
         let connect = async {
-            match tls.mode() {
+            let mut client = match tls.mode() {
                 // libpq's `allow`: unencrypted first, TLS when refused.
                 TlsMode::Allow => match attempt(tls.clone()).await {
                     Err(e) if e.sqlstate() == Some("28000") => attempt(tls.upgraded()).await,
                     other => other,
                 },
                 _ => attempt(tls.clone()).await,
+            }?;
+            if pg.get_target_session_attrs() == TargetSessionAttrs::ReadWrite
+                && !client.is_read_write().await?
+            {
+                return Err(ReplicationError::ReadOnly);
             }
+            Ok(client)
         };
         tokio::time::timeout(timeout, connect)
             .await
@@ -105,6 +139,19 @@ impl ReplicationClient {
                 what: "connecting and authenticating",
                 after: timeout,
             })?
+    }
+
+    /// Whether the server accepts writes: not in recovery (`in_hot_standby`
+    /// as PostgreSQL 14+ reports it, else `transaction_read_only`).
+    async fn is_read_write(&mut self) -> Result<bool, ReplicationError> {
+        if let Some(standby) = self.parameter("in_hot_standby") {
+            return Ok(standby == "off");
+        }
+        let rows = self.simple_query("SHOW transaction_read_only").await?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .is_some_and(|v| v == "off"))
     }
 
     async fn handshake(

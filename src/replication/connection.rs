@@ -67,21 +67,34 @@ impl StartupParams {
     }
 }
 
-/// Opens a socket to the first host of `config`: TCP (trying each resolved
-/// address in turn) or a Unix socket in the given directory. Returns the
-/// TCP host name too, which TLS checks the certificate against (`None` for
-/// a Unix socket, where TLS does not apply).
+/// How many hosts `config` lists (libpq's multi-host `host=h1,h2`).
+pub(crate) fn host_count(config: &Config) -> usize {
+    config.get_hosts().len().max(1)
+}
+
+/// Opens a socket to host `index` of `config` (its port: the one given for
+/// it, or the single port for all, as libpq reads them): TCP (trying each
+/// resolved address in turn) or a Unix socket in the given directory.
+/// Returns the host as named too — TLS checks the certificate against a
+/// TCP host's name (`None` for a Unix socket, where TLS does not apply) —
+/// and a label for errors.
 pub(crate) async fn open_socket(
     config: &Config,
+    index: usize,
 ) -> Result<(BoxedSocket, Option<String>), ReplicationError> {
     let host = config
         .get_hosts()
-        .first()
+        .get(index)
         .ok_or_else(|| ReplicationError::Config("no host configured".into()))?;
-    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let ports = config.get_ports();
+    let port = match ports.len() {
+        0 => 5432,
+        1 => ports[0],
+        _ => ports.get(index).copied().unwrap_or(5432),
+    };
     match host {
         Host::Tcp(name) => {
-            let addrs: Vec<SocketAddr> = match config.get_hostaddrs().first() {
+            let addrs: Vec<SocketAddr> = match config.get_hostaddrs().get(index) {
                 Some(ip) => vec![SocketAddr::new(*ip, port)],
                 None => match name.parse::<IpAddr>() {
                     Ok(ip) => vec![SocketAddr::new(ip, port)],

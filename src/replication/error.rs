@@ -95,6 +95,10 @@ pub enum ReplicationError {
     /// operator must fix the configuration.
     #[error("invalid replication configuration: {0}")]
     Config(String),
+    /// With `target_session_attrs=read-write`, the server is a standby (or
+    /// read-only): transient, since a failover may make a host the primary.
+    #[error("the server is read-only (a standby), and target_session_attrs=read-write asks for a primary")]
+    ReadOnly,
     /// TLS could not be set up: the server does not offer it but the mode
     /// requires it, or its certificate failed verification (not transient),
     /// or the socket failed during the handshake (transient).
@@ -113,6 +117,7 @@ impl ReplicationError {
             | ReplicationError::Closed(_)
             | ReplicationError::Timeout { .. }
             | ReplicationError::Config(_)
+            | ReplicationError::ReadOnly
             | ReplicationError::Tls(_) => None,
         }
     }
@@ -128,6 +133,7 @@ impl ReplicationError {
         match self {
             ReplicationError::Io { .. }
             | ReplicationError::Closed(_)
+            | ReplicationError::ReadOnly
             | ReplicationError::Timeout { .. } => true,
             ReplicationError::Server(e) => sqlstate_is_transient(&e.code),
             ReplicationError::Tls(e) => e.is_transient(),

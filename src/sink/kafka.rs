@@ -329,7 +329,7 @@ impl Sink {
         for (key, value) in &record.headers {
             headers = headers.insert(Header {
                 key: key.as_ref(),
-                value: Some(&value[..]),
+                value: value.as_deref(),
             });
         }
         let topic = record.topic.as_str();

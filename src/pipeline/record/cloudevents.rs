@@ -63,42 +63,57 @@ impl CloudEvents {
         let lossy = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
         let table = lossy(&event.table);
         let source = self.source.replace("{table}", &table);
-        let time = rfc3339(&lossy(&event.created_at));
+        // `time` is optional; `type` is not: a table without an event type
+        // gives its aggregate type.
+        let time = (!event.created_at.is_empty()).then(|| rfc3339(&lossy(&event.created_at)));
+        let kind = if event.event_type.is_empty() {
+            lossy(&event.aggregate_type)
+        } else {
+            lossy(&event.event_type)
+        };
         let trace = event.trace_context();
         let (value, headers) = match self.mode {
             CloudEventsMode::Binary => {
-                let mut headers = vec![
-                    ("ce_specversion".into(), Bytes::from_static(b"1.0")),
-                    ("ce_id".into(), event.tracking_id.clone()),
-                    ("ce_source".into(), Bytes::from(source)),
-                    ("ce_type".into(), event.event_type.clone()),
-                    ("ce_subject".into(), event.aggregate_id.clone()),
-                    ("ce_time".into(), Bytes::from(time)),
-                    (
-                        "content-type".into(),
-                        Bytes::from_static(b"application/json"),
-                    ),
+                let mut headers: Vec<(super::HeaderName, Option<Bytes>)> = vec![
+                    ("ce_specversion".into(), Some(Bytes::from_static(b"1.0"))),
+                    ("ce_id".into(), Some(event.tracking_id.clone())),
+                    ("ce_source".into(), Some(Bytes::from(source))),
+                    ("ce_type".into(), Some(Bytes::from(kind.clone()))),
+                    ("ce_subject".into(), Some(event.aggregate_id.clone())),
                 ];
+                if let Some(time) = &time {
+                    headers.push(("ce_time".into(), Some(Bytes::from(time.clone()))));
+                }
+                headers.push((
+                    "content-type".into(),
+                    Some(Bytes::from_static(b"application/json")),
+                ));
                 if let Some(tp) = trace.traceparent {
-                    headers.push(("ce_traceparent".into(), Bytes::from(tp)));
+                    headers.push(("ce_traceparent".into(), Some(Bytes::from(tp))));
                 }
                 if let Some(ts) = trace.tracestate {
-                    headers.push(("ce_tracestate".into(), Bytes::from(ts)));
+                    headers.push(("ce_tracestate".into(), Some(Bytes::from(ts))));
                 }
-                (event.payload.clone(), headers)
+                (
+                    (!event.payload_null).then(|| event.payload.clone()),
+                    headers,
+                )
             }
             CloudEventsMode::Structured => {
-                let data: &serde_json::value::RawValue =
-                    serde_json::from_slice(&event.payload).map_err(|e| RecordError::Payload(
+                let data: Option<&serde_json::value::RawValue> = if event.payload_null {
+                    None
+                } else {
+                    Some(serde_json::from_slice(&event.payload).map_err(|e| RecordError::Payload(
                         format!("the payload is not JSON, so it cannot be a structured CloudEvent's data: {e}"),
-                    ))?;
+                    ))?)
+                };
                 let envelope = Envelope {
                     specversion: "1.0",
                     id: &lossy(&event.tracking_id),
                     source: &source,
-                    r#type: &lossy(&event.event_type),
+                    r#type: &kind,
                     subject: &lossy(&event.aggregate_id),
-                    time: &time,
+                    time: time.as_deref(),
                     datacontenttype: "application/json",
                     traceparent: trace.traceparent.as_deref(),
                     tracestate: trace.tracestate.as_deref(),
@@ -108,16 +123,18 @@ impl CloudEvents {
                     .map_err(|e| RecordError::Payload(e.to_string()))?;
                 let headers = vec![(
                     "content-type".into(),
-                    Bytes::from_static(b"application/cloudevents+json; charset=UTF-8"),
+                    Some(Bytes::from_static(
+                        b"application/cloudevents+json; charset=UTF-8",
+                    )),
                 )];
-                (Bytes::from(json), headers)
+                (Some(Bytes::from(json)), headers)
             }
         };
         Ok(KafkaRecord {
             topic,
             key: event.aggregate_id.clone(),
-            value,
-            tombstone: false,
+            tombstone: value.is_none(),
+            value: value.unwrap_or_default(),
             headers,
             partition: None,
             timestamp: None,
@@ -133,13 +150,15 @@ struct Envelope<'a> {
     source: &'a str,
     r#type: &'a str,
     subject: &'a str,
-    time: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time: Option<&'a str>,
     datacontenttype: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     traceparent: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tracestate: Option<&'a str>,
-    data: &'a serde_json::value::RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a serde_json::value::RawValue>,
 }
 
 #[cfg(test)]
@@ -151,7 +170,7 @@ mod tests {
         r.headers
             .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| &v[..])
+            .and_then(|(_, v)| v.as_deref())
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! column and prints what they print. Types outside [`Kind`] are refused at
 //! start where their rendering matters.
 
+use std::fmt::Write as _;
+
 use bytes::Bytes;
 
 /// A column's Connect rendering, from its PostgreSQL type.
@@ -75,25 +77,34 @@ impl Kind {
 
 /// `text` as a JSON string literal, escaped as Kafka Connect's JSON
 /// converter (Jackson) escapes: `\"`, `\\`, the short forms of `\b \t \n
-/// \f \r`, other control characters as `\u00XX` (upper-case hex), the rest
-/// as UTF-8.
+/// \f \r`, other control characters as `\u00XX`, characters beyond the
+/// Basic Multilingual Plane as their UTF-16 surrogate pair `\uD83D\uDE80`
+/// (upper-case hex), the rest as UTF-8.
 pub(super) fn json_string(text: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(text.len() + 2);
-    out.push(b'"');
-    for &b in text {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x08 => out.extend_from_slice(b"\\b"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            0x0c => out.extend_from_slice(b"\\f"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            0..=0x1f => out.extend_from_slice(format!("\\u{b:04X}").as_bytes()),
-            _ => out.push(b),
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in String::from_utf8_lossy(text).chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\u{c}' => out.push_str("\\f"),
+            '\r' => out.push_str("\\r"),
+            '\0'..='\u{1f}' => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c if (c as u32) > 0xFFFF => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    let _ = write!(out, "\\u{unit:04X}");
+                }
+            }
+            c => out.push(c),
         }
     }
-    out.push(b'"');
+    out.push('"');
     Bytes::from(out)
 }
 
@@ -236,6 +247,11 @@ mod tests {
         assert_eq!(&Kind::Integer.json(Some(b"42"))[..], b"42");
         assert_eq!(&Kind::Text.json(Some(b"a\"b"))[..], b"\"a\\\"b\"");
         assert_eq!(&Kind::Text.json(None)[..], b"null");
+        assert_eq!(
+            &json_string("é 🚀\u{1}".as_bytes())[..],
+            "\"é \\uD83D\\uDE80\\u0001\"".as_bytes(),
+            "Jackson escapes beyond the BMP as a surrogate pair"
+        );
         assert_eq!(
             &Kind::Zoned.json(Some(b"2026-12-03 00:15:25+00"))[..],
             b"\"2026-12-03T00:15:25Z\""

@@ -72,6 +72,7 @@ impl Column {
             Role::AggregateType => &event.aggregate_type,
             Role::AggregateId => &event.aggregate_id,
             Role::EventType => &event.event_type,
+            Role::Payload if event.payload_null => return None,
             Role::Payload => &event.payload,
             Role::Timestamp => &event.created_at,
             Role::TraceContext => return event.metadata.as_ref(),
@@ -416,12 +417,8 @@ impl EventRouter {
         } else {
             self.key.kind.text(&key_text)
         };
-        let rendered = |p: &Placed| {
-            p.column
-                .of(event)
-                .map(|v| p.kind.text(v))
-                .unwrap_or_default()
-        };
+        // A NULL column is a header with a null value, as Connect sends it.
+        let rendered = |p: &Placed| p.column.of(event).map(|v| p.kind.text(v));
         let mut headers = Vec::with_capacity(1 + self.headers.len());
         headers.push((super::HeaderName::Borrowed("id"), rendered(&self.id)));
         for (alias, placed) in &self.headers {
@@ -451,13 +448,13 @@ impl EventRouter {
         if let Some(tp) = trace.traceparent {
             headers.push((
                 super::HeaderName::Borrowed(super::header::TRACEPARENT),
-                Bytes::from(tp),
+                Some(Bytes::from(tp)),
             ));
         }
         if let Some(ts) = trace.tracestate {
             headers.push((
                 super::HeaderName::Borrowed(super::header::TRACESTATE),
-                Bytes::from(ts),
+                Some(Bytes::from(ts)),
             ));
         }
         Ok(KafkaRecord {
@@ -503,8 +500,11 @@ mod tests {
         assert_eq!(
             rec.headers,
             [
-                ("id".into(), sample_event().tracking_id),
-                ("traceparent".into(), Bytes::from_static(b"00-abc-def-01"))
+                ("id".into(), Some(sample_event().tracking_id)),
+                (
+                    "traceparent".into(),
+                    Some(Bytes::from_static(b"00-abc-def-01"))
+                )
             ],
             "the trace context column is propagated as W3C trace context"
         );
@@ -588,7 +588,7 @@ mod tests {
         let rec = r.build(&sample_event()).unwrap();
         let names: Vec<&str> = rec.headers.iter().map(|(k, _)| k.as_ref()).collect();
         assert_eq!(names, ["id", "eventType", "created_at", "traceparent"]);
-        assert_eq!(rec.headers[1].1, Bytes::from_static(b"OrderCreated"));
+        assert_eq!(rec.headers[1].1, Some(Bytes::from_static(b"OrderCreated")));
     }
 
     #[test]
@@ -723,7 +723,7 @@ mod tests {
         assert_eq!(rec.timestamp, Some(1_795_773_600_123));
         assert_eq!(
             rec.headers[1],
-            ("urgent".into(), Bytes::from_static(b"true"))
+            ("urgent".into(), Some(Bytes::from_static(b"true")))
         );
         e.additional[0] = Some(Bytes::from_static(b"x"));
         assert!(
@@ -760,19 +760,28 @@ mod tests {
         let rec = r.build(&e).unwrap();
         assert_eq!(rec.topic, "outbox.event.Order");
         assert_eq!(rec.key, e.aggregate_id);
-        let headers: Vec<(&str, &[u8])> = rec
+        let headers: Vec<(&str, Option<&[u8]>)> = rec
             .headers
             .iter()
-            .map(|(k, v)| (k.as_ref(), &v[..]))
+            .map(|(k, v)| (k.as_ref(), v.as_deref()))
             .collect();
         assert_eq!(
             headers,
             [
-                ("id", &e.tracking_id[..]),
-                ("Tenant", &b"acme"[..]),
-                ("type", &b"OrderCreated"[..]),
-                ("traceparent", &b"00-abc-def-01"[..]),
+                ("id", Some(&e.tracking_id[..])),
+                ("Tenant", Some(&b"acme"[..])),
+                ("type", Some(&b"OrderCreated"[..])),
+                ("traceparent", Some(&b"00-abc-def-01"[..])),
             ]
         );
+        e.additional = vec![None];
+        e.payload_null = true;
+        let rec = r.build(&e).unwrap();
+        assert_eq!(
+            rec.headers[1],
+            ("Tenant".into(), None),
+            "NULL: a null header"
+        );
+        assert!(rec.tombstone, "NULL payload: a record without a value");
     }
 }

@@ -70,8 +70,8 @@ pub struct KafkaRecord {
     pub value: Bytes,
     /// Sent without a value (a tombstone); `value` is then empty.
     pub tombstone: bool,
-    /// Headers, in order.
-    pub headers: Vec<(HeaderName, Bytes)>,
+    /// Headers, in order; a `None` value is a header with a null value.
+    pub headers: Vec<(HeaderName, Option<Bytes>)>,
     /// The partition, when the format chooses it (else the producer's
     /// partitioner does, by key).
     pub partition: Option<i32>,
@@ -86,7 +86,11 @@ impl KafkaRecord {
     pub fn size(&self) -> usize {
         self.key.len()
             + self.value.len()
-            + self.headers.iter().map(|(_, v)| v.len()).sum::<usize>()
+            + self
+                .headers
+                .iter()
+                .map(|(_, v)| v.as_ref().map_or(0, Bytes::len))
+                .sum::<usize>()
             + RECORD_OVERHEAD
     }
 }
@@ -242,7 +246,7 @@ impl RecordBuilder {
         let topic = self.topic(event)?;
         let mut headers = Vec::with_capacity(7);
         let mut push =
-            |name: &'static str, value: Bytes| headers.push((Cow::Borrowed(name), value));
+            |name: &'static str, value: Bytes| headers.push((Cow::Borrowed(name), Some(value)));
         push(header::TRACKING_ID, event.tracking_id.clone());
         push(header::AGGREGATE_TYPE, event.aggregate_type.clone());
         push(header::AGGREGATE_ID, event.aggregate_id.clone());
@@ -259,7 +263,7 @@ impl RecordBuilder {
             topic,
             key: event.aggregate_id.clone(),
             value: event.payload.clone(),
-            tombstone: false,
+            tombstone: event.payload_null,
             headers,
             partition: None,
             timestamp: None,
@@ -366,7 +370,7 @@ mod tests {
                 "traceparent"
             ]
         );
-        assert_eq!(r.headers[5].1, Bytes::from_static(b"00-abc-def-01"));
+        assert_eq!(r.headers[5].1, Some(Bytes::from_static(b"00-abc-def-01")));
         let mut plain = e.clone();
         plain.metadata = None;
         let r = builder("t").build(&plain).unwrap();
