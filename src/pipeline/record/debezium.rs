@@ -393,7 +393,7 @@ impl EventRouter {
         let payload = self.payload.of(event);
         let empty = payload.is_none_or(|p| p.iter().all(u8::is_ascii_whitespace));
         let expanded = match payload {
-            Some(p) if self.expand => match expand(p, self.json) {
+            Some(p) if self.expand => match expand(p, self.json, !self.envelope.is_empty()) {
                 Expanded::Value(v) => Some(Bytes::from(v)),
                 Expanded::Unchanged => None,
                 Expanded::Refused(why) => return Err(RecordError::Payload(why)),
