@@ -490,7 +490,10 @@ key.converter=org.apache.kafka.connect.storage.StringConverter
             Some(true),
             "carried over, now that pgoutbox reproduces it"
         );
-        assert_eq!(cfg["outbox"]["columns"]["preset"].as_str(), Some("debezium"));
+        assert_eq!(
+            cfg["outbox"]["columns"]["preset"].as_str(),
+            Some("debezium")
+        );
         for option in ["database.password", "heartbeat.interval.ms", "topic.prefix"] {
             assert!(w.contains(option), "{option} is not in the warnings:\n{w}");
         }
