@@ -133,7 +133,7 @@ async fn migrate_is_idempotent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_lost_slot_stops_the_relay_and_is_only_recreated_on_request() {
+async fn a_lost_slot_stops_the_relay_when_asked_and_is_then_only_recreated_on_request() {
     let outbox = TestOutbox::new("cli_lost_slot").await;
     let relay = outbox.start_relay();
     let first = outbox
@@ -152,7 +152,9 @@ async fn a_lost_slot_stops_the_relay_and_is_only_recreated_on_request() {
     let while_lost = outbox
         .publish("Order", Uuid::new_v4(), "WhileLost", &json!({}))
         .await;
-    let out = run_with_timeout(outbox.command_with_args(&["run"]), Duration::from_secs(60));
+    let mut stop = outbox.command_with_args(&["run"]);
+    stop.env("OUTBOX_ON_SLOT_LOST", "stop");
+    let out = run_with_timeout(stop, Duration::from_secs(60));
     assert_ne!(out.status.code(), Some(0));
     let line = error_line(&out);
     assert!(
@@ -182,8 +184,11 @@ async fn a_lost_slot_stops_the_relay_and_is_only_recreated_on_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_slot_dropped_while_streaming_stops_the_relay() {
-    let outbox = TestOutbox::new("cli_drop_live").await;
+async fn a_slot_dropped_while_streaming_stops_the_relay_when_asked() {
+    let mut outbox = TestOutbox::new("cli_drop_live").await;
+    outbox
+        .env
+        .push(("OUTBOX_ON_SLOT_LOST".into(), "stop".into()));
     let relay = outbox.start_relay();
     let first = outbox
         .publish("Order", Uuid::new_v4(), "First", &json!({}))
@@ -356,4 +361,75 @@ async fn the_rust_publish_api_joins_the_callers_transaction() {
         .collect();
     assert_eq!(ids, vec![committed]);
     assert_ne!(rolled_back, committed);
+}
+
+/// The default with marking (`cdc.on_slot_lost = "recreate"`): a slot lost
+/// while the relay was down is recreated, loudly, and the rows written
+/// meanwhile are backfilled; `pgoutbox status` and the metric say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_slot_is_recreated_loudly_and_nothing_is_lost() {
+    let mut outbox = TestOutbox::new("cli_slot_recreate").await;
+    let port = common::harness::free_port();
+    outbox
+        .env
+        .push(("OUTBOX_METRICS_LISTEN".into(), format!("127.0.0.1:{port}")));
+    let relay = outbox.start_relay();
+    let first = outbox
+        .publish("Order", Uuid::new_v4(), "First", &json!({}))
+        .await;
+    read_until_all(
+        vec![outbox.topic("Order")],
+        vec![first],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(relay.terminate().success());
+    outbox.drop_slot().await;
+    let while_lost = outbox
+        .publish("Order", Uuid::new_v4(), "WhileLost", &json!({}))
+        .await;
+    let relay = outbox.start_relay();
+    read_until_all(
+        vec![outbox.topic("Order")],
+        vec![while_lost],
+        Duration::from_secs(120),
+    )
+    .await;
+    let metrics = wait_for("the recovery counted", Duration::from_secs(30), || async {
+        let body = reqwest_metrics(port).await?;
+        body.lines()
+            .any(|l| l.starts_with("pgoutbox_slot_recoveries_total{") && l.ends_with(" 1"))
+            .then_some(body)
+    })
+    .await;
+    assert!(metrics.contains("pgoutbox_slot_recoveries_total"));
+    let log = relay.log_text();
+    assert!(
+        log.contains("ERROR") && log.contains("recreated the lost replication slot"),
+        "{log}"
+    );
+    let status = outbox.run_ok(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(
+        status["slot"]["last_recovery_at"].is_string()
+            && status["slot"]["last_recovery_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("no longer exists")),
+        "{status}"
+    );
+    assert!(relay.terminate().success());
+}
+
+/// The relay's /metrics text, when it answers.
+async fn reqwest_metrics(port: u16) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    Some(body)
 }

@@ -39,8 +39,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::harness::{
-    connect, read_topics, run_with_timeout, run_with_timeout_checked, topic_record_count, wait_for,
-    Record, Relay,
+    connect, free_port, read_topics, run_with_timeout, run_with_timeout_checked,
+    topic_record_count, wait_for, Record, Relay,
 };
 use common::services;
 use tokio_postgres::Client;
@@ -146,14 +146,6 @@ fn kill_leftover_workers(name: &str) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
-}
-
-/// A free TCP port on loopback (for the worker's REST listener).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// The server's current WAL insert position.

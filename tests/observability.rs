@@ -11,10 +11,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::harness::{create_topic, read_until_all, wait_for, Relay, TestOutbox};
+use common::harness::{create_topic, free_port, read_until_all, wait_for, Relay, TestOutbox};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -132,14 +132,6 @@ fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
         body.to_vec()
     };
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
 }
 
 /// The value of the sample `series` (exact text before the value), if any.

@@ -445,15 +445,17 @@ async fn an_invalidated_slot_stops_cdc_and_auto_falls_back_to_polling_only_when_
         );
     }
     drop(_reset);
-    // CDC stops, says why, exits non-zero, and creates no new slot.
-    let (status, log) = outbox.start_relay().wait_exit(DEADLINE);
+    // CDC told to stop (cdc.on_slot_lost = "stop") stops, says why, exits
+    // non-zero, and creates no new slot.
+    let mut cdc = outbox.command_with_args(&["run"]);
+    cdc.env("OUTBOX_ON_SLOT_LOST", "stop");
+    let (status, log) = Relay::spawn(cdc, "rel_slot_lost-cdc").wait_exit(DEADLINE);
     assert!(!status.success(), "{log}");
     assert!(log.contains("invalidated"), "{log}");
-    // auto without permission stops the same way.
-    let auto = Relay::spawn(
-        outbox.command_with_args(&["run", "--mode", "auto"]),
-        "rel_slot_lost-auto",
-    );
+    // auto without permission to poll stops the same way.
+    let mut auto = outbox.command_with_args(&["run", "--mode", "auto"]);
+    auto.env("OUTBOX_ON_SLOT_LOST", "stop");
+    let auto = Relay::spawn(auto, "rel_slot_lost-auto");
     let (status, log) = auto.wait_exit(DEADLINE);
     assert!(
         !status.success(),

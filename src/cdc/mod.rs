@@ -23,9 +23,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, SlotLostPolicy};
 use crate::database::Settings;
 use crate::error::Error;
+use crate::metrics::metrics;
 use crate::pipeline::RecordBuilder;
 
 pub use slot::SlotState;
@@ -38,6 +39,10 @@ pub struct Cdc {
     builder: RecordBuilder,
     status_interval: Duration,
     recreate: bool,
+    /// What a lost slot leads to (`cdc.on_slot_lost`, resolved).
+    on_lost: SlotLostPolicy,
+    /// Why the slot about to be recreated was lost, for the record.
+    lost: Option<String>,
 }
 
 impl Cdc {
@@ -58,7 +63,18 @@ impl Cdc {
             builder,
             status_interval,
             recreate: recreate_slot,
+            on_lost: SlotLostPolicy::Stop,
+            lost: None,
         }
+    }
+
+    /// What a lost slot leads to: with [`SlotLostPolicy::Recreate`] the
+    /// relay recreates it and backfills every row not yet COMPLETED,
+    /// loudly (ARCHITECTURE.md, invariant 9); otherwise the session ends
+    /// with [`Error::SlotLost`] for the runner.
+    pub fn on_slot_lost(mut self, policy: SlotLostPolicy) -> Cdc {
+        self.on_lost = policy;
+        self
     }
 
     /// One replication session, until `shutdown` turns true (`Ok`, after a
@@ -70,6 +86,27 @@ impl Cdc {
             builder: &self.builder,
             status_interval: self.status_interval,
         };
-        session.run(&mut self.recreate, shutdown).await
+        match session
+            .run(&mut self.recreate, &mut self.lost, shutdown)
+            .await
+        {
+            Err(Error::SlotLost(why)) if self.on_lost == SlotLostPolicy::Recreate => {
+                tracing::error!(
+                    slot = %self.config.cdc.slot,
+                    reason = %why,
+                    "the replication slot was lost: recreating it and backfilling every row not yet COMPLETED (cdc.on_slot_lost = \"recreate\"); rows delivered but not yet marked are sent again"
+                );
+                metrics()
+                    .slot_recoveries
+                    .with_label_values(&[&self.config.cdc.slot])
+                    .inc();
+                self.recreate = true;
+                self.lost = Some(why.clone());
+                Err(Error::Transient(format!(
+                    "recreating the lost replication slot: {why}"
+                )))
+            }
+            other => other,
+        }
     }
 }

@@ -113,6 +113,7 @@ impl Session<'_> {
     pub(super) async fn run(
         &self,
         recreate: &mut bool,
+        lost: &mut Option<String>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), Error> {
         let cfg = self.config;
@@ -138,12 +139,38 @@ impl Session<'_> {
                     slot::drop_slot(&client, &cfg.cdc.slot).await?;
                 }
                 slot::record_created(&client, &cfg.outbox.schema, &cfg.cdc.slot).await?;
+                let version = repl.server_version_num().unwrap_or(0);
+                let failover = cfg
+                    .cdc
+                    .failover_slot
+                    .unwrap_or(version >= crate::replication::PG17);
                 let created = repl
-                    .create_logical_slot(&cfg.cdc.slot, "pgoutput", SnapshotAction::Export)
+                    .create_logical_slot_with(
+                        &cfg.cdc.slot,
+                        "pgoutput",
+                        SnapshotAction::Export,
+                        failover,
+                    )
                     .await
                     .map_err(|e| replication_error("creating the replication slot", e))?;
                 *recreate = false;
-                tracing::info!(slot = %cfg.cdc.slot, consistent_point = %created.consistent_point, "created replication slot");
+                let failover = failover && version >= crate::replication::PG17;
+                match lost.take() {
+                    Some(why) => {
+                        slot::record_recovery(&client, &cfg.outbox.schema, &cfg.cdc.slot, &why)
+                            .await;
+                        tracing::error!(
+                            slot = %cfg.cdc.slot,
+                            consistent_point = %created.consistent_point,
+                            failover,
+                            lost = %why,
+                            "recreated the lost replication slot; backfilling every row not yet COMPLETED before streaming from the new slot"
+                        );
+                    }
+                    None => {
+                        tracing::info!(slot = %cfg.cdc.slot, consistent_point = %created.consistent_point, failover, "created replication slot")
+                    }
+                }
                 let mut pipeline = self.pipeline(created.consistent_point)?;
                 let snapshot = created.snapshot_name.clone().ok_or_else(|| {
                     Error::Fatal("the server exported no snapshot for the new slot".into())

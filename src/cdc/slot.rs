@@ -150,6 +150,19 @@ pub async fn record_backfilled(
     Ok(())
 }
 
+/// Records that `slot` was recreated after it was lost (`why`), for
+/// `pgoutbox status`. Best effort: a table older than migration 11 only
+/// gets a warning (the ERROR line and the metric already said it).
+pub async fn record_recovery(client: &Client, schema: &str, slot: &str, why: &str) {
+    let sql = format!(
+        "UPDATE {}.pgoutbox_slot_state SET recovered_at = now(), lost_reason = $2 WHERE slot_name = $1",
+        quote_ident(schema)
+    );
+    if let Err(e) = client.execute(&sql, &[&slot, &why]).await {
+        tracing::warn!(error = %crate::error::postgres_text(&e), "could not record the slot's recovery in pgoutbox_slot_state (run `pgoutbox migrate`)");
+    }
+}
+
 /// Drops `slot` (only used for a slot whose backfill never finished).
 pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), Error> {
     client

@@ -121,6 +121,27 @@ fn write_slot(out: &mut String, s: &SlotOverview) {
             s.name, s.server_wal_lsn
         );
     }
+    if let Some(failover) = s.failover {
+        let _ = writeln!(
+            out,
+            "            failover slot: {}; synchronized_standby_slots: {}",
+            if failover { "yes" } else { "no" },
+            match s.synchronized_standby_slots.as_deref() {
+                None | Some("") => "(empty)",
+                Some(v) => v,
+            }
+        );
+    }
+    if let Some(w) = &s.failover_warning {
+        let _ = writeln!(out, "            WARNING: {w}");
+    }
+    if let (Some(at), reason) = (&s.last_recovery_at, &s.last_recovery_reason) {
+        let _ = writeln!(
+            out,
+            "            last recovered {at}: {}",
+            reason.as_deref().unwrap_or(DASH)
+        );
+    }
 }
 
 /// The row counts by status (`failed` only when there are any).

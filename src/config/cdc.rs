@@ -53,9 +53,49 @@ pub struct CdcConfig {
     pub protocol_version: Option<u32>,
     /// With `mode = "auto"`: when the replication slot is lost (dropped or
     /// invalidated), keep delivering by polling instead of stopping
-    /// (env `OUTBOX_FALLBACK_TO_POLL`). Off by default: a lost slot is for
-    /// an operator to look at.
+    /// (env `OUTBOX_FALLBACK_TO_POLL`). The older spelling of
+    /// `on_slot_lost = "poll"`.
     pub fallback_to_poll: bool,
+    /// What to do when the slot pgoutbox created is gone or invalidated —
+    /// after a failover to a standby that has no copy of it, or when
+    /// `max_slot_wal_keep_size` invalidated it (env `OUTBOX_ON_SLOT_LOST`):
+    /// `stop` for an operator, `recreate` (a new slot, the rows still
+    /// PENDING backfilled from its snapshot), or `poll`. Unset: `recreate`
+    /// when rows are marked COMPLETED (the table then says what is still
+    /// to deliver), else `stop`. See docs/high-availability.md.
+    pub on_slot_lost: Option<SlotLostPolicy>,
+    /// Create the slot as a failover slot (PostgreSQL 17+), so a standby
+    /// with `sync_replication_slots` keeps a copy a failover can continue
+    /// from (env `OUTBOX_FAILOVER_SLOT`). Unset: on where the server
+    /// supports it.
+    pub failover_slot: Option<bool>,
+}
+
+/// `cdc.on_slot_lost`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotLostPolicy {
+    /// Stop, for an operator (`pgoutbox run --recreate-slot`).
+    Stop,
+    /// Create a new slot and backfill every row not yet COMPLETED.
+    Recreate,
+    /// Deliver by polling from now on.
+    Poll,
+}
+
+impl std::str::FromStr for SlotLostPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stop" => Ok(SlotLostPolicy::Stop),
+            "recreate" => Ok(SlotLostPolicy::Recreate),
+            "poll" => Ok(SlotLostPolicy::Poll),
+            other => Err(format!(
+                "{other:?} is not a slot-lost policy: use \"stop\", \"recreate\" or \"poll\""
+            )),
+        }
+    }
 }
 
 impl Default for CdcConfig {
@@ -76,11 +116,36 @@ impl Default for CdcConfig {
             streaming: false,
             protocol_version: None,
             fallback_to_poll: false,
+            on_slot_lost: None,
+            failover_slot: None,
         }
     }
 }
 
 impl CdcConfig {
+    /// What a lost slot leads to: `on_slot_lost`, else `poll` with
+    /// `fallback_to_poll` in `mode = "auto"`, else `recreate` when rows are
+    /// marked, else `stop`.
+    pub fn slot_lost_policy(&self, mark_completed: bool, auto: bool) -> SlotLostPolicy {
+        match (self.on_slot_lost, self.fallback_to_poll && auto) {
+            (Some(p), _) => p,
+            (None, true) => SlotLostPolicy::Poll,
+            (None, false) if mark_completed => SlotLostPolicy::Recreate,
+            (None, false) => SlotLostPolicy::Stop,
+        }
+    }
+
+    /// Refuses `on_slot_lost = "recreate"` without marking.
+    pub(super) fn validate_policy(&self, mark_completed: bool) -> Result<(), ConfigError> {
+        if self.on_slot_lost == Some(SlotLostPolicy::Recreate) && !mark_completed {
+            return Err(ConfigError::new(
+                "cdc.on_slot_lost",
+                "\"recreate\" backfills the rows not yet COMPLETED from a new slot, which needs delivered rows marked (outbox.mark_completed = true); without marking every row would be sent again. Set mark_completed = true, or on_slot_lost = \"stop\"",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the names that end up in SQL: the slot and the publication.
     pub(super) fn validate_names(&self) -> Result<(), ConfigError> {
         validate_slot_name("cdc.slot", &self.slot)?;
@@ -114,6 +179,23 @@ impl CdcConfig {
 mod tests {
     use super::super::test_support::valid;
     use super::super::Config;
+
+    #[test]
+    fn a_lost_slot_is_recreated_only_with_marking() {
+        use super::SlotLostPolicy::*;
+        let mut c = valid();
+        assert_eq!(c.cdc.slot_lost_policy(true, false), Recreate);
+        assert_eq!(c.cdc.slot_lost_policy(false, false), Stop);
+        c.cdc.fallback_to_poll = true;
+        assert_eq!(c.cdc.slot_lost_policy(true, true), Poll);
+        assert_eq!(c.cdc.slot_lost_policy(true, false), Recreate, "auto only");
+        c.cdc.on_slot_lost = Some(Recreate);
+        c.outbox.mark_completed = false;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "cdc.on_slot_lost");
+        assert!(e.problem.contains("mark_completed = true"), "{e}");
+        assert!("never".parse::<super::SlotLostPolicy>().is_err());
+    }
 
     #[test]
     fn mark_linger_is_bounded() {

@@ -31,6 +31,8 @@ pub const ENV_VARS: &[&str] = &[
     "OUTBOX_ORDERING",
     "OUTBOX_NOTIFY",
     "OUTBOX_FALLBACK_TO_POLL",
+    "OUTBOX_ON_SLOT_LOST",
+    "OUTBOX_FAILOVER_SLOT",
     "OUTBOX_SLOT",
     "OUTBOX_PUBLICATION",
     "OUTBOX_TOPIC",
@@ -194,6 +196,16 @@ fn apply_cdc(
 ) -> Result<(), ConfigError> {
     if let Some(v) = get("OUTBOX_FALLBACK_TO_POLL") {
         cdc.fallback_to_poll = parse_bool("OUTBOX_FALLBACK_TO_POLL", &v)?;
+    }
+    if let Some(v) = get("OUTBOX_ON_SLOT_LOST") {
+        cdc.on_slot_lost = Some(
+            v.trim()
+                .parse()
+                .map_err(|e: String| ConfigError::new("OUTBOX_ON_SLOT_LOST", e))?,
+        );
+    }
+    if let Some(v) = get("OUTBOX_FAILOVER_SLOT") {
+        cdc.failover_slot = Some(parse_bool("OUTBOX_FAILOVER_SLOT", &v)?);
     }
     if let Some(v) = get("OUTBOX_SLOT") {
         cdc.slot = v;

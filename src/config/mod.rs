@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use cdc::CdcConfig;
+pub use cdc::{CdcConfig, SlotLostPolicy};
 pub use columns::{
     ColumnMap, ColumnsConfig, Role, RoleColumn, TablePreset, MARKING_COLUMNS, ROW_STATE_COLUMNS,
 };
@@ -183,6 +183,7 @@ impl Config {
         self.cdc.validate_names()?;
         self.runtime.validate()?;
         self.outbox.validate_limits()?;
+        self.cdc.validate_policy(self.outbox.mark_completed)?;
         self.poll.validate()?;
         self.cdc.validate_limits()?;
         self.kafka.validate()?;

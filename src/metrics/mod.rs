@@ -73,6 +73,12 @@ pub mod names {
     pub const SLOT_SAFE_WAL_SIZE: &str = "pgoutbox_slot_safe_wal_size_bytes";
     /// Gauge 0/1 by `slot`: retained WAL above the warning threshold.
     pub const SLOT_RETENTION_WARNING: &str = "pgoutbox_slot_retention_warning";
+    /// Counter by `slot`: lost slots the relay recreated (with a backfill of
+    /// the rows not yet COMPLETED), `cdc.on_slot_lost = "recreate"`.
+    pub const SLOT_RECOVERIES: &str = "pgoutbox_slot_recoveries_total";
+    /// Gauge 0/1 by `slot`: the slot is a failover slot (PostgreSQL 17+,
+    /// sampled; absent on older servers).
+    pub const SLOT_FAILOVER: &str = "pgoutbox_slot_failover";
     /// Gauge by `status`: sampled row counts.
     pub const OUTBOX_ROWS: &str = "pgoutbox_outbox_rows";
     /// Gauge: age of the oldest `PENDING` row, sampled.
@@ -156,6 +162,10 @@ pub struct Metrics {
     pub slot_safe_wal_size: IntGaugeVec,
     /// [`names::SLOT_RETENTION_WARNING`].
     pub slot_retention_warning: IntGaugeVec,
+    /// [`names::SLOT_RECOVERIES`].
+    pub slot_recoveries: IntCounterVec,
+    /// [`names::SLOT_FAILOVER`].
+    pub slot_failover: IntGaugeVec,
     /// [`names::OUTBOX_ROWS`].
     pub outbox_rows: IntGaugeVec,
     /// [`names::OLDEST_PENDING_AGE`].
@@ -229,6 +239,8 @@ impl Metrics {
             slot_wal_status: wal.slot_wal_status,
             slot_safe_wal_size: wal.slot_safe_wal_size,
             slot_retention_warning: wal.slot_retention_warning,
+            slot_recoveries: wal.slot_recoveries,
+            slot_failover: wal.slot_failover,
             outbox_rows: rows.outbox_rows,
             oldest_pending_age: rows.oldest_pending_age,
             poll_claims: rows.poll_claims,

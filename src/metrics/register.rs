@@ -133,6 +133,8 @@ pub(super) struct Wal {
     pub(super) slot_wal_status: IntGaugeVec,
     pub(super) slot_safe_wal_size: IntGaugeVec,
     pub(super) slot_retention_warning: IntGaugeVec,
+    pub(super) slot_recoveries: IntCounterVec,
+    pub(super) slot_failover: IntGaugeVec,
 }
 
 impl Wal {
@@ -173,6 +175,16 @@ impl Wal {
             slot_retention_warning: r.gauge_vec(
                 SLOT_RETENTION_WARNING,
                 "1 while the slot's retained WAL is above the configured warning threshold",
+                &["slot"],
+            ),
+            slot_recoveries: r.counter_vec(
+                SLOT_RECOVERIES,
+                "Lost replication slots the relay recreated, backfilling the rows not yet COMPLETED",
+                &["slot"],
+            ),
+            slot_failover: r.gauge_vec(
+                SLOT_FAILOVER,
+                "1 when the replication slot is a failover slot (PostgreSQL 17+, sampled)",
                 &["slot"],
             ),
         }

@@ -105,6 +105,19 @@ pub struct SlotOverview {
     /// Bytes of WAL that can still be written before the slot is in danger
     /// of being invalidated (`null`: `max_slot_wal_keep_size` is unlimited).
     pub safe_wal_size_bytes: Option<i64>,
+    /// A failover slot (PostgreSQL 17+; `null` before).
+    pub failover: Option<bool>,
+    /// The primary's `synchronized_standby_slots` (PostgreSQL 17+; `null`
+    /// before). Empty while a failover slot is in use: the relay may
+    /// publish transactions a failover loses.
+    pub synchronized_standby_slots: Option<String>,
+    /// A warning about the slot's high availability, when there is one.
+    pub failover_warning: Option<String>,
+    /// The last time the relay recreated the slot after it was lost
+    /// (`cdc.on_slot_lost = "recreate"`), RFC 3339 UTC.
+    pub last_recovery_at: Option<String>,
+    /// Why the slot was lost then.
+    pub last_recovery_reason: Option<String>,
 }
 
 /// Row counts by status (exact), and the oldest pending row.
@@ -184,7 +197,7 @@ pub async fn read(client: &Client, config: &Config) -> Result<Overview, Error> {
         .find(|h| h.granted)
         .map(|h| h.relay_mode.clone())
         .unwrap_or_else(|| "none".into());
-    let slot = read_slot(client, &config.cdc.slot).await?;
+    let slot = read_slot(client, config).await?;
     let shape =
         crate::outbox::TableShape::inspect(client, &config.outbox.schema, &config.outbox.table)
             .await
@@ -252,7 +265,8 @@ async fn read_holders(client: &Client, name: &str) -> Result<Vec<LockHolder>, Er
 }
 
 /// The replication slot `slot` and the server's WAL end.
-async fn read_slot(client: &Client, slot: &str) -> Result<SlotOverview, Error> {
+async fn read_slot(client: &Client, config: &Config) -> Result<SlotOverview, Error> {
+    let slot = &config.cdc.slot;
     let slot_row = client
         .query_one(
             "WITH w AS (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() \
@@ -261,16 +275,55 @@ async fn read_slot(client: &Client, slot: &str) -> Result<SlotOverview, Error> {
                     s.restart_lsn::text, s.confirmed_flush_lsn::text, \
                     pg_wal_lsn_diff(w.lsn, s.confirmed_flush_lsn)::bigint, \
                     pg_wal_lsn_diff(w.lsn, s.restart_lsn)::bigint, \
-                    s.wal_status, s.safe_wal_size \
+                    s.wal_status, s.safe_wal_size, \
+                    current_setting('server_version_num')::int >= 170000 \
                FROM w LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
-            &[&slot],
+            &[slot],
         )
         .await
         .map_err(db("reading pg_replication_slots"))?;
+    let exists: bool = slot_row.get(1);
+    let (failover, synchronized) = if slot_row.get::<_, bool>(10) {
+        let row = client
+            .query_one(
+                "SELECT (SELECT failover FROM pg_replication_slots WHERE slot_name = $1), \
+                        current_setting('synchronized_standby_slots', true)",
+                &[slot],
+            )
+            .await
+            .map_err(db("reading the slot's failover settings"))?;
+        (
+            row.get::<_, Option<bool>>(0),
+            row.get::<_, Option<String>>(1),
+        )
+    } else {
+        (None, None)
+    };
+    let failover_warning = match (failover, synchronized.as_deref()) {
+        (Some(true), Some("")) => Some(
+            "synchronized_standby_slots is empty: the relay may publish transactions a failover then loses (they reached Kafka but not the standby); name the standby's physical slot there (docs/high-availability.md)".to_owned(),
+        ),
+        (Some(false), _) => Some(
+            "the slot is not a failover slot: a failover to a standby loses it (the relay then recreates it and backfills, see cdc.on_slot_lost)".to_owned(),
+        ),
+        _ => None,
+    };
+    let recovery = client
+        .query_opt(
+            &format!(
+                "SELECT {}, lost_reason FROM {}.pgoutbox_slot_state WHERE slot_name = $1 AND recovered_at IS NOT NULL",
+                rfc3339("recovered_at"),
+                quote_ident(&config.outbox.schema)
+            ),
+            &[slot],
+        )
+        .await
+        .ok()
+        .flatten();
     Ok(SlotOverview {
         name: slot.to_owned(),
         server_wal_lsn: slot_row.get::<_, Option<String>>(0).unwrap_or_default(),
-        exists: slot_row.get(1),
+        exists,
         active: slot_row.get(2),
         active_pid: slot_row.get(3),
         restart_lsn: slot_row.get(4),
@@ -279,6 +332,11 @@ async fn read_slot(client: &Client, slot: &str) -> Result<SlotOverview, Error> {
         retained_wal_bytes: slot_row.get(7),
         wal_status: slot_row.get(8),
         safe_wal_size_bytes: slot_row.get(9),
+        failover: exists.then_some(failover).flatten(),
+        synchronized_standby_slots: synchronized,
+        failover_warning: exists.then_some(failover_warning).flatten(),
+        last_recovery_at: recovery.as_ref().and_then(|r| r.get(0)),
+        last_recovery_reason: recovery.as_ref().and_then(|r| r.get(1)),
     })
 }
 

@@ -70,13 +70,16 @@ struct SlotSample {
     retained: Option<i64>,
     wal_status: Option<String>,
     safe_wal_size: Option<i64>,
+    /// PostgreSQL 17+: a failover slot (`None` before 17).
+    failover: Option<bool>,
 }
 
 const SLOT_SQL: &str = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8, \
         (SELECT CASE WHEN setting::int8 < 0 THEN -1 ELSE pg_size_bytes(setting || coalesce(unit, '')) END \
            FROM pg_settings WHERE name = 'max_slot_wal_keep_size'), \
         s.slot_name IS NOT NULL, \
-        (pg_current_wal_lsn() - s.restart_lsn)::int8, s.wal_status, s.safe_wal_size \
+        (pg_current_wal_lsn() - s.restart_lsn)::int8, s.wal_status, s.safe_wal_size, \
+        (to_jsonb(s) ->> 'failover')::bool \
    FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots AS s ON s.slot_name = $1";
 
 /// The row-count statement for `schema.table`: each subquery's predicate is
@@ -195,6 +198,7 @@ async fn sample_slot(
         retained: r.get(3),
         wal_status: r.get(4),
         safe_wal_size: r.get(5),
+        failover: r.get(6),
     })
 }
 
@@ -209,6 +213,7 @@ fn record_slot(config: &Config, s: &SlotSample, alarm: &mut RetentionAlarm) {
         let _ = m.slot_retained_wal.remove_label_values(&[slot]);
         let _ = m.slot_safe_wal_size.remove_label_values(&[slot]);
         let _ = m.slot_retention_warning.remove_label_values(&[slot]);
+        let _ = m.slot_failover.remove_label_values(&[slot]);
         for status in WAL_STATUSES {
             let _ = m.slot_wal_status.remove_label_values(&[slot, status]);
         }
@@ -226,6 +231,11 @@ fn record_slot(config: &Config, s: &SlotSample, alarm: &mut RetentionAlarm) {
     m.slot_safe_wal_size
         .with_label_values(&[slot])
         .set(s.safe_wal_size.unwrap_or(-1));
+    if let Some(failover) = s.failover {
+        m.slot_failover
+            .with_label_values(&[slot])
+            .set(i64::from(failover));
+    }
     let cfg = &config.metrics;
     let threshold = retention_threshold(
         s.max_keep_bytes,

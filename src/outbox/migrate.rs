@@ -63,13 +63,18 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "partition_lifecycle",
         include_str!("../../migrations/0010_partition_lifecycle.sql"),
     ),
+    (
+        11,
+        "slot_recovery",
+        include_str!("../../migrations/0011_slot_recovery.sql"),
+    ),
 ];
 
 /// The migrations that make only the relay's own objects beside an
 /// outbox table (the publication, the slot record, the dead letters of
 /// messages): what `pgoutbox adopt` applies to a table pgoutbox did not
 /// create.
-pub(super) const SUPPORT_MIGRATIONS: [(&str, &str); 3] = [
+pub(super) const SUPPORT_MIGRATIONS: [(&str, &str); 4] = [
     (
         "publication",
         include_str!("../../migrations/0002_publication.sql"),
@@ -81,6 +86,10 @@ pub(super) const SUPPORT_MIGRATIONS: [(&str, &str); 3] = [
     (
         "table_less_outbox",
         include_str!("../../migrations/0005_table_less_outbox.sql"),
+    ),
+    (
+        "slot_recovery",
+        include_str!("../../migrations/0011_slot_recovery.sql"),
     ),
 ];
 

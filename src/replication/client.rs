@@ -292,7 +292,26 @@ impl ReplicationClient {
         plugin: &str,
         snapshot: SnapshotAction,
     ) -> Result<CreatedSlot, ReplicationError> {
-        let cmd = command::create_logical_slot(self.server_version_num(), slot, plugin, snapshot)?;
+        self.create_logical_slot_with(slot, plugin, snapshot, false)
+            .await
+    }
+
+    /// [`ReplicationClient::create_logical_slot`], as a failover slot when
+    /// `failover` and the server has them (PostgreSQL 17+).
+    pub async fn create_logical_slot_with(
+        &mut self,
+        slot: &str,
+        plugin: &str,
+        snapshot: SnapshotAction,
+        failover: bool,
+    ) -> Result<CreatedSlot, ReplicationError> {
+        let cmd = command::create_logical_slot(
+            self.server_version_num(),
+            slot,
+            plugin,
+            snapshot,
+            failover,
+        )?;
         let rows = self.simple_query(&cmd).await?;
         let [name, point, snapshot_name, plugin] =
             single_row::<4>(rows, "CREATE_REPLICATION_SLOT")?;

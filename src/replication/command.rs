@@ -28,6 +28,9 @@ pub enum SnapshotAction {
 /// (`(SNAPSHOT 'export')`) for `CREATE_REPLICATION_SLOT`.
 const PG15: u32 = 150_000;
 
+/// The first server version with failover slots (`FAILOVER` option).
+pub const PG17: u32 = 170_000;
+
 /// Quotes an identifier for a replication command.
 pub(crate) fn quote_ident(name: &str) -> Result<String, ReplicationError> {
     if name.is_empty() {
@@ -57,16 +60,23 @@ fn reject_nul(s: &str, what: &str) -> Result<(), ReplicationError> {
 /// `CREATE_REPLICATION_SLOT` for a logical slot, in the syntax the server
 /// understands: the option list from PostgreSQL 15 on, the bare keywords
 /// before (and when the version is unknown, since 15+ still accepts them).
+/// With `failover` (PostgreSQL 17+ only; ignored before) the slot is a
+/// failover slot, which standbys with `sync_replication_slots` copy.
 pub(crate) fn create_logical_slot(
     server_version_num: Option<u32>,
     slot: &str,
     plugin: &str,
     snapshot: SnapshotAction,
+    failover: bool,
 ) -> Result<String, ReplicationError> {
     let slot = quote_ident(slot)?;
     let plugin = quote_ident(plugin)?;
     let modern = server_version_num.is_some_and(|v| v >= PG15);
+    let failover = failover && server_version_num.is_some_and(|v| v >= PG17);
     let snapshot = match (modern, snapshot) {
+        (true, SnapshotAction::Export) if failover => "(SNAPSHOT 'export', FAILOVER true)",
+        (true, SnapshotAction::NoExport) if failover => "(SNAPSHOT 'nothing', FAILOVER true)",
+        (true, SnapshotAction::Use) if failover => "(SNAPSHOT 'use', FAILOVER true)",
         (true, SnapshotAction::Export) => "(SNAPSHOT 'export')",
         (true, SnapshotAction::NoExport) => "(SNAPSHOT 'nothing')",
         (true, SnapshotAction::Use) => "(SNAPSHOT 'use')",
@@ -154,8 +164,22 @@ mod tests {
     }
 
     #[test]
+    fn failover_slots_are_asked_for_only_from_pg17() {
+        let cmd =
+            |v| create_logical_slot(v, "s1", "pgoutput", SnapshotAction::Export, true).unwrap();
+        assert_eq!(
+            cmd(Some(170_000)),
+            "CREATE_REPLICATION_SLOT \"s1\" LOGICAL \"pgoutput\" (SNAPSHOT 'export', FAILOVER true)"
+        );
+        assert_eq!(
+            cmd(Some(160_004)),
+            "CREATE_REPLICATION_SLOT \"s1\" LOGICAL \"pgoutput\" (SNAPSHOT 'export')"
+        );
+    }
+
+    #[test]
     fn create_slot_uses_option_syntax_from_pg15_and_keywords_before() {
-        let cmd = |v, s| create_logical_slot(v, "s1", "pgoutput", s).unwrap();
+        let cmd = |v, s| create_logical_slot(v, "s1", "pgoutput", s, false).unwrap();
         assert_eq!(
             cmd(Some(150_018), SnapshotAction::Export),
             "CREATE_REPLICATION_SLOT \"s1\" LOGICAL \"pgoutput\" (SNAPSHOT 'export')"

@@ -44,7 +44,7 @@ mod stream;
 mod wire;
 
 pub use client::{CreatedSlot, ReplicationClient, SystemIdentity};
-pub use command::SnapshotAction;
+pub use command::{SnapshotAction, PG17};
 pub use error::{ReplicationError, ServerError};
 pub use message::{ReplicationMessage, StandbyStatus};
 pub use stream::{FeedbackHandle, ReplicationStream};

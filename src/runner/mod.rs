@@ -17,7 +17,7 @@ mod supervisor;
 use tokio::sync::watch;
 
 use crate::cdc::Cdc;
-use crate::config::{Config, ConfigError, Mode, PollOrdering};
+use crate::config::{Config, ConfigError, Mode, PollOrdering, SlotLostPolicy};
 use crate::error::Error;
 use crate::metrics::metrics;
 use crate::pipeline::RecordBuilder;
@@ -61,13 +61,15 @@ pub async fn run(
     match mode {
         Mode::Poll => run_poll(config, shutdown).await,
         Mode::Cdc | Mode::Auto => {
-            let fallback = config.mode == Mode::Auto && config.cdc.fallback_to_poll;
+            let policy = config
+                .cdc
+                .slot_lost_policy(config.outbox.mark_completed, config.mode == Mode::Auto);
             match run_cdc(config.clone(), options, shutdown.clone()).await {
-                Err(Error::SlotLost(why)) if fallback => {
+                Err(Error::SlotLost(why)) if policy == SlotLostPolicy::Poll => {
                     metrics().set_mode(Mode::Poll);
                     tracing::error!(
                         reason = %why,
-                        "the replication slot was lost; falling back to poll mode (cdc.fallback_to_poll = true): \
+                        "the replication slot was lost; falling back to poll mode (cdc.on_slot_lost = \"poll\"): \
                          every row not COMPLETED is delivered by polling"
                     );
                     run_poll(config, shutdown).await
@@ -82,6 +84,30 @@ pub async fn run(
 fn record_builder(config: &Config) -> Result<RecordBuilder, Error> {
     RecordBuilder::from_config(&config.kafka, &config.event_columns()?)
         .map_err(|e| ConfigError::new("kafka.topic", e.to_string()).into())
+}
+
+/// What a lost slot leads to, given the table: recreating needs a table
+/// whose rows are marked (a new slot's backfill reads the rows not yet
+/// COMPLETED). Asked for explicitly on a table that cannot be marked, it is
+/// refused; by default it falls back to stopping.
+fn slot_lost_policy(
+    config: &Config,
+    shape: &crate::outbox::TableShape,
+) -> Result<SlotLostPolicy, Error> {
+    let policy = config
+        .cdc
+        .slot_lost_policy(config.outbox.mark_completed, config.mode == Mode::Auto);
+    let marking = shape.marking_gap();
+    if policy != SlotLostPolicy::Recreate || marking.is_empty() {
+        return Ok(policy);
+    }
+    if config.cdc.on_slot_lost == Some(SlotLostPolicy::Recreate) {
+        return Err(Error::Fatal(format!(
+            "cdc.on_slot_lost = \"recreate\" backfills the rows not yet COMPLETED from a new slot, but {} cannot be marked: {marking}; set on_slot_lost = \"stop\"",
+            shape.qualified
+        )));
+    }
+    Ok(SlotLostPolicy::Stop)
 }
 
 /// Fits the record layout to the outbox table's column types.
@@ -123,13 +149,15 @@ async fn run_cdc(
         mark_completed = config.outbox.mark_completed,
         "starting CDC relay"
     );
+    let policy = slot_lost_policy(&config, &shape)?;
     let cdc = Cdc::new(
         config.clone(),
         pg.clone(),
         builder,
         status_interval,
         options.recreate_slot,
-    );
+    )
+    .on_slot_lost(policy);
     supervise(&pg, &config, Service::Cdc(Box::new(cdc)), &mut shutdown).await
 }
 

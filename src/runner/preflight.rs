@@ -68,6 +68,7 @@ pub(super) async fn cdc(
             "rows will not be marked COMPLETED: {marking}; delivered rows stay as they are (delete them yourself), and rows that can never be published are recorded in pgoutbox_dead_letters"
         );
     }
+    failover_warnings(client, config).await;
     let timeout_ms: i64 = client
         .query_one(
             "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
@@ -77,6 +78,34 @@ pub(super) async fn cdc(
         .map_err(|e| Error::postgres("reading wal_sender_timeout", &e))?
         .get(0);
     Ok((Duration::from_millis(timeout_ms.max(0) as u64), shape))
+}
+
+/// PostgreSQL 17+: says at start whether the slot is a failover slot and
+/// warns when `synchronized_standby_slots` is empty while it is one (the
+/// relay may then publish transactions a failover loses).
+async fn failover_warnings(client: &tokio_postgres::Client, config: &Config) {
+    let row = client
+        .query_opt(
+            "SELECT (to_jsonb(s) ->> 'failover')::bool, current_setting('synchronized_standby_slots', true) \
+               FROM pg_replication_slots s WHERE s.slot_name = $1",
+            &[&config.cdc.slot],
+        )
+        .await;
+    let Ok(Some(row)) = row else { return };
+    let (failover, synchronized): (Option<bool>, Option<String>) = (row.get(0), row.get(1));
+    match (failover, synchronized.as_deref()) {
+        (Some(true), None | Some("")) => tracing::warn!(
+            slot = %config.cdc.slot,
+            "the slot is a failover slot but synchronized_standby_slots is empty: the relay may publish transactions that a failover then loses (they reached Kafka but not the standby); name the standby's physical slot in synchronized_standby_slots (docs/high-availability.md)"
+        ),
+        (Some(true), Some(slots)) => {
+            tracing::info!(slot = %config.cdc.slot, synchronized_standby_slots = %slots, "failover slot; the relay sees only what the standbys have")
+        }
+        (Some(false), _) => {
+            tracing::info!(slot = %config.cdc.slot, "the slot is not a failover slot (created before cdc.failover_slot, or with it off): a failover to a standby loses it")
+        }
+        (None, _) => {}
+    }
 }
 
 /// Reads the outbox table and checks it against `[outbox.columns]`.

@@ -915,3 +915,11 @@ pub fn missing(expected: &[uuid::Uuid], counts: &HashMap<String, usize>) -> usiz
         .filter(|id| !counts.contains_key(&id.to_string()))
         .count()
 }
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
