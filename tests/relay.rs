@@ -550,3 +550,36 @@ async fn mark_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alon
         "the COMPLETED row kept its processed_at; the others were marked"
     );
 }
+
+/// Several hosts in DATABASE_URL, as libpq takes them: the first one is
+/// down, so the replication connection and the ordinary ones alike go on
+/// to the next, the writable primary (`target_session_attrs=read-write`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_host_list_skips_the_hosts_that_are_down() {
+    let mut outbox = TestOutbox::new("relay_hosts").await;
+    let url = common::services().database_url.clone();
+    let dead = common::harness::free_port();
+    let (head, tail) = url.split_once('@').expect("user@host in DATABASE_URL");
+    let (hostport, path) = tail.split_once('/').expect("host/db in DATABASE_URL");
+    let listed = format!(
+        "{head}@127.0.0.1:{dead},{hostport}/{path}?target_session_attrs=read-write&connect_timeout=5"
+    );
+    outbox.env.push(("DATABASE_URL".into(), listed));
+    let relay = outbox.start_relay();
+    let id = outbox
+        .publish("Order", Uuid::new_v4(), "Listed", &json!({"n": 1}))
+        .await;
+    read_until_all(
+        vec![outbox.topic("Order")],
+        vec![id],
+        Duration::from_secs(120),
+    )
+    .await;
+    wait_for(
+        "the row marked COMPLETED",
+        Duration::from_secs(60),
+        || async { (outbox.statuses().await.get("COMPLETED") == Some(&1)).then_some(()) },
+    )
+    .await;
+    assert!(relay.terminate().success());
+}
