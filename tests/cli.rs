@@ -132,9 +132,9 @@ async fn migrate_is_idempotent() {
     assert!(parts >= 2, "current and next partitions exist");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_lost_slot_stops_the_relay_when_asked_and_is_then_only_recreated_on_request() {
-    let outbox = TestOutbox::new("cli_lost_slot").await;
+/// A relay delivers one event and stops; then its slot disappears and an
+/// event is committed. Returns that event's tracking id.
+async fn lose_the_slot(outbox: &TestOutbox) -> Uuid {
     let relay = outbox.start_relay();
     let first = outbox
         .publish("Order", Uuid::new_v4(), "First", &json!({}))
@@ -146,12 +146,16 @@ async fn a_lost_slot_stops_the_relay_when_asked_and_is_then_only_recreated_on_re
     )
     .await;
     assert!(relay.terminate().success());
-
-    // The slot disappears while the relay is down; an event is committed.
     outbox.drop_slot().await;
-    let while_lost = outbox
+    outbox
         .publish("Order", Uuid::new_v4(), "WhileLost", &json!({}))
-        .await;
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_slot_stops_the_relay_when_asked_and_is_then_only_recreated_on_request() {
+    let outbox = TestOutbox::new("cli_lost_slot").await;
+    let while_lost = lose_the_slot(&outbox).await;
     let mut stop = outbox.command_with_args(&["run"]);
     stop.env("OUTBOX_ON_SLOT_LOST", "stop");
     let out = run_with_timeout(stop, Duration::from_secs(60));
@@ -373,21 +377,7 @@ async fn a_lost_slot_is_recreated_loudly_and_nothing_is_lost() {
     outbox
         .env
         .push(("OUTBOX_METRICS_LISTEN".into(), format!("127.0.0.1:{port}")));
-    let relay = outbox.start_relay();
-    let first = outbox
-        .publish("Order", Uuid::new_v4(), "First", &json!({}))
-        .await;
-    read_until_all(
-        vec![outbox.topic("Order")],
-        vec![first],
-        Duration::from_secs(120),
-    )
-    .await;
-    assert!(relay.terminate().success());
-    outbox.drop_slot().await;
-    let while_lost = outbox
-        .publish("Order", Uuid::new_v4(), "WhileLost", &json!({}))
-        .await;
+    let while_lost = lose_the_slot(&outbox).await;
     let relay = outbox.start_relay();
     read_until_all(
         vec![outbox.topic("Order")],

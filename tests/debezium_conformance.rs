@@ -152,69 +152,6 @@ impl Converter {
 
 // ------------------------------------------------------------ Debezium
 
-/// Why the scenarios cannot run here, if they cannot: Java 17+ and the
-/// jars `scripts/debezium` runs.
-fn debezium_unavailable() -> Option<String> {
-    let java = std::env::var("PGOUTBOX_JAVA").unwrap_or_else(|_| "java".into());
-    let out = match Command::new(&java).arg("-version").output() {
-        Ok(out) => out,
-        Err(e) => return Some(format!("Java is not installed ({java}: {e})")),
-    };
-    let text = String::from_utf8_lossy(&out.stderr);
-    let major = text
-        .split('"')
-        .nth(1)
-        .and_then(|v| v.split(['.', '-', '+']).next())
-        .and_then(|m| m.parse::<u32>().ok());
-    match major {
-        Some(m) if m >= 17 => {}
-        _ => {
-            return Some(format!(
-                "Kafka Connect 4 needs Java 17+; {java} -version says: {}",
-                text.lines().next().unwrap_or("nothing")
-            ))
-        }
-    }
-    for tool in ["curl", "jq"] {
-        let found = Command::new(tool)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !found {
-            return Some(format!(
-                "{tool} is missing (scripts/debezium start needs it)"
-            ));
-        }
-    }
-    let out = run_with_timeout(debezium_script(&["install"]), Duration::from_secs(900));
-    if !out.status.success() {
-        return Some(format!(
-            "scripts/debezium install could not provide the jars:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    None
-}
-
-/// Why the scenario is skipped (printed), if it is.
-fn skip_reason() -> Option<String> {
-    let reason = debezium_unavailable()?;
-    if std::env::var("PGOUTBOX_TEST_REQUIRE_DEBEZIUM").as_deref() == Ok("1") {
-        panic!("Debezium is required (PGOUTBOX_TEST_REQUIRE_DEBEZIUM=1) but unavailable: {reason}");
-    }
-    eprintln!("SKIPPED: the real Debezium cannot run here: {reason}");
-    Some(reason)
-}
-
-/// `bash scripts/debezium <args>`.
-fn debezium_script(args: &[&str]) -> Command {
-    let mut c = Command::new("bash");
-    c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/debezium"))
-        .args(args);
-    c
-}
-
 // ------------------------------------------------------------ the rows
 
 /// One row of the outbox table.
@@ -855,7 +792,7 @@ impl Scenario {
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default();
         let db = pg.get_dbname().unwrap_or(user);
-        let paths = debezium_script(&["paths"])
+        let paths = common::debezium::script(&["paths"])
             .output()
             .expect("scripts/debezium paths");
         let plugins = String::from_utf8_lossy(&paths.stdout)
@@ -987,7 +924,7 @@ converter = "{converter}"
     /// `scripts/debezium <args>` for this scenario's worker.
     fn debezium(&self, args: &[&str], timeout: Duration) -> Output {
         let s = services();
-        let mut cmd = debezium_script(args);
+        let mut cmd = common::debezium::script(args);
         cmd.env("PGOUTBOX_DEBEZIUM_DIR", &self.state)
             .env("PGOUTBOX_DEBEZIUM_REST_PORT", self.rest_port.to_string())
             .env("DBZ_HEAP_OPTS", "-Xms128M -Xmx768M")
@@ -1214,41 +1151,10 @@ impl Drop for Scenario {
             // (its pid file in this scenario's own state dir).
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        let slots = vec![self.pgo_slot(), self.dbz_slot()];
-        let url = services().database_url.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                else {
-                    return;
-                };
-                tokio::spawn(conn);
-                for _ in 0..200 {
-                    let left = client
-                        .query_one(
-                            "WITH gone AS (SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                                WHERE slot_name = ANY($1) AND NOT active) \
-                             SELECT (SELECT count(*) FROM gone), \
-                                    (SELECT count(*) FROM pg_replication_slots WHERE slot_name = ANY($1) AND active)",
-                            &[&slots],
-                        )
-                        .await;
-                    match left {
-                        Ok(row) if row.get::<_, i64>(1) > 0 => {
-                            tokio::time::sleep(Duration::from_millis(100)).await
-                        }
-                        _ => break,
-                    }
-                }
-            });
-        })
-        .join();
+        common::harness::drop_slots_when_released(
+            vec![self.pgo_slot(), self.dbz_slot()],
+            Duration::from_secs(20),
+        );
     }
 }
 
@@ -1403,7 +1309,7 @@ async fn wait_for_confirmed(sc: &Scenario, slot: &str, lsn: i64) -> bool {
 /// The scenario: both relays on the same rows, every record compared.
 async fn conformance(name: &str, n: u16, converter: Converter, options: Options) {
     let _serial = SERIAL.lock().await;
-    if skip_reason().is_some() {
+    if common::debezium::skip_reason().is_some() {
         return;
     }
     let t_all = Instant::now();

@@ -67,59 +67,6 @@ const AGGREGATES: usize = 6;
 /// (rows committed before it started): about 4 s of the load.
 const PER_PHASE: i64 = 1500;
 
-/// Why the scenarios cannot run here, if they cannot: Java 17+ and the
-/// jars `scripts/debezium` runs.
-fn debezium_unavailable() -> Option<String> {
-    let java = std::env::var("PGOUTBOX_JAVA").unwrap_or_else(|_| "java".into());
-    let out = match Command::new(&java).arg("-version").output() {
-        Ok(out) => out,
-        Err(e) => return Some(format!("Java is not installed ({java}: {e})")),
-    };
-    let text = String::from_utf8_lossy(&out.stderr);
-    // `openjdk version "17.0.15" …` / `java version "1.8.0_…"`.
-    let major = text
-        .split('"')
-        .nth(1)
-        .and_then(|v| v.split(['.', '-', '+']).next())
-        .and_then(|m| m.parse::<u32>().ok());
-    match major {
-        Some(m) if m >= 17 => {}
-        _ => {
-            return Some(format!(
-                "Kafka Connect 4 needs Java 17+; {java} -version says: {}",
-                text.lines().next().unwrap_or("nothing")
-            ))
-        }
-    }
-    let out = run_with_timeout(debezium_script(&["install"]), Duration::from_secs(900));
-    if !out.status.success() {
-        return Some(format!(
-            "scripts/debezium install could not provide the jars:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    None
-}
-
-/// Why the scenario is skipped (printed), if it is; under
-/// `PGOUTBOX_TEST_REQUIRE_DEBEZIUM=1` an unavailable Debezium fails it.
-fn skip_reason() -> Option<String> {
-    let reason = debezium_unavailable()?;
-    if std::env::var("PGOUTBOX_TEST_REQUIRE_DEBEZIUM").as_deref() == Ok("1") {
-        panic!("Debezium is required (PGOUTBOX_TEST_REQUIRE_DEBEZIUM=1) but unavailable: {reason}");
-    }
-    eprintln!("SKIPPED: the real Debezium cannot run here: {reason}");
-    Some(reason)
-}
-
-/// `bash scripts/debezium <args>`.
-fn debezium_script(args: &[&str]) -> Command {
-    let mut c = Command::new("bash");
-    c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/debezium"))
-        .args(args);
-    c
-}
-
 /// SIGKILLs Connect workers an earlier run of scenario `name` left behind
 /// (that run itself killed, its `Drop` never ran): they hold the slot.
 /// Found by their config dir, which only this file creates.
@@ -286,7 +233,7 @@ impl Scenario {
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default();
         let db = pg.get_dbname().unwrap_or(user);
-        let plugins = debezium_script(&["paths"])
+        let plugins = common::debezium::script(&["paths"])
             .output()
             .expect("scripts/debezium paths");
         let plugins = String::from_utf8_lossy(&plugins.stdout)
@@ -349,7 +296,7 @@ impl Scenario {
     /// `scripts/debezium <args>` for this scenario's worker.
     fn debezium(&self, args: &[&str], timeout: Duration) -> Output {
         let s = services();
-        let mut cmd = debezium_script(args);
+        let mut cmd = common::debezium::script(args);
         cmd.env("PGOUTBOX_DEBEZIUM_DIR", &self.state)
             .env("PGOUTBOX_DEBEZIUM_REST_PORT", self.rest_port.to_string())
             .env("DBZ_HEAP_OPTS", "-Xms128M -Xmx768M")
@@ -726,41 +673,7 @@ impl Drop for Scenario {
             // SAFETY: kill(2) on the Connect worker this scenario started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        let slot = self.slot();
-        let url = services().database_url.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                else {
-                    return;
-                };
-                tokio::spawn(conn);
-                for _ in 0..100 {
-                    let left = client
-                        .query_one(
-                            "WITH gone AS (SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                                WHERE slot_name = $1 AND NOT active) \
-                             SELECT (SELECT count(*) FROM gone), \
-                                    (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active)",
-                            &[&slot],
-                        )
-                        .await;
-                    match left {
-                        Ok(row) if row.get::<_, i64>(1) > 0 => {
-                            tokio::time::sleep(Duration::from_millis(100)).await
-                        }
-                        _ => break,
-                    }
-                }
-            });
-        })
-        .join();
+        common::harness::drop_slots_when_released(vec![self.slot()], Duration::from_secs(10));
     }
 }
 
@@ -1302,7 +1215,7 @@ async fn verify(sc: &Scenario, scenario: &str, txs: &[Tx], phases: &[Phase]) -> 
 /// module's documentation).
 async fn takeover(name: &str, how: Stop, rollback: bool) {
     let _serial = SERIAL.lock().await;
-    if skip_reason().is_some() {
+    if common::debezium::skip_reason().is_some() {
         return;
     }
     let t_all = Instant::now();

@@ -74,6 +74,11 @@ impl Cdc {
     /// with [`Error::SlotLost`] for the runner.
     pub fn on_slot_lost(mut self, policy: SlotLostPolicy) -> Cdc {
         self.on_lost = policy;
+        // The series starts at 0, so that the first recovery is an increase
+        // Prometheus sees (PgoutboxSlotRecreated).
+        metrics()
+            .slot_recoveries
+            .with_label_values(&[&self.config.cdc.slot]);
         self
     }
 

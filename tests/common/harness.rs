@@ -275,45 +275,56 @@ pub struct TestOutbox {
 /// WAL and, over a whole suite, use up `max_replication_slots`.
 impl Drop for TestOutbox {
     fn drop(&mut self) {
-        let slots = vec![
-            format!("{}_slot", self.name),
-            format!("{}_probe", self.name),
-        ];
-        let url = services().database_url.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
+        drop_slots_when_released(
+            vec![
+                format!("{}_slot", self.name),
+                format!("{}_probe", self.name),
+            ],
+            Duration::from_secs(3),
+        );
+    }
+}
+
+/// Drops `slots` once no walsender holds them (relays just stopped release
+/// theirs a moment later), waiting at most `patience`; from a thread of its
+/// own, so it works in `Drop` inside or outside a runtime. Leftover slots
+/// would pin WAL and, over a whole suite, use up `max_replication_slots`.
+pub fn drop_slots_when_released(slots: Vec<String>, patience: Duration) {
+    let url = services().database_url.clone();
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
             else {
                 return;
             };
-            rt.block_on(async move {
-                let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                else {
-                    return;
-                };
-                tokio::spawn(conn);
-                for _ in 0..30 {
-                    let left = client
-                        .query_one(
-                            "WITH gone AS (SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                                WHERE slot_name = ANY($1) AND NOT active) \
-                             SELECT (SELECT count(*) FROM gone), \
-                                    (SELECT count(*) FROM pg_replication_slots WHERE slot_name = ANY($1) AND active)",
-                            &[&slots],
-                        )
-                        .await;
-                    match left {
-                        Ok(row) if row.get::<_, i64>(1) > 0 => {
-                            tokio::time::sleep(Duration::from_millis(100)).await
-                        }
-                        _ => break,
+            tokio::spawn(conn);
+            let deadline = Instant::now() + patience;
+            loop {
+                let left = client
+                    .query_one(
+                        "WITH gone AS (SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                            WHERE slot_name = ANY($1) AND NOT active) \
+                         SELECT (SELECT count(*) FROM gone), \
+                                (SELECT count(*) FROM pg_replication_slots WHERE slot_name = ANY($1) AND active)",
+                        &[&slots],
+                    )
+                    .await;
+                match left {
+                    Ok(row) if row.get::<_, i64>(1) > 0 && Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
                     }
+                    _ => break,
                 }
-            });
-        })
-        .join();
-    }
+            }
+        });
+    })
+    .join();
 }
 
 impl TestOutbox {

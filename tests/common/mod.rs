@@ -82,5 +82,6 @@ impl ServicesEnv {
 }
 
 pub mod control;
+pub mod debezium;
 pub mod harness;
 pub mod ledger;
