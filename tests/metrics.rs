@@ -22,9 +22,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::control::{services, KafkaBack};
-use common::harness::{read_until_all, secrets, wait_for, Relay, TestOutbox};
+use common::harness::{free_addr, http_get, read_until_all, secrets, wait_for, Relay, TestOutbox};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -143,39 +142,6 @@ fn value(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> Option<f64> {
     (!found.is_empty()).then(|| found.iter().map(|s| s.value).sum())
 }
 
-/// GET `path` from `addr`: (status, body).
-async fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream =
-        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| std::io::Error::other("connect timed out"))??;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
-        .await
-        .map_err(|_| std::io::Error::other("read timed out"))??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no header end in {text:?}")))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
-    Ok((status, body.to_owned()))
-}
-
-/// A loopback address with a port nobody listens on right now.
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local address").to_string()
-}
-
 /// A relay with its own metrics endpoint.
 struct Observed {
     relay: Relay,
@@ -195,7 +161,7 @@ impl Observed {
     }
 
     async fn metrics(&self) -> Option<Vec<Sample>> {
-        match get(&self.addr, "/metrics").await {
+        match http_get(&self.addr, "/metrics").await {
             Ok((200, body)) => Some(parse(&body)),
             _ => None,
         }
@@ -224,7 +190,7 @@ impl Observed {
             self.relay.log.display()
         );
         wait_for(&what, timeout, || async {
-            match get(&self.addr, "/readyz").await {
+            match http_get(&self.addr, "/readyz").await {
                 Ok((s, body)) if s == status => Some(body),
                 _ => None,
             }
@@ -308,7 +274,7 @@ async fn a_cdc_relay_serves_every_cdc_metric_with_plausible_values() {
     let relay = Observed::start(&outbox, &[], "cdc");
     let body = relay.wait_ready(200, DEADLINE).await;
     assert_eq!(body, "ready\n");
-    let (healthz, _) = get(&relay.addr, "/healthz").await.unwrap();
+    let (healthz, _) = http_get(&relay.addr, "/healthz").await.unwrap();
     assert_eq!(healthz, 200);
 
     const N: usize = 20;
@@ -532,7 +498,7 @@ async fn unacknowledged_events_stay_pending_in_flight_and_age_while_kafka_never_
     let relay = Observed::start(&outbox, &[], "nowhere");
     // Streaming, but Kafka never answered: not ready, and the reason says so.
     let body = wait_for("/readyz to blame Kafka", DEADLINE, || async {
-        match get(&relay.addr, "/readyz").await {
+        match http_get(&relay.addr, "/readyz").await {
             Ok((503, b)) if b.starts_with("Kafka unreachable") => Some(b),
             _ => None,
         }

@@ -11,6 +11,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, NoTls};
 
 use super::services;
@@ -650,6 +651,18 @@ impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // A failing test shows what the relay said (CI keeps no files).
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "--- the last {} lines of the relay log {} ---\n{}",
+                tail.len(),
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
         assert_no_secrets(
             &format!("the relay log {}", self.log.display()),
             &self.log_text(),
@@ -694,6 +707,10 @@ pub fn read_topics(
         .set("group.id", "pgoutbox-tests")
         .set("enable.auto.commit", "false")
         .set("allow.auto.create.topics", "false")
+        // A partition whose start offset cannot be read yet (a topic just
+        // created) must not be skipped to its end: librdkafka's default
+        // reset is "latest".
+        .set("auto.offset.reset", "earliest")
         .create()
         .expect("create consumer");
     let deadline = Instant::now() + timeout;
@@ -772,11 +789,28 @@ pub fn read_topics(
                 return records;
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} reading {topics:?}: {} records so far",
-            records.len()
-        );
+        if Instant::now() >= deadline {
+            // Per partition: records read / high watermark.
+            let mut seen: Vec<String> = assigned
+                .keys()
+                .map(|(t, p)| {
+                    let n = records
+                        .iter()
+                        .filter(|r| &r.topic == t && r.partition == *p)
+                        .count();
+                    let high = consumer
+                        .fetch_watermarks(t, *p, Duration::from_secs(5))
+                        .map_or(-1, |(_, h)| h);
+                    format!("{t}/{p}: {n}/{high}")
+                })
+                .collect();
+            seen.sort();
+            panic!(
+                "timed out after {timeout:?} reading {topics:?}: {} records so far ({})",
+                records.len(),
+                seen.join(", ")
+            );
+        }
     }
 }
 
@@ -933,4 +967,37 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("bind an ephemeral port")
         .port()
+}
+
+/// GET `path` from `addr`: (status, body).
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| std::io::Error::other("connect timed out"))??;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("read timed out"))??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no header end in {text:?}")))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
+    Ok((status, body.to_owned()))
+}
+
+/// A loopback address with a port nobody listens on right now.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local address").to_string()
 }
