@@ -21,6 +21,13 @@
 //!   ready again. Connection state from librdkafka's statistics was not
 //!   used: librdkafka and the brokers close idle connections, so "no broker
 //!   UP" happens on a healthy idle relay.
+//! - **Kafka acknowledging** — a cluster that answers metadata may still
+//!   accept nothing: a partition without a leader, or fewer in-sync
+//!   replicas than `min.insync.replicas` (librdkafka retries those sends
+//!   until `message.timeout.ms`). While events are in flight and none was
+//!   acknowledged for [`KAFKA_STALE_AFTER`] (counted from the last
+//!   acknowledgement, or from the moment the relay had events in flight
+//!   again), the relay is unready and says how many events wait.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{LazyLock, Mutex};
@@ -70,6 +77,10 @@ pub struct Health {
     /// The same for the last failed probe.
     kafka_failed: AtomicU64,
     kafka_error: Mutex<String>,
+    /// The same for the last acknowledgement.
+    kafka_acked: AtomicU64,
+    /// The same for the moment events were in flight after none were.
+    kafka_busy_since: AtomicU64,
 }
 
 /// The process's health.
@@ -99,6 +110,11 @@ pub struct Snapshot {
     pub kafka_failed_since: bool,
     /// The failed probe's error.
     pub kafka_error: String,
+    /// Events handed to the producer and not yet reported.
+    pub kafka_in_flight: i64,
+    /// Milliseconds since the later of the last acknowledgement and the
+    /// moment events were in flight again (`None`: nothing in flight).
+    pub kafka_unacked_ago: Option<u64>,
 }
 
 /// Ready, or the one-line reason why not.
@@ -129,11 +145,25 @@ pub fn evaluate(s: &Snapshot) -> Result<(), String> {
     if s.mode == Some(Mode::Poll) && s.workers_connected <= 0 {
         return Err("not polling: no poll worker has a working PostgreSQL connection".into());
     }
+    let stale = KAFKA_STALE_AFTER.as_millis() as u64;
+    if let Some(ago) = s.kafka_unacked_ago.filter(|&ago| ago > stale) {
+        let mut why = format!(
+            "Kafka not acknowledging: none of {} events in flight acknowledged for {}s \
+             (brokers down, a partition without a leader, or fewer in-sync replicas than \
+             min.insync.replicas?)",
+            s.kafka_in_flight,
+            ago / 1000
+        );
+        if s.kafka_failed_since {
+            why.push_str(&format!("; the last metadata request: {}", s.kafka_error));
+        }
+        return Err(why);
+    }
     match s.kafka_ok_ago {
         None if s.kafka_failed_since => Err(format!("Kafka unreachable: {}", s.kafka_error)),
         None => Err("Kafka: no answer from the cluster yet".into()),
         Some(_) if s.kafka_failed_since => Err(format!("Kafka unreachable: {}", s.kafka_error)),
-        Some(ago) if ago > KAFKA_STALE_AFTER.as_millis() as u64 => Err(format!(
+        Some(ago) if ago > stale => Err(format!(
             "Kafka unreachable: no acknowledgement or metadata answer for {}s",
             ago / 1000
         )),
@@ -166,6 +196,8 @@ impl Health {
             kafka_ok: AtomicU64::new(0),
             kafka_failed: AtomicU64::new(0),
             kafka_error: Mutex::new(String::new()),
+            kafka_acked: AtomicU64::new(0),
+            kafka_busy_since: AtomicU64::new(0),
         }
     }
 
@@ -208,6 +240,21 @@ impl Health {
         self.kafka_ok.store(self.now(), Relaxed);
     }
 
+    /// Kafka acknowledged an event.
+    pub fn kafka_acked(&self) {
+        let now = self.now();
+        self.kafka_ok.store(now, Relaxed);
+        self.kafka_acked.store(now, Relaxed);
+    }
+
+    /// An event was handed to the producer while `in_flight_before` others
+    /// were in flight.
+    pub fn kafka_sent(&self, in_flight_before: i64) {
+        if in_flight_before <= 0 {
+            self.kafka_busy_since.store(self.now(), Relaxed);
+        }
+    }
+
     /// A probe of the cluster failed with `error`.
     pub fn kafka_failed(&self, error: &str) {
         *self.kafka_error.lock().unwrap_or_else(|p| p.into_inner()) = one_line(error);
@@ -228,6 +275,11 @@ impl Health {
         let now = self.now();
         let ok = self.kafka_ok.load(Relaxed);
         let failed = self.kafka_failed.load(Relaxed);
+        let in_flight = super::metrics().kafka_in_flight.get();
+        let since = self
+            .kafka_acked
+            .load(Relaxed)
+            .max(self.kafka_busy_since.load(Relaxed));
         Snapshot {
             mode: super::metrics().mode(),
             phase: state.phase,
@@ -242,6 +294,8 @@ impl Health {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            kafka_in_flight: in_flight,
+            kafka_unacked_ago: (in_flight > 0).then(|| now.saturating_sub(since)),
         }
     }
 
@@ -282,6 +336,8 @@ mod tests {
             kafka_ok_ago: Some(100),
             kafka_failed_since: false,
             kafka_error: String::new(),
+            kafka_in_flight: 0,
+            kafka_unacked_ago: None,
         }
     }
 
@@ -329,6 +385,52 @@ mod tests {
         assert!(evaluate(&s).unwrap_err().contains("no acknowledgement"));
         s.kafka_ok_ago = None;
         assert!(evaluate(&s).unwrap_err().contains("no answer"));
+    }
+
+    #[test]
+    fn a_cluster_that_answers_but_acknowledges_nothing_is_not_ready() {
+        let stale = KAFKA_STALE_AFTER.as_millis() as u64;
+        let mut s = serving(Mode::Cdc);
+        s.kafka_in_flight = 42;
+        s.kafka_unacked_ago = Some(stale);
+        assert_eq!(evaluate(&s), Ok(()), "not yet stale");
+        s.kafka_unacked_ago = Some(stale + 1_000);
+        let why = evaluate(&s).unwrap_err();
+        assert!(
+            why.starts_with("Kafka not acknowledging: none of 42 events"),
+            "{why}"
+        );
+        assert!(why.contains("min.insync.replicas"), "{why}");
+        // A failed probe (the broker's connection busy with held sends)
+        // is added, not put first.
+        s.kafka_failed_since = true;
+        s.kafka_error = "OperationTimedOut".into();
+        let why = evaluate(&s).unwrap_err();
+        assert!(why.starts_with("Kafka not acknowledging"), "{why}");
+        assert!(
+            why.ends_with("the last metadata request: OperationTimedOut"),
+            "{why}"
+        );
+        s.kafka_failed_since = false;
+        // Nothing in flight: an idle relay is ready however old its last
+        // acknowledgement.
+        s.kafka_in_flight = 0;
+        s.kafka_unacked_ago = None;
+        assert_eq!(evaluate(&s), Ok(()));
+    }
+
+    #[test]
+    fn the_stall_clock_starts_when_events_are_in_flight_again() {
+        let h = Health::new();
+        h.kafka_acked();
+        let acked = h.kafka_acked.load(Relaxed);
+        std::thread::sleep(Duration::from_millis(5));
+        h.kafka_sent(0);
+        assert!(h.kafka_busy_since.load(Relaxed) > acked);
+        let busy = h.kafka_busy_since.load(Relaxed);
+        std::thread::sleep(Duration::from_millis(5));
+        h.kafka_sent(3);
+        assert_eq!(h.kafka_busy_since.load(Relaxed), busy, "already busy");
     }
 
     #[test]

@@ -111,7 +111,7 @@ impl ProducerContext for Context {
                     m.kafka_ack_latency.observe(micros as f64 / 1e6);
                 }
                 m.with_topic(self.mode, msg.topic(), |c| c.published.inc());
-                health().kafka_ok();
+                health().kafka_acked();
                 Ok(())
             }
             Err((e, msg)) => {
@@ -350,6 +350,7 @@ impl Sink {
         let context = self.producer.context();
         context.outstanding.fetch_add(1, Ordering::SeqCst);
         let m = metrics();
+        health().kafka_sent(m.kafka_in_flight.get());
         m.kafka_in_flight.inc();
         match self.producer.send(record) {
             Ok(()) => Ok(()),
