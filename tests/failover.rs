@@ -76,8 +76,8 @@ impl Pair {
             .to_owned()
     }
 
-    fn start() -> Pair {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("failover-services");
+    fn start(name: &str) -> Pair {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
         let mut pair = Pair {
             env: vec![
                 ("PGOUTBOX_SERVICES_DIR".into(), dir.display().to_string()),
@@ -181,9 +181,34 @@ fn start_load(
     (written, stop, task)
 }
 
+/// The scenarios share the machine's two cores and ports: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Rows of the one big transaction of the switchover scenario.
+const BULK_ROWS: i64 = 100_000;
+
+/// A crash: the primary stopped with `-m immediate`, the standby promoted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_relay_follows_a_primary_failover_and_loses_nothing() {
-    let mut pair = Pair::start();
+    let _serial = SERIAL.lock().await;
+    scenario(false).await;
+}
+
+/// A planned switchover: the primary stopped with `-m fast` (every WAL
+/// record reaches the standby first) while the relay is in the middle of
+/// publishing a 100,000-row transaction, the standby promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switchover_in_the_middle_of_a_100k_row_transaction_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    scenario(true).await;
+}
+
+async fn scenario(switchover: bool) {
+    let mut pair = Pair::start(if switchover {
+        "switchover-services"
+    } else {
+        "failover-services"
+    });
     let version: i32 = connect(&pair.primary_url)
         .await
         .expect("primary")
@@ -275,8 +300,38 @@ async fn the_relay_follows_a_primary_failover_and_loses_nothing() {
     if failover_slots {
         pair.run("pg-standby", &["wait-synced", "ha_slot"]);
     }
+    let mut bulk_at_stop = None;
+    if switchover {
+        // One transaction of BULK_ROWS events on aggregates of their own;
+        // the primary stops once the relay has published part of it.
+        primary
+            .execute(
+                &format!(
+                    "SELECT public.outbox_publish('Order', md5(i::text)::uuid, 'Bulk', \
+                     jsonb_build_object('i', i), '{{}}'::jsonb) \
+                     FROM generate_series(1, {BULK_ROWS}) AS i"
+                ),
+                &[],
+            )
+            .await
+            .expect("the bulk transaction");
+        let part = wait_for("the relay inside the bulk transaction", DEADLINE, || async {
+            let n: i64 = primary
+                .query_one(
+                    "SELECT count(*) FROM public.outbox WHERE event_type = 'Bulk' AND status = 'COMPLETED'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (n > 0).then_some(n)
+        })
+        .await;
+        bulk_at_stop = Some(part);
+    }
     let died = Instant::now();
-    pair.run("pg-standby", &["stop-primary", "immediate"]);
+    let mode = if switchover { "fast" } else { "immediate" };
+    pair.run("pg-standby", &["stop-primary", mode]);
     pair.run("pg-standby", &["promote"]);
     *promoted.lock().unwrap() = true;
     // The first event committed on the new primary, delivered.
@@ -385,8 +440,14 @@ async fn the_relay_follows_a_primary_failover_and_loses_nothing() {
     }
     let log = relay.log_text();
     let recreated = log.contains("recreated the lost replication slot");
+    let what = match bulk_at_stop {
+        Some(n) => format!(
+            "SWITCHOVER (-m fast with {n} of the {BULK_ROWS}-row transaction's events marked)"
+        ),
+        None => "FAILOVER (-m immediate)".to_owned(),
+    };
     eprintln!(
-        "FAILOVER PostgreSQL {}: {} events in the new primary's table, {} records ({before} before the failover); missing {missing}, duplicates {duplicates}, phantoms {phantoms}, reordered {reordered}; first event from the new primary delivered {:.1}s after the primary died; slot {}",
+        "{what} PostgreSQL {}: {} events in the new primary's table, {} records ({before} before the failover); missing {missing}, duplicates {duplicates}, phantoms {phantoms}, reordered {reordered}; first event from the new primary delivered {:.1}s after the primary died; slot {}",
         pair.major,
         in_table.len(),
         records.len(),
@@ -417,6 +478,15 @@ async fn the_relay_follows_a_primary_failover_and_loses_nothing() {
         }
     }
     assert_eq!(missing, 0, "every event the new primary holds is delivered");
+    if let Some(n) = bulk_at_stop {
+        assert!(
+            n < BULK_ROWS,
+            "the primary stopped while the relay was inside the transaction ({n} marked)"
+        );
+        // A switchover loses no transaction: nothing published is absent
+        // from the new primary.
+        assert_eq!(phantoms, 0, "a fast shutdown sends every WAL record first");
+    }
     assert_eq!(reordered, 0, "per-aggregate order of first deliveries");
     if failover_slots {
         assert!(!recreated, "the synced failover slot carries on:\n{log}");
