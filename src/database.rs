@@ -102,6 +102,70 @@ pub fn settings(config: &Config) -> Result<Settings, ConfigError> {
     Ok(Settings { pg, tls })
 }
 
+/// One [`Settings`] per host of a multi-host `DATABASE_URL`, each with its
+/// label (`host:port`), for looking at every server of the list (the
+/// standbys too: `target_session_attrs` is dropped). Empty when the list
+/// has one host. A connect timeout of 5 s applies when none is set.
+pub fn each_host(pg: &Settings) -> Vec<(String, Settings)> {
+    use tokio_postgres::config::Host;
+    let base = &pg.pg;
+    let hosts = base.get_hosts();
+    if hosts.len() < 2 {
+        return Vec::new();
+    }
+    let ports = base.get_ports();
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = match ports.len() {
+                0 => 5432,
+                1 => ports[0],
+                _ => ports.get(i).copied().unwrap_or(5432),
+            };
+            let mut one = tokio_postgres::Config::new();
+            let label = match host {
+                Host::Tcp(name) => {
+                    one.host(name);
+                    format!("{name}:{port}")
+                }
+                #[cfg(unix)]
+                Host::Unix(dir) => {
+                    one.host_path(dir);
+                    format!("{}:{port}", dir.display())
+                }
+            };
+            one.port(port);
+            if let Some(ip) = base.get_hostaddrs().get(i) {
+                one.hostaddr(*ip);
+            }
+            if let Some(user) = base.get_user() {
+                one.user(user);
+            }
+            if let Some(password) = base.get_password() {
+                one.password(password);
+            }
+            if let Some(db) = base.get_dbname() {
+                one.dbname(db);
+            }
+            if let Some(options) = base.get_options() {
+                one.options(options);
+            }
+            if let Some(name) = base.get_application_name() {
+                one.application_name(name);
+            }
+            one.ssl_mode(base.get_ssl_mode())
+                .channel_binding(base.get_channel_binding())
+                .connect_timeout(
+                    base.get_connect_timeout()
+                        .copied()
+                        .unwrap_or(std::time::Duration::from_secs(5)),
+                );
+            (label, Settings::new(one, pg.tls.clone()))
+        })
+        .collect()
+}
+
 /// Connects and drives the connection on a background task.
 pub async fn connect(pg: &Settings) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = connect_raw(pg).await?;

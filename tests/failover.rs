@@ -300,6 +300,31 @@ async fn scenario(switchover: bool) {
     if failover_slots {
         pair.run("pg-standby", &["wait-synced", "ha_slot"]);
     }
+    if !switchover {
+        // `pgoutbox status` asks the other hosts of the list for their copy.
+        let out = pgoutbox(&pair.failover_url, &["status", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let slot = &status["slot"];
+        assert!(slot["invalidation_reason"].is_null(), "{slot}");
+        if failover_slots {
+            assert_eq!(slot["failover"], true, "{slot}");
+            let standbys = slot["standbys"].as_array().expect("standbys");
+            assert_eq!(standbys.len(), 1, "the standby, not the primary: {slot}");
+            assert_eq!(standbys[0]["present"], true, "{slot}");
+            assert_eq!(standbys[0]["synced"], true, "{slot}");
+            assert!(standbys[0]["invalidation_reason"].is_null(), "{slot}");
+            assert!(slot["failover_warning"].is_null(), "{slot}");
+        } else {
+            assert!(slot["failover"].is_null(), "{slot}");
+        }
+    }
     let mut bulk_at_stop = None;
     if switchover {
         // One transaction of BULK_ROWS events on aggregates of their own;

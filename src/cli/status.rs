@@ -9,6 +9,7 @@ use crate::operate::overview::{
     ModeOverview, Overview, PartitionsOverview, RowsOverview, SlotOverview,
 };
 use crate::operate::sampler::bytes;
+use crate::operate::standby;
 
 use super::{connect_for_command, to_json};
 
@@ -20,7 +21,22 @@ const DASH: &str = "-";
 /// only.
 pub async fn status(config: &Config, json: bool) -> Result<(), Error> {
     let client = connect_for_command(config).await?;
-    let overview = crate::operate::overview::read(&client, config).await?;
+    let mut overview = crate::operate::overview::read(&client, config).await?;
+    if overview.slot.failover == Some(true) {
+        let pg = crate::database::settings(config)?;
+        overview.slot.standbys = standby::copies(&pg, &config.cdc.slot).await;
+        if !overview.slot.standbys.is_empty()
+            && !overview
+                .slot
+                .standbys
+                .iter()
+                .any(standby::StandbyCopy::usable)
+        {
+            overview.slot.failover_warning.get_or_insert_with(|| {
+                "no standby of DATABASE_URL holds a synced, valid copy of the slot: a failover now loses it (the relay then recreates it and backfills)".to_owned()
+            });
+        }
+    }
     if json {
         println!("{}", to_json(&overview)?);
     } else {
@@ -131,6 +147,12 @@ fn write_slot(out: &mut String, s: &SlotOverview) {
                 Some(v) => v,
             }
         );
+    }
+    if let Some(why) = &s.invalidation_reason {
+        let _ = writeln!(out, "            INVALIDATED: {why}");
+    }
+    for copy in &s.standbys {
+        let _ = writeln!(out, "            {}", standby::describe(copy));
     }
     if let Some(w) = &s.failover_warning {
         let _ = writeln!(out, "            WARNING: {w}");

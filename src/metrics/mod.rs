@@ -79,6 +79,10 @@ pub mod names {
     /// Gauge 0/1 by `slot`: the slot is a failover slot (PostgreSQL 17+,
     /// sampled; absent on older servers).
     pub const SLOT_FAILOVER: &str = "pgoutbox_slot_failover";
+    /// Gauge 0/1 by `slot`, `standby` (`host:port` of the host list): the
+    /// standby holds a synced, valid copy of the failover slot (asked every
+    /// minute; only for a failover slot and a multi-host `DATABASE_URL`).
+    pub const SLOT_STANDBY_SYNCED: &str = "pgoutbox_slot_standby_synced";
     /// Gauge by `status`: sampled row counts.
     pub const OUTBOX_ROWS: &str = "pgoutbox_outbox_rows";
     /// Gauge: age of the oldest `PENDING` row, sampled.
@@ -166,6 +170,8 @@ pub struct Metrics {
     pub slot_recoveries: IntCounterVec,
     /// [`names::SLOT_FAILOVER`].
     pub slot_failover: IntGaugeVec,
+    /// [`names::SLOT_STANDBY_SYNCED`].
+    pub slot_standby_synced: IntGaugeVec,
     /// [`names::OUTBOX_ROWS`].
     pub outbox_rows: IntGaugeVec,
     /// [`names::OLDEST_PENDING_AGE`].
@@ -241,6 +247,7 @@ impl Metrics {
             slot_retention_warning: wal.slot_retention_warning,
             slot_recoveries: wal.slot_recoveries,
             slot_failover: wal.slot_failover,
+            slot_standby_synced: wal.slot_standby_synced,
             outbox_rows: rows.outbox_rows,
             oldest_pending_age: rows.oldest_pending_age,
             poll_claims: rows.poll_claims,

@@ -135,6 +135,7 @@ pub(super) struct Wal {
     pub(super) slot_retention_warning: IntGaugeVec,
     pub(super) slot_recoveries: IntCounterVec,
     pub(super) slot_failover: IntGaugeVec,
+    pub(super) slot_standby_synced: IntGaugeVec,
 }
 
 impl Wal {
@@ -186,6 +187,11 @@ impl Wal {
                 SLOT_FAILOVER,
                 "1 when the replication slot is a failover slot (PostgreSQL 17+, sampled)",
                 &["slot"],
+            ),
+            slot_standby_synced: r.gauge_vec(
+                SLOT_STANDBY_SYNCED,
+                "1 when a standby of DATABASE_URL holds a synced, valid copy of the failover slot (sampled every minute)",
+                &["slot", "standby"],
             ),
         }
     }

@@ -111,6 +111,12 @@ pub struct SlotOverview {
     /// before). Empty while a failover slot is in use: the relay may
     /// publish transactions a failover loses.
     pub synchronized_standby_slots: Option<String>,
+    /// Why the slot was invalidated (PostgreSQL 17+), if it was.
+    pub invalidation_reason: Option<String>,
+    /// The slot's copies on the standbys of a multi-host `DATABASE_URL`
+    /// (filled by `pgoutbox status` for a failover slot; see
+    /// [`super::standby`]).
+    pub standbys: Vec<super::standby::StandbyCopy>,
     /// A warning about the slot's high availability, when there is one.
     pub failover_warning: Option<String>,
     /// The last time the relay recreated the slot after it was lost
@@ -283,11 +289,12 @@ async fn read_slot(client: &Client, config: &Config) -> Result<SlotOverview, Err
         .await
         .map_err(db("reading pg_replication_slots"))?;
     let exists: bool = slot_row.get(1);
-    let (failover, synchronized) = if slot_row.get::<_, bool>(10) {
+    let (failover, synchronized, invalidation_reason) = if slot_row.get::<_, bool>(10) {
         let row = client
             .query_one(
                 "SELECT (SELECT failover FROM pg_replication_slots WHERE slot_name = $1), \
-                        current_setting('synchronized_standby_slots', true)",
+                        current_setting('synchronized_standby_slots', true), \
+                        (SELECT invalidation_reason FROM pg_replication_slots WHERE slot_name = $1)",
                 &[slot],
             )
             .await
@@ -295,9 +302,10 @@ async fn read_slot(client: &Client, config: &Config) -> Result<SlotOverview, Err
         (
             row.get::<_, Option<bool>>(0),
             row.get::<_, Option<String>>(1),
+            row.get::<_, Option<String>>(2),
         )
     } else {
-        (None, None)
+        (None, None, None)
     };
     let failover_warning = match (failover, synchronized.as_deref()) {
         (Some(true), Some("")) => Some(
@@ -334,6 +342,8 @@ async fn read_slot(client: &Client, config: &Config) -> Result<SlotOverview, Err
         safe_wal_size_bytes: slot_row.get(9),
         failover: exists.then_some(failover).flatten(),
         synchronized_standby_slots: synchronized,
+        invalidation_reason,
+        standbys: Vec::new(),
         failover_warning: exists.then_some(failover_warning).flatten(),
         last_recovery_at: recovery.as_ref().and_then(|r| r.get(0)),
         last_recovery_reason: recovery.as_ref().and_then(|r| r.get(1)),

@@ -16,7 +16,7 @@
 //! A failed query is counted in `pgoutbox_sample_errors_total` and logged
 //! at debug level; the sampler never stops the relay.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
@@ -121,6 +121,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
     let mut alarm = RetentionAlarm::default();
     // Whether the table says which rows wait (known once connected).
     let mut tracks_rows: Option<bool> = None;
+    let mut standbys_asked: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -137,7 +138,15 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
         }
         let Some(c) = &client else { continue };
         match sample_slot(c, &config.cdc.slot).await {
-            Ok(s) => record_slot(&config, &s, &mut alarm),
+            Ok(s) => {
+                record_slot(&config, &s, &mut alarm);
+                if s.failover == Some(true)
+                    && standbys_asked.is_none_or(|t| t.elapsed() >= STANDBY_EVERY)
+                {
+                    standbys_asked = Some(Instant::now());
+                    sample_standbys(&pg, &config.cdc.slot);
+                }
+            }
             Err(e) => failed("reading the replication slot", &e),
         }
         if tracks_rows.is_none() {
@@ -167,6 +176,27 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
             Err(e) => failed("counting outbox rows", &e),
         }
     }
+}
+
+/// How often the standbys of the host list are asked for their copy of a
+/// failover slot (a connection to each).
+const STANDBY_EVERY: Duration = Duration::from_secs(60);
+
+/// Asks the standbys, in the background (one that does not answer must not
+/// hold up the sampling), and sets `pgoutbox_slot_standby_synced`.
+fn sample_standbys(pg: &crate::database::Settings, slot: &str) {
+    if crate::database::each_host(pg).is_empty() {
+        return;
+    }
+    let (pg, slot) = (pg.clone(), slot.to_owned());
+    tokio::spawn(async move {
+        let m = metrics();
+        for copy in super::standby::copies(&pg, &slot).await {
+            m.slot_standby_synced
+                .with_label_values(&[slot.as_str(), copy.host.as_str()])
+                .set(i64::from(copy.usable()));
+        }
+    });
 }
 
 fn failed(doing: &str, e: &tokio_postgres::Error) {

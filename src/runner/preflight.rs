@@ -106,6 +106,36 @@ async fn failover_warnings(client: &tokio_postgres::Client, config: &Config) {
         }
         (None, _) => {}
     }
+    if failover == Some(true) {
+        log_standby_copies(config);
+    }
+}
+
+/// Says, in the background (a standby host that does not answer must not
+/// delay the start), what each standby of the host list holds of the slot.
+fn log_standby_copies(config: &Config) {
+    let Ok(pg) = crate::database::settings(config) else {
+        return;
+    };
+    let slot = config.cdc.slot.clone();
+    tokio::spawn(async move {
+        let copies = crate::operate::standby::copies(&pg, &slot).await;
+        for c in &copies {
+            let line = crate::operate::standby::describe(c);
+            if c.usable() {
+                tracing::info!(slot = %slot, "{line}");
+            } else {
+                tracing::warn!(slot = %slot, "{line}");
+            }
+        }
+        if !copies.is_empty()
+            && !copies
+                .iter()
+                .any(crate::operate::standby::StandbyCopy::usable)
+        {
+            tracing::warn!(slot = %slot, "no standby of DATABASE_URL holds a synced, valid copy of the slot yet: a failover now loses it (the relay then recreates it and backfills; a copy syncs once the slot has moved on after the standby started)");
+        }
+    });
 }
 
 /// Reads the outbox table and checks it against `[outbox.columns]`.
