@@ -918,28 +918,35 @@ pub async fn create_topic(topic: &str) {
 /// Sum of the high watermarks of every partition of `topic` (0 when it does
 /// not exist yet): how many records it holds.
 pub fn topic_record_count(topic: &str) -> i64 {
+    watermarks(topic)
+        .values()
+        .map(|(low, high)| high - low)
+        .sum()
+}
+
+/// Per partition of `topic`: (low, high) watermarks (empty when the topic
+/// does not exist yet).
+pub fn watermarks(topic: &str) -> HashMap<i32, (i64, i64)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &services().kafka_brokers)
         .set("allow.auto.create.topics", "false")
         .create()
         .expect("create consumer");
+    let mut out = HashMap::new();
     let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
-        return 0;
+        return out;
     };
-    let mut total = 0;
     for t in md.topics() {
         if t.error().is_some() {
             continue;
         }
         for p in t.partitions() {
-            if let Ok((low, high)) =
-                consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))
-            {
-                total += high - low;
+            if let Ok(w) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5)) {
+                out.insert(p.id(), w);
             }
         }
     }
-    total
+    out
 }
 
 /// How many times each tracking id was delivered.
