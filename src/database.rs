@@ -5,6 +5,7 @@
 //! when the caller polls the connection itself), so TLS, channel binding
 //! and the session settings are the same everywhere.
 
+pub mod standby;
 mod tls;
 
 use std::time::Duration;

@@ -4,12 +4,12 @@
 use std::fmt::Write;
 
 use crate::config::Config;
+use crate::database::standby;
 use crate::error::Error;
 use crate::operate::overview::{
     ModeOverview, Overview, PartitionsOverview, RowsOverview, SlotOverview,
 };
 use crate::operate::sampler::bytes;
-use crate::operate::standby;
 
 use super::{connect_for_command, to_json};
 

@@ -3,7 +3,6 @@
 //! - [`http`]: `/metrics`, `/healthz` and `/readyz`;
 //! - [`sampler`]: the gauges read from the database (pending rows, slot lag);
 //! - [`overview`]: what `pgoutbox status` shows;
-//! - [`standby`]: the slot's copies on the standbys of the host list;
 //! - [`partitions`]: partitions created ahead, old ones archived and retired;
 //! - [`debezium_import`]: a Debezium connector's configuration as pgoutbox's;
 //! - [`debezium_offset`]: the offset that hands the slot back to Debezium.
@@ -14,6 +13,5 @@ pub mod http;
 pub mod overview;
 pub mod partitions;
 pub mod sampler;
-pub mod standby;
 
 pub use http::{serve, Endpoint};

@@ -115,8 +115,8 @@ pub struct SlotOverview {
     pub invalidation_reason: Option<String>,
     /// The slot's copies on the standbys of a multi-host `DATABASE_URL`
     /// (filled by `pgoutbox status` for a failover slot; see
-    /// [`super::standby`]).
-    pub standbys: Vec<super::standby::StandbyCopy>,
+    /// [`crate::database::standby`]).
+    pub standbys: Vec<crate::database::standby::StandbyCopy>,
     /// A warning about the slot's high availability, when there is one.
     pub failover_warning: Option<String>,
     /// The last time the relay recreated the slot after it was lost

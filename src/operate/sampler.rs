@@ -191,7 +191,7 @@ fn sample_standbys(pg: &crate::database::Settings, slot: &str) {
     let (pg, slot) = (pg.clone(), slot.to_owned());
     tokio::spawn(async move {
         let m = metrics();
-        for copy in super::standby::copies(&pg, &slot).await {
+        for copy in crate::database::standby::copies(&pg, &slot).await {
             m.slot_standby_synced
                 .with_label_values(&[slot.as_str(), copy.host.as_str()])
                 .set(i64::from(copy.usable()));

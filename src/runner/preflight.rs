@@ -119,9 +119,9 @@ fn log_standby_copies(config: &Config) {
     };
     let slot = config.cdc.slot.clone();
     tokio::spawn(async move {
-        let copies = crate::operate::standby::copies(&pg, &slot).await;
+        let copies = crate::database::standby::copies(&pg, &slot).await;
         for c in &copies {
-            let line = crate::operate::standby::describe(c);
+            let line = crate::database::standby::describe(c);
             if c.usable() {
                 tracing::info!(slot = %slot, "{line}");
             } else {
@@ -131,7 +131,7 @@ fn log_standby_copies(config: &Config) {
         if !copies.is_empty()
             && !copies
                 .iter()
-                .any(crate::operate::standby::StandbyCopy::usable)
+                .any(crate::database::standby::StandbyCopy::usable)
         {
             tracing::warn!(slot = %slot, "no standby of DATABASE_URL holds a synced, valid copy of the slot yet: a failover now loses it (the relay then recreates it and backfills; a copy syncs once the slot has moved on after the standby started)");
         }

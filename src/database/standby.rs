@@ -63,7 +63,7 @@ async fn ask(host: &str, one: &Settings, slot: &str) -> Option<StandbyCopy> {
     };
     let client = match database::connect(one).await {
         Ok(c) => c,
-        Err(e) => return Some(unreachable(crate::error::postgres_text(&e))),
+        Err(e) => return Some(unreachable(crate::redact::postgres_text(&e))),
     };
     // to_jsonb: the columns exist from 17 on only.
     let row = client
@@ -77,7 +77,7 @@ async fn ask(host: &str, one: &Settings, slot: &str) -> Option<StandbyCopy> {
         )
         .await;
     match row {
-        Err(e) => Some(unreachable(crate::error::postgres_text(&e))),
+        Err(e) => Some(unreachable(crate::redact::postgres_text(&e))),
         Ok(r) if !r.get::<_, bool>(0) => None,
         Ok(r) => Some(StandbyCopy {
             host: host.to_owned(),
