@@ -26,14 +26,20 @@ const DEADLINE: Duration = Duration::from_secs(180);
 /// Partitions of an auto-created topic on the cluster (`num.partitions`).
 const PARTITIONS: i32 = 6;
 
+/// `bash scripts/kafka-cluster <args>`, to be run.
+fn cluster_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg(format!(
+        "{}/scripts/kafka-cluster",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .args(args);
+    cmd
+}
+
 /// `bash scripts/kafka-cluster <args>`; panics unless it succeeds; stdout.
 fn cluster(args: &[&str]) -> String {
-    let out = Command::new("bash")
-        .arg(format!(
-            "{}/scripts/kafka-cluster",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .args(args)
+    let out = cluster_command(args)
         .output()
         .expect("run scripts/kafka-cluster");
     assert!(
@@ -415,13 +421,7 @@ struct ClusterBack;
 
 impl Drop for ClusterBack {
     fn drop(&mut self) {
-        let status = Command::new("bash")
-            .arg(format!(
-                "{}/scripts/kafka-cluster",
-                env!("CARGO_MANIFEST_DIR")
-            ))
-            .arg("up")
-            .status();
+        let status = cluster_command(&["up"]).status();
         if !matches!(status, Ok(s) if s.success()) {
             eprintln!("scripts/kafka-cluster up failed: {status:?}");
         }
