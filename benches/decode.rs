@@ -43,8 +43,12 @@ fn captured() -> (Vec<Bytes>, OutboxColumns) {
     assert!(!inserts.is_empty(), "fixture has Insert messages");
     (
         inserts,
-        OutboxColumns::from_relation(&relation, &pgoutbox::config::ColumnMap::pgoutbox())
-            .expect("outbox relation"),
+        OutboxColumns::from_relation(
+            &relation,
+            &pgoutbox::config::ColumnMap::pgoutbox(),
+            (&relation.namespace, &relation.name),
+        )
+        .expect("outbox relation"),
     )
 }
 

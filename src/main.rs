@@ -82,6 +82,12 @@ enum Command {
         /// earlier was lost; rows still PENDING are backfilled first.
         #[arg(long)]
         recreate_slot: bool,
+        /// Exactly-once delivery: start even though the progress topic's
+        /// record belongs to another stream (the slot, database or server
+        /// was replaced on purpose). Events the slot still holds are then
+        /// sent again; the first commit records the new stream.
+        #[arg(long)]
+        reset_progress: bool,
         /// `cdc` (logical replication), `poll` (leases on the table) or
         /// `auto` (CDC when the server allows it); overrides `mode` and
         /// OUTBOX_MODE.
@@ -284,7 +290,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Command::Run { mode, .. } = &args.command {
+    if let Command::Run {
+        mode,
+        reset_progress,
+        ..
+    } = &args.command
+    {
+        config.kafka.reset_progress = *reset_progress;
         if let Some(mode) = mode {
             // Already restricted by clap to a valid name.
             config.mode = mode.parse().unwrap_or(config.mode);

@@ -61,6 +61,7 @@ const CONTRACT: &[(&str, bool, bool)] = &[
     ("pgoutbox_poll_leases_lost_total", false, true),
     ("pgoutbox_reconnects_total", true, true),
     ("pgoutbox_sample_errors_total", true, true),
+    ("pgoutbox_messages_ignored_total", true, false),
 ];
 
 /// One sample line of the text format.

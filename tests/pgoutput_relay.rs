@@ -169,16 +169,7 @@ async fn logical_messages_flow_like_rows_and_malformed_ones_are_dead_lettered() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_outbox_tables_in_one_publication_route_by_their_own_templates() {
     let mut outbox = TestOutbox::new("multi_table").await;
-    let out = outbox
-        .command_with_args(&["migrate"])
-        .env("OUTBOX_TABLE", "billing_outbox")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    outbox.migrate_table("billing_outbox");
     let billing_topic = format!("{}.billing.{{event_type}}", outbox.topic_prefix);
     outbox.extra_config = format!("[kafka.table_topics]\nbilling_outbox = \"{billing_topic}\"\n");
     // A row already pending in the second table is backfilled too.
@@ -216,6 +207,78 @@ async fn two_outbox_tables_in_one_publication_route_by_their_own_templates() {
     assert_eq!(recs.len(), 1);
     let early_topic = format!("{}.billing.Early", outbox.topic_prefix);
     read_until_all(vec![early_topic], vec![early], DEADLINE).await;
+    // One transaction writes a row to each table with the same id and the
+    // same created_at: each mark must land in its own table.
+    let s = &outbox.name;
+    let mut writer = common::harness::connect().await;
+    let tx = writer.transaction().await.unwrap();
+    tx.execute(
+        &format!("SELECT setval(pg_get_serial_sequence('{s}.billing_outbox', 'id'), nextval(pg_get_serial_sequence('{s}.outbox', 'id')))"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut paired = Vec::new();
+    for (function, kind) in [
+        ("outbox_publish", "Order"),
+        ("billing_outbox_publish", "Invoice"),
+    ] {
+        let id: Uuid = tx
+            .query_one(
+                &format!("SELECT {s}.{function}($1, $2, 'Paired', '{{}}')"),
+                &[&kind, &Uuid::new_v4()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        paired.push(id);
+    }
+    tx.commit().await.unwrap();
+    let same: i64 = outbox
+        .client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {s}.outbox o JOIN {s}.billing_outbox b USING (id, created_at)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(same, 1, "the paired rows share id and created_at");
+    read_until_all(
+        vec![
+            outbox.topic("Order"),
+            format!("{}.billing.Paired", outbox.topic_prefix),
+        ],
+        paired,
+        DEADLINE,
+    )
+    .await;
+    // Every row of both tables is marked COMPLETED, each in its own table.
+    wait_for("every row of both tables COMPLETED", DEADLINE, || async {
+        let open: i64 = outbox
+            .client
+            .query_one(
+                &format!(
+                    "SELECT (SELECT count(*) FROM {s}.outbox WHERE status <> 'COMPLETED') \
+                          + (SELECT count(*) FROM {s}.billing_outbox WHERE status <> 'COMPLETED')"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (open == 0).then_some(())
+    })
+    .await;
+    let billing: i64 = outbox
+        .client
+        .query_one(&format!("SELECT count(*) FROM {s}.billing_outbox"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(billing, 3);
     drop(relay);
 }
 

@@ -79,12 +79,35 @@ async fn four_workers_deliver_everything_after_one_relay_is_killed_mid_batch() {
         (done >= 5_000).then_some(())
     })
     .await;
-    let leased_before_kill = outbox
-        .statuses()
-        .await
-        .get("PROCESSING")
-        .copied()
-        .unwrap_or(0);
+    // Killed only while it provably holds leases: relay B (2 workers of
+    // 200) holds at most 400 rows, so more than 400 PROCESSING while A is
+    // frozen means some are A's. (Killing A between two batches would leave
+    // nothing for the reaper, and the test would prove nothing.)
+    let processing = || async {
+        outbox
+            .statuses()
+            .await
+            .get("PROCESSING")
+            .copied()
+            .unwrap_or(0)
+    };
+    let leased_before_kill = wait_for(
+        "relay A holding leased rows",
+        Duration::from_secs(120),
+        || async {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(a.pid() as i32, libc::SIGSTOP) };
+            let leased = processing().await;
+            if leased > 400 {
+                return Some(leased);
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(a.pid() as i32, libc::SIGCONT) };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        },
+    )
+    .await;
     a.kill();
     wait_all_completed(&outbox, 20_000, Duration::from_secs(120)).await;
     let records = read_until_all(

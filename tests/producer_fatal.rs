@@ -284,3 +284,37 @@ async fn poll_rebuilds_a_fatally_failed_producer_and_loses_nothing() {
         "the poll relay did not start serving again:\n{log}"
     );
 }
+
+/// Issue 14: exactly-once delivery against brokers that do not support
+/// transactions (the mock with `InitProducerId` disabled, as a broker older
+/// than 0.11 has no such API): the relay stops at start, non-zero, with one
+/// line saying why and what to do, and nothing is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_against_brokers_without_transactions_stops_with_what_to_do() {
+    let mut outbox = TestOutbox::new("eos_old_broker").await;
+    let topic = outbox.topic("Order");
+    let mock = mock_cluster(&topic);
+    mock.create_topic(&format!("{topic}.progress"), 1, 1)
+        .expect("create the progress topic on the mock cluster");
+    mock.apiversion(RDKafkaApiKey::InitProducerId, None, None)
+        .expect("disable InitProducerId");
+    outbox.env.extend([
+        ("KAFKA_BROKERS".into(), mock.bootstrap_servers()),
+        ("OUTBOX_DELIVERY".into(), "exactly-once".into()),
+        ("KAFKA_PROGRESS_TOPIC".into(), format!("{topic}.progress")),
+    ]);
+    outbox
+        .publish("Order", Uuid::new_v4(), "Placed", &json!({}))
+        .await;
+    let relay = Relay::spawn(outbox.command_with_args(&["run"]), "eos_old_broker");
+    let (status, log) = tokio::task::spawn_blocking(move || relay.wait_exit(DEADLINE))
+        .await
+        .unwrap();
+    assert!(!status.success(), "the relay ran:\n{log}");
+    assert!(
+        log.contains("do not support transactions")
+            && log.contains("kafka.delivery = \"at-least-once\""),
+        "no clear reason:\n{log}"
+    );
+    drop(mock);
+}

@@ -457,6 +457,7 @@ async fn mark_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alon
     let outbox = TestOutbox::new("mark_unseen").await;
     let schema = outbox.name.clone();
     let key = |id: i64, at: &str| RowKey {
+        table: None,
         id: id.to_string().into(),
         created_at: at.to_owned().into(),
     };

@@ -147,6 +147,7 @@ async fn status_matches_the_database_before_during_and_after_a_relay() {
     let p = &o["partitions"];
     assert_eq!(p["count"], catalog.len());
     assert_eq!(p["interval"], "monthly");
+    assert_eq!(p["created_by"], "pgoutbox");
     assert_eq!(p["rows_are_estimates"], true);
     assert_eq!(p["estimated_rows"], 15, "ANALYZE counted every row");
     let listed: BTreeMap<String, (i64, i64)> = p["list"]
@@ -288,7 +289,10 @@ async fn status_matches_the_database_before_during_and_after_a_relay() {
         "pending     0".to_owned(),
         "processing  0".to_owned(),
         "dead letter 4".to_owned(),
-        format!("partitions  {} (monthly)", partitions["count"]),
+        format!(
+            "partitions  {} (monthly, created ahead by pgoutbox)",
+            partitions["count"]
+        ),
         "estimates from pg_class.reltuples".to_owned(),
     ] {
         assert!(text.contains(&want), "{want:?} missing in:\n{text}");

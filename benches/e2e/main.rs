@@ -1,7 +1,8 @@
 //! The side-by-side benchmark: pg_recvlogical (the decode ceiling), pgoutbox
-//! CDC (marking rows COMPLETED and not), pgoutbox poll mode (1 and 4
-//! workers) and Debezium (Kafka Connect + the PostgreSQL connector + the
-//! outbox EventRouter), in one run, on the same PostgreSQL and Kafka.
+//! CDC (marking rows COMPLETED and not; at least once and exactly once),
+//! pgoutbox poll mode (1 and 4 workers) and Debezium (Kafka Connect + the
+//! PostgreSQL connector + the outbox EventRouter; at least once and exactly
+//! once), in one run, on the same PostgreSQL and Kafka.
 //!
 //! Run it with `scripts/bench` (which starts the services, installs
 //! Debezium, builds the relay and then runs `cargo bench --bench e2e`);
@@ -11,17 +12,22 @@
 //!    of every streaming system are made first, then N events are written
 //!    with no system running, then each system drains the same WAL in turn,
 //!    timed from its start until the topic's end offsets hold all N events
-//!    (pg_recvlogical: until it reached the backlog's end LSN). Poll mode
-//!    drains a fresh backlog of the same shape each.
+//!    (pg_recvlogical: until it reached the backlog's end LSN; a
+//!    transactional system: until committed transactions hold all N, see
+//!    `finish.rs`). Poll mode, and every system marking rows
+//!    but the first, drains a fresh backlog of the same shape each.
 //! 2. Live latency: each system runs while events are inserted at a fixed
 //!    rate, one per transaction; latency is the broker's log-append time
-//!    minus the insert's clock_timestamp.
+//!    minus the insert's clock_timestamp — for a transactional system, the
+//!    moment a read_committed consumer reading during the run had the event
+//!    (every system's run records that too).
 //! 3. Each system's CPU seconds and peak RSS from /proc (wait4 for
 //!    pg_recvlogical).
 //!
 //! Results: target/bench/results.{json,md} and results.png.
 
 mod chart;
+mod finish;
 mod machine;
 mod outbox;
 mod results;
@@ -39,7 +45,7 @@ use tokio_postgres::Client;
 use machine::CpuTicks;
 use outbox::{Backlog, BoxError};
 use results::{percentile, Results, Run};
-use systems::{Running, Setup, System};
+use systems::{Setup, System};
 use topics::Kafka;
 
 /// pgoutbox's side-by-side benchmark (see BENCHMARKS.md).
@@ -432,12 +438,29 @@ impl Bench {
         Ok(())
     }
 
-    async fn forget_topic(&self, topic: &str) {
+    /// Deletes a run's topic and the side topics of `system` (progress,
+    /// Kafka Connect's).
+    async fn forget_topic(&self, system: System, topic: &str) {
         if !self.args.keep_topics {
-            if let Err(e) = self.kafka.delete_topic(topic).await {
-                say(format!("could not delete {topic}: {}", chain(&*e)));
+            let side = systems::side_topics(system, topic);
+            for t in std::iter::once(topic).chain(side.iter().map(String::as_str)) {
+                if let Err(e) = self.kafka.delete_topic(t).await {
+                    say(format!("could not delete {t}: {}", chain(&*e)));
+                }
             }
         }
+    }
+
+    /// Creates the run's topic and, for pgoutbox exactly-once, its progress
+    /// topic (Kafka Connect makes its own topics).
+    async fn create_topics(&self, system: System, topic: &str) -> Result<(), BoxError> {
+        self.kafka.create_topic(topic).await?;
+        if system.transactional() && system != System::DebeziumEos {
+            self.kafka
+                .create_progress_topic(&systems::progress_topic(topic))
+                .await?;
+        }
+        Ok(())
     }
 
     fn topic(&self, system: System, workload: &str) -> String {
@@ -454,13 +477,28 @@ impl Bench {
             .into_iter()
             .filter(|s| !s.streams() && self.selected(*s))
             .collect();
+        // A system marking rows COMPLETED adds WAL the others would have to
+        // decode, and leaves rows marked that would change a second marking
+        // system's work: the first marking system drains the shared backlog
+        // last, every other one a fresh backlog of its own (same shape and
+        // size, its slot made just before it).
+        let first_marking = streamers.iter().copied().find(|s| s.marks());
+        let (shared, own): (Vec<System>, Vec<System>) = streamers
+            .into_iter()
+            .partition(|s| !s.marks() || Some(*s) == first_marking);
+        let shared: Vec<System> = shared
+            .iter()
+            .copied()
+            .filter(|s| !s.marks())
+            .chain(first_marking)
+            .collect();
         outbox::reset(&self.db, &self.setup.relay_bin, &self.setup.db_url).await?;
-        if !streamers.is_empty() {
-            for s in &streamers {
+        if !shared.is_empty() {
+            for s in &shared {
                 outbox::create_slot(&self.db, s.name()).await?;
             }
             let backlog = self.fill(per_tx, "streaming systems").await?;
-            for s in streamers {
+            for s in shared {
                 let slot = outbox::slot_name(s.name());
                 let r = if s == System::PgRecvlogical {
                     self.drain_recvlogical(&slot, &backlog, &workload).await
@@ -469,6 +507,14 @@ impl Bench {
                 };
                 self.record(s, &workload, r);
             }
+            outbox::drop_slots(&self.db).await?;
+        }
+        for s in own {
+            outbox::truncate(&self.db).await?;
+            let slot = outbox::create_slot(&self.db, s.name()).await?;
+            let backlog = self.fill(per_tx, s.name()).await?;
+            let r = self.drain(s, &slot, &backlog, &workload).await;
+            self.record(s, &workload, r);
             outbox::drop_slots(&self.db).await?;
         }
         for s in pollers {
@@ -533,42 +579,6 @@ impl Bench {
         })
     }
 
-    /// Polls the topic's end offsets every 50 ms until they hold `want`
-    /// records; returns (seconds since the system's start when the first and
-    /// the last arrived).
-    async fn wait_for_records(
-        &self,
-        running: &mut Running,
-        topic: &str,
-        want: i64,
-        deadline: Duration,
-    ) -> Result<(Option<f64>, f64), BoxError> {
-        let mut first = None;
-        let mut last_check = Instant::now();
-        loop {
-            let n = self.kafka.end_offsets(topic)?;
-            let t = running.started.elapsed().as_secs_f64();
-            if n > 0 && first.is_none() {
-                first = Some(t);
-            }
-            if n >= want {
-                return Ok((first, t));
-            }
-            if last_check.elapsed() >= Duration::from_millis(500) {
-                running.check_alive(&self.setup)?;
-                last_check = Instant::now();
-            }
-            if running.started.elapsed() > deadline {
-                return Err(format!(
-                    "{topic} holds {n} of {want} records after {} s",
-                    deadline.as_secs()
-                )
-                .into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     async fn drain(
         &mut self,
         system: System,
@@ -577,7 +587,7 @@ impl Bench {
         workload: &str,
     ) -> Result<Run, BoxError> {
         let topic = self.topic(system, workload);
-        self.kafka.create_topic(&topic).await?;
+        self.create_topics(system, &topic).await?;
         self.quiet().await?;
         let a = CpuTicks::now();
         let mut running = self.setup.start(
@@ -587,10 +597,17 @@ impl Bench {
             &format!("{workload}-{}", system.name()),
         )?;
         let want = backlog.events as i64;
-        let outcome = self
-            .wait_for_records(&mut running, &topic, want, Duration::from_secs(3600))
-            .await;
-        let (first, seconds) = match outcome {
+        let deadline = Duration::from_secs(3600);
+        let outcome = if system.transactional() {
+            self.wait_committed(&mut running, &topic, backlog.events, deadline)
+                .await
+                .map(|(first, t, n)| (first, t, Some(n as i64)))
+        } else {
+            self.wait_for_records(&mut running, &topic, want, deadline)
+                .await
+                .map(|(first, t)| (first, t, None))
+        };
+        let (first, seconds, committed) = match outcome {
             Ok(v) => v,
             Err(e) => {
                 running.stop(&self.setup);
@@ -599,7 +616,7 @@ impl Bench {
         };
         let mut usage = running.usage();
         let mut completed_s = None;
-        if system == System::PgoutboxCdc {
+        if system.marks() {
             // The relay confirms a commit only once its rows are COMPLETED.
             let deadline = Instant::now() + Duration::from_secs(600);
             while Instant::now() < deadline {
@@ -611,19 +628,29 @@ impl Bench {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             if completed_s.is_none() {
-                say("pgoutbox-cdc: the slot was not confirmed past the backlog within 600 s");
+                say(format!(
+                    "{}: the slot was not confirmed past the backlog within 600 s",
+                    system.name()
+                ));
             }
         }
         let busy = a.busy_pct_until(&CpuTicks::now());
         running.stop(&self.setup);
-        let records = self.kafka.end_offsets(&topic)?;
+        let records = match committed {
+            // What the transactions hold, read again after the stop.
+            Some(_) => {
+                let topic2 = topic.clone();
+                tokio::task::block_in_place(|| self.kafka.committed(&topic2))?.0 as i64
+            }
+            None => self.kafka.end_offsets(&topic)?,
+        };
         if records != want {
             say(format!(
                 "{}: {topic} holds {records} records for {want} events",
                 system.name()
             ));
         }
-        self.forget_topic(&topic).await;
+        self.forget_topic(system, &topic).await;
         Ok(Run {
             system: system.name().into(),
             workload: workload.into(),
@@ -649,7 +676,11 @@ impl Bench {
             "unused".into()
         };
         let topic = self.topic(system, &workload);
-        self.kafka.create_topic(&topic).await?;
+        self.create_topics(system, &topic).await?;
+        // A read_committed consumer reading as the events arrive: when each
+        // became visible (for a transactional system: its Kafka
+        // transaction committed).
+        let live = self.kafka.live(&topic)?;
         self.quiet().await?;
         let mut running = self.setup.start(
             system,
@@ -657,10 +688,11 @@ impl Bench {
             &topic,
             &format!("{workload}-{}", system.name()),
         )?;
-        // Streaming: one event delivered end to end before the load starts.
+        // Streaming: one event delivered end to end (seen by the consumer)
+        // before the load starts.
         outbox::insert_one(&self.db).await?;
         if let Err(e) = self
-            .wait_for_records(&mut running, &topic, 1, Duration::from_secs(300))
+            .wait_live(&mut running, &live, 1, Duration::from_secs(300))
             .await
         {
             running.stop(&self.setup);
@@ -683,23 +715,30 @@ impl Bench {
             }
         };
         let load_end = running.started.elapsed().as_secs_f64();
-        let want = traffic.inserted as i64 + 1;
+        let want = traffic.inserted + 1;
         let deadline = Duration::from_secs_f64(load_end + (self.latency_s as f64).max(60.0));
-        let caught_up = self
-            .wait_for_records(&mut running, &topic, want, deadline)
-            .await;
+        let caught_up = self.wait_live(&mut running, &live, want, deadline).await;
         let usage = running.usage();
         let busy = a.busy_pct_until(&CpuTicks::now());
         running.stop(&self.setup);
-        let catch_up_s = caught_up
-            .as_ref()
-            .ok()
-            .map(|(_, t)| (t - load_end).max(0.0));
+        let catch_up_s = caught_up.as_ref().ok().map(|t| (t - load_end).max(0.0));
+        let (mut visible, _) = live.finish(since_us)?;
+        visible.sort_by(f64::total_cmp);
         let topic2 = topic.clone();
         let read = tokio::task::block_in_place(|| self.kafka.latencies(&topic2, since_us));
-        self.forget_topic(&topic).await;
-        let (mut lat, duplicates) = read?;
-        lat.sort_by(f64::total_cmp);
+        self.forget_topic(system, &topic).await;
+        let (mut appended, duplicates) = read?;
+        appended.sort_by(f64::total_cmp);
+        // The system's latency: commit to visible for a read_committed
+        // consumer. Without transactions a record is visible once appended
+        // (one replica), so the broker's log-append time is that moment
+        // without the consumer's own delay; with transactions only the
+        // consumer can tell when the commit made it visible.
+        let lat = if system.transactional() {
+            &visible
+        } else {
+            &appended
+        };
         let offered = traffic.inserted as f64 / traffic.seconds;
         let delivered_all = lat.len() as u64 >= traffic.inserted;
         if !delivered_all {
@@ -719,10 +758,21 @@ impl Bench {
             events: traffic.inserted,
             seconds: traffic.seconds,
             events_per_s: offered,
-            p50_ms: percentile(&lat, 0.50),
-            p99_ms: percentile(&lat, 0.99),
-            p999_ms: percentile(&lat, 0.999),
+            p50_ms: percentile(lat, 0.50),
+            p99_ms: percentile(lat, 0.99),
+            p999_ms: percentile(lat, 0.999),
             max_ms: lat.last().copied(),
+            visible_p50_ms: percentile(&visible, 0.50),
+            visible_p99_ms: percentile(&visible, 0.99),
+            visible_p999_ms: percentile(&visible, 0.999),
+            append_p50_ms: system
+                .transactional()
+                .then(|| percentile(&appended, 0.50))
+                .flatten(),
+            append_p99_ms: system
+                .transactional()
+                .then(|| percentile(&appended, 0.99))
+                .flatten(),
             kept_up: Some(kept_up),
             catch_up_s,
             target_per_s: Some(rate),

@@ -20,13 +20,16 @@ pub struct Run {
     pub workload: String,
     /// Events the workload consisted of (a latency run: those inserted).
     pub events: u64,
-    /// Drain: from the system's start until the last event was in Kafka (or,
+    /// Drain: from the system's start until the last event was in Kafka —
+    /// for a transactional system, until its transaction committed (or,
     /// for pg_recvlogical, decoded). Latency: the length of the insert load.
     pub seconds: f64,
     /// events / seconds.
     pub events_per_s: f64,
-    /// Latency percentiles, commit (insert's clock_timestamp) to the
-    /// broker's log-append time, ms.
+    /// Latency percentiles, ms: commit (insert's clock_timestamp) to the
+    /// broker's log-append time; for a transactional system (exactly-once)
+    /// to the moment a read_committed consumer had the event (its Kafka
+    /// transaction committed), as in `visible_*`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p50_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -38,6 +41,24 @@ pub struct Run {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[allow(missing_docs)]
     pub max_ms: Option<f64>,
+    /// Latency percentiles, commit to the moment a read_committed consumer
+    /// reading during the run had the event (every system: the consumer's
+    /// own fetch delay included), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visible_p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[allow(missing_docs)]
+    pub visible_p99_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[allow(missing_docs)]
+    pub visible_p999_ms: Option<f64>,
+    /// Transactional systems: commit to the broker's log-append time (the
+    /// record is in the log, not yet visible to read_committed), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append_p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[allow(missing_docs)]
+    pub append_p99_ms: Option<f64>,
     /// Latency run: every event arrived, within 5 s of the end of the load,
     /// and the writer reached 95 % of the asked rate.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -54,9 +75,10 @@ pub struct Run {
     /// Seconds from the start until the first event was in Kafka (start-up).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_event_s: Option<f64>,
-    /// pgoutbox-cdc drain: seconds until the slot was confirmed past the
-    /// backlog (every row marked COMPLETED, since the relay confirms a
-    /// commit only after marking its rows).
+    /// Drain of a system marking rows (pgoutbox-cdc, pgoutbox-cdc-eos…):
+    /// seconds until the slot was confirmed past the backlog (every row
+    /// marked COMPLETED, since the relay confirms a commit only after
+    /// marking its rows).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub completed_s: Option<f64>,
     /// CPU seconds of the system's process (user + system).
@@ -115,8 +137,8 @@ impl Results {
             m["connect"].as_str().unwrap_or("?"),
             m["pgoutbox"].as_str().unwrap_or("?"),
         );
-        md.push_str("| system | workload | events | seconds | events/s | p50 ms | p99 ms | p99.9 ms | max ms | kept up | CPU s | peak RSS MiB | machine busy |\n");
-        md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n");
+        md.push_str("| system | workload | events | seconds | events/s | p50 ms | p99 ms | p99.9 ms | max ms | read_committed p50 / p99 ms | kept up | CPU s | peak RSS MiB | machine busy |\n");
+        md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n");
         let opt = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "".into());
         for r in &self.runs {
             let kept = match (r.kept_up, r.catch_up_s) {
@@ -124,9 +146,13 @@ impl Results {
                 (Some(k), None) => (if k { "yes" } else { "**no**" }).to_string(),
                 _ => String::new(),
             };
+            let visible = match (r.visible_p50_ms, r.visible_p99_ms) {
+                (Some(a), Some(b)) => format!("{a:.1} / {b:.1}"),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} % |",
+                "| {} | {} | {} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} % |",
                 r.system,
                 r.workload,
                 r.events,
@@ -136,6 +162,7 @@ impl Results {
                 opt(r.p99_ms),
                 opt(r.p999_ms),
                 opt(r.max_ms),
+                visible,
                 kept,
                 r.cpu_s,
                 r.peak_rss_mib,
@@ -233,6 +260,7 @@ impl Results {
                 None,
             ),
         }
+        self.eos_goals(&mut row);
         for shape in ["drain-1-per-tx", "drain-100-per-tx"] {
             match self.find("pgoutbox-poll-4", shape) {
                 Some(r) => row(
@@ -248,6 +276,55 @@ impl Results {
             }
         }
         md
+    }
+}
+
+impl Results {
+    /// Exactly-once delivery's goals: pgoutbox-cdc-eos against pgoutbox-cdc
+    /// measured in the same run.
+    fn eos_goals(&self, row: &mut impl FnMut(&str, String, Option<bool>)) {
+        if !self.runs.iter().any(|r| r.system == "pgoutbox-cdc-eos") {
+            return;
+        }
+        for (shape, min) in [("drain-1-per-tx", 0.8), ("drain-100-per-tx", 0.9)] {
+            let goal = format!("exactly-once drain ≥ {min}× at-least-once ({shape})");
+            match (
+                self.find("pgoutbox-cdc-eos", shape),
+                self.find("pgoutbox-cdc", shape),
+            ) {
+                (Some(eos), Some(alo)) => {
+                    let ratio = eos.events_per_s / alo.events_per_s;
+                    row(
+                        &goal,
+                        format!(
+                            "{ratio:.2}× ({:.0} against {:.0} events/s)",
+                            eos.events_per_s, alo.events_per_s
+                        ),
+                        Some(ratio >= min),
+                    )
+                }
+                _ => row(&goal, String::new(), None),
+            }
+        }
+        let goal = "exactly-once p99 commit→visible (read_committed) ≤ 50 ms at 5k events/s";
+        match self.find("pgoutbox-cdc-eos", "latency-5k") {
+            Some(r) => {
+                let p99 = r.p99_ms.unwrap_or(f64::INFINITY);
+                row(goal, format!("{p99:.1} ms"), Some(p99 <= 50.0))
+            }
+            None => row(goal, String::new(), None),
+        }
+        let peak = self
+            .runs
+            .iter()
+            .filter(|r| r.system == "pgoutbox-cdc-eos")
+            .map(|r| r.peak_rss_mib)
+            .fold(0.0, f64::max);
+        row(
+            "exactly-once peak RSS ≤ 64 MiB (every run of pgoutbox-cdc-eos)",
+            format!("{peak:.0} MiB"),
+            Some(peak <= 64.0),
+        );
     }
 }
 

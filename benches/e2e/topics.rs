@@ -3,13 +3,26 @@
 //! measured to the moment the broker wrote the record), the finish line of a
 //! drain (the topic's end offsets, not a consumer's guess), and the
 //! commit-to-log-append latencies of a live run.
+//!
+//! Every consumer here reads `isolation.level=read_committed` (librdkafka's
+//! default, set explicitly): for the topics of transactional systems
+//! (exactly-once) that is what a consumer relying on the guarantee reads,
+//! and their end offsets are then the last stable offsets. For them a
+//! drain's finish line is not a count of offsets (each commit's markers
+//! take one per partition): see [`Kafka::committed`]. A live run's
+//! consumer ([`Live`]) reads during the load and notes when each event
+//! became visible to it — for a transactional topic that is the commit of
+//! the Kafka transaction, later than the records' log-append time.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, Timestamp};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Deserialize;
@@ -20,7 +33,10 @@ use crate::outbox::BoxError;
 pub struct Kafka {
     brokers: String,
     admin: AdminClient<DefaultClientContext>,
+    /// read_committed: its end offsets are the last stable offsets.
     offsets: BaseConsumer,
+    /// read_uncommitted: its end offsets are the high watermarks.
+    uncommitted: BaseConsumer,
     /// Partitions of every benchmark topic.
     pub partitions: i32,
 }
@@ -32,12 +48,44 @@ impl Kafka {
             .set("bootstrap.servers", brokers)
             .create()?;
         let offsets = consumer_config(brokers).create()?;
+        let uncommitted = consumer_config(brokers)
+            .set("isolation.level", "read_uncommitted")
+            .create()?;
         Ok(Kafka {
             brokers: brokers.to_string(),
             admin,
             offsets,
+            uncommitted,
             partitions,
         })
+    }
+
+    /// Creates the progress topic of an exactly-once run ahead of it, as
+    /// the relay would (compacted, one partition), so that its creation is
+    /// not timed.
+    pub async fn create_progress_topic(&self, topic: &str) -> Result<(), BoxError> {
+        let new =
+            NewTopic::new(topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact");
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        for r in self.admin.create_topics([&new], &opts).await? {
+            r.map_err(|(t, e)| format!("creating topic {t}: {e}"))?;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let led = tokio::task::block_in_place(|| {
+                self.offsets
+                    .fetch_watermarks(topic, 0, Duration::from_secs(5))
+            });
+            match led {
+                Ok(_) => return Ok(()),
+                Err(e) if std::time::Instant::now() > deadline => {
+                    return Err(
+                        format!("topic {topic} is not usable 60 s after its creation: {e}").into(),
+                    )
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     /// Creates `topic` with log-append timestamps and waits until every
@@ -123,19 +171,123 @@ impl Kafka {
         Ok(names.len())
     }
 
-    /// The sum of `topic`'s high watermarks: how many records the broker
-    /// holds (every benchmark topic starts empty).
+    /// The sum of `topic`'s end offsets as a read_committed consumer sees
+    /// them (the last stable offsets; the high watermarks where no
+    /// transaction is open): how many records the broker holds (every
+    /// benchmark topic starts empty) — for a topic without transactions.
     pub fn end_offsets(&self, topic: &str) -> Result<i64, BoxError> {
-        let mut sum = 0;
+        Ok(self.partition_ends(topic, true)?.iter().sum())
+    }
+
+    /// Per partition of `topic`: its last stable offset (`committed`) or
+    /// its high watermark.
+    pub fn partition_ends(&self, topic: &str, committed: bool) -> Result<Vec<i64>, BoxError> {
+        let client = if committed {
+            &self.offsets
+        } else {
+            &self.uncommitted
+        };
+        let mut ends = Vec::with_capacity(self.partitions as usize);
         for p in 0..self.partitions {
             let (_, high) = tokio::task::block_in_place(|| {
-                self.offsets
-                    .fetch_watermarks(topic, p, Duration::from_secs(5))
+                client.fetch_watermarks(topic, p, Duration::from_secs(5))
             })
             .map_err(|e| format!("end offsets of {topic}[{p}]: {e}"))?;
-            sum += high;
+            ends.push(high);
         }
-        Ok(sum)
+        Ok(ends)
+    }
+
+    /// Reads `topic` read_committed to its end: how many records committed
+    /// transactions hold, and per partition the offset of the last of them
+    /// (-1: none). The offsets after it, up to the end offset, are
+    /// transaction markers.
+    pub fn committed(&self, topic: &str) -> Result<(u64, Vec<i64>), BoxError> {
+        let consumer: BaseConsumer = consumer_config(&self.brokers)
+            .set("enable.partition.eof", "true")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let mut last = vec![-1; self.partitions as usize];
+        let mut at_end = vec![false; self.partitions as usize];
+        let mut records = 0;
+        let mut idle = 0;
+        while at_end.iter().any(|e| !e) {
+            match consumer.poll(Duration::from_secs(1)) {
+                None => {
+                    idle += 1;
+                    if idle > 30 {
+                        return Err(format!(
+                            "{topic}: read {records} records, then nothing for 30 s"
+                        )
+                        .into());
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    if let Some(e) = at_end.get_mut(p as usize) {
+                        *e = true;
+                    }
+                }
+                Some(Err(e)) => return Err(format!("reading {topic}: {e}").into()),
+                Some(Ok(m)) => {
+                    idle = 0;
+                    records += 1;
+                    if let Some(l) = last.get_mut(m.partition() as usize) {
+                        *l = (*l).max(m.offset());
+                    }
+                }
+            }
+        }
+        Ok((records, last))
+    }
+
+    /// Starts a read_committed consumer of `topic` (from its beginning) on a
+    /// thread of its own, noting when each event became visible to it.
+    pub fn live(&self, topic: &str) -> Result<Live, BoxError> {
+        let consumer: BaseConsumer = consumer_config(&self.brokers).create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let distinct = Arc::new(AtomicU64::new(0));
+        let (stop2, distinct2, topic) = (stop.clone(), distinct.clone(), topic.to_string());
+        let thread = std::thread::spawn(move || {
+            let mut seen = HashSet::new();
+            let mut events = Vec::new();
+            let mut duplicates = 0;
+            while !stop2.load(Ordering::Relaxed) {
+                match consumer.poll(Duration::from_millis(100)) {
+                    None => {}
+                    Some(Err(e)) => return Err(format!("reading {topic}: {e}")),
+                    Some(Ok(m)) => {
+                        let seen_us = now_us();
+                        let event: Event = serde_json::from_slice(m.payload().unwrap_or_default())
+                            .map_err(|e| {
+                                format!(
+                                    "{topic}: a record whose value is not the bench payload: {e}"
+                                )
+                            })?;
+                        if seen.insert(event.order_id) {
+                            events.push((event.t_us, seen_us));
+                            distinct2.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            duplicates += 1;
+                        }
+                    }
+                }
+            }
+            Ok((events, duplicates))
+        });
+        Ok(Live {
+            stop,
+            distinct,
+            thread,
+        })
     }
 
     /// Reads every record of `topic` and returns the latency of each
@@ -144,29 +296,35 @@ impl Kafka {
     /// (the broker's timestamp has millisecond resolution), and how many
     /// records repeated an event already read.
     pub fn latencies(&self, topic: &str, since_us: i64) -> Result<(Vec<f64>, u64), BoxError> {
-        let consumer: BaseConsumer = consumer_config(&self.brokers).create()?;
-        let mut want = 0;
+        // To each partition's end (an end offset counts transaction markers
+        // too, so it is not a number of records to wait for).
+        let consumer: BaseConsumer = consumer_config(&self.brokers)
+            .set("enable.partition.eof", "true")
+            .create()?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..self.partitions {
-            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-            want += high;
             tpl.add_partition_offset(topic, p, Offset::Beginning)?;
         }
         consumer.assign(&tpl)?;
+        let mut at_end = vec![false; self.partitions as usize];
         let mut seen = HashSet::new();
         let mut latencies = Vec::new();
         let mut duplicates = 0;
         let mut read = 0;
         let mut idle = 0;
-        while read < want {
+        while at_end.iter().any(|e| !e) {
             match consumer.poll(Duration::from_secs(1)) {
                 None => {
                     idle += 1;
                     if idle > 30 {
-                        return Err(format!(
-                            "{topic}: read {read} of {want} records, then nothing for 30 s"
-                        )
-                        .into());
+                        return Err(
+                            format!("{topic}: read {read} records, then nothing for 30 s").into(),
+                        );
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    if let Some(e) = at_end.get_mut(p as usize) {
+                        *e = true;
                     }
                 }
                 Some(Err(e)) => return Err(format!("reading {topic}: {e}").into()),
@@ -197,6 +355,56 @@ impl Kafka {
     }
 }
 
+/// A read_committed consumer reading a live run's topic as it is written.
+pub struct Live {
+    stop: Arc<AtomicBool>,
+    distinct: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<Result<LiveRead, String>>,
+}
+
+/// What the live consumer read: (insert's t_us, when it had it) of each
+/// distinct event, and how many records repeated one.
+type LiveRead = (Vec<(i64, i64)>, u64);
+
+impl Live {
+    /// Distinct events seen so far.
+    pub fn seen(&self) -> u64 {
+        self.distinct.load(Ordering::Relaxed)
+    }
+
+    /// Fails when the consumer stopped on an error.
+    pub fn check(&self) -> Result<(), BoxError> {
+        if self.thread.is_finished() && !self.stop.load(Ordering::Relaxed) {
+            return Err("the live consumer stopped".into());
+        }
+        Ok(())
+    }
+
+    /// Stops it; returns, for each distinct event inserted at or after
+    /// `since_us`, the milliseconds from its insert's clock_timestamp until
+    /// this consumer had it, and how many records repeated an event.
+    pub fn finish(self, since_us: i64) -> Result<(Vec<f64>, u64), BoxError> {
+        self.stop.store(true, Ordering::Relaxed);
+        let (events, duplicates) = self
+            .thread
+            .join()
+            .map_err(|_| "the live consumer panicked")??;
+        let latencies = events
+            .into_iter()
+            .filter(|(t_us, _)| *t_us >= since_us)
+            .map(|(t_us, seen_us)| (seen_us - t_us) as f64 / 1000.0)
+            .collect();
+        Ok((latencies, duplicates))
+    }
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
 /// The fields of the bench payload the latency needs.
 #[derive(Deserialize)]
 struct Event {
@@ -210,6 +418,7 @@ fn consumer_config(brokers: &str) -> ClientConfig {
         .set("group.id", "pgoutbox-bench-e2e")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        .set("isolation.level", "read_committed")
         .set("fetch.max.bytes", "52428800");
     c
 }

@@ -45,7 +45,7 @@ pub(super) async fn run(
             "shutdown requested during the initial backfill; it restarts on the next run".into(),
         )
     };
-    let tx = pipeline.begin();
+    let tx = pipeline.begin_backfill(consistent_point);
     let mut read = 0u64;
     while let Some(chunk) = rows.next_chunk().await? {
         for (event, key) in chunk {
@@ -59,11 +59,13 @@ pub(super) async fn run(
         }
     }
     pipeline.commit(tx, consistent_point);
+    pipeline.end_backfill();
     let far = tokio::time::Instant::now() + std::time::Duration::from_secs(365 * 24 * 3600);
     tokio::select! {
         settled = pipeline.settle(far) => { settled?; }
         _ = shutdown.changed() => return Err(interrupted()),
     }
+    pipeline.backfill_done();
     Ok(read)
 }
 
@@ -75,8 +77,11 @@ pub(super) struct SnapshotRows {
     /// Tables still to read, last first, each with whether its payload is
     /// bytea.
     tables: Vec<(String, String, bool)>,
-    /// The table the open cursor reads, and its payload's kind.
-    current: Option<(Bytes, bool)>,
+    /// The table the open cursor reads, its payload's kind and its rows'
+    /// [`RowKey::table`].
+    current: Option<(Bytes, bool, Option<std::sync::Arc<str>>)>,
+    /// The relay's own outbox table (schema, table).
+    home: (String, String),
 }
 
 fn db(e: tokio_postgres::Error) -> Error {
@@ -139,6 +144,7 @@ impl SnapshotRows {
             map: map.clone(),
             tables,
             current: None,
+            home: (config.outbox.schema.clone(), config.outbox.table.clone()),
         })
     }
 
@@ -151,7 +157,7 @@ impl SnapshotRows {
 impl PendingRows for SnapshotRows {
     async fn next_chunk(&mut self) -> Result<Option<Vec<(OutboxEvent, RowKey)>>, Error> {
         loop {
-            let (table, bytea) = match &self.current {
+            let (table, bytea, key_table) = match &self.current {
                 Some(t) => t.clone(),
                 None => {
                     let Some((schema, table, bytea)) = self.tables.pop() else {
@@ -168,8 +174,10 @@ impl PendingRows for SnapshotRows {
                     );
                     self.client.batch_execute(&sql).await.map_err(db)?;
                     let name = Bytes::copy_from_slice(table.as_bytes());
-                    self.current = Some((name.clone(), bytea));
-                    (name, bytea)
+                    let key_table =
+                        crate::outbox::key_table(&schema, &table, (&self.home.0, &self.home.1));
+                    self.current = Some((name.clone(), bytea, key_table.clone()));
+                    (name, bytea, key_table)
                 }
             };
             let rows = self
@@ -187,7 +195,12 @@ impl PendingRows for SnapshotRows {
             }
             let events = rows
                 .iter()
-                .map(|row| OutboxEvent::from_text_row(&self.map, &table, bytea, |i| row.get(i)))
+                .map(|row| {
+                    let (event, mut key) =
+                        OutboxEvent::from_text_row(&self.map, &table, bytea, |i| row.get(i));
+                    key.table.clone_from(&key_table);
+                    (event, key)
+                })
                 .collect();
             return Ok(Some(events));
         }
@@ -215,6 +228,7 @@ mod tests {
             .map(|i| {
                 let e = event(i, &format!("agg-{}", i % 7));
                 let key = RowKey {
+                    table: None,
                     id: e.id.clone(),
                     created_at: e.created_at.clone(),
                 };

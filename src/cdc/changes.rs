@@ -4,16 +4,20 @@
 //!
 //! - Inserts into a published relation that has the outbox columns become
 //!   events (routed by that table's template); other relations are ignored.
-//! - Logical messages whose prefix is the configured one carry an outbox
-//!   envelope (see [`crate::outbox::envelope`]); a malformed one is recorded
-//!   in `pgoutbox_dead_letters` with its LSN and skipped. Non-transactional
-//!   messages are ignored unless enabled.
+//! - Logical messages whose prefix is the configured one (or matches one of
+//!   `cdc.message_prefixes`) carry an outbox envelope (see
+//!   [`crate::outbox::envelope`]); a malformed one is recorded in
+//!   `pgoutbox_dead_letters` with its LSN and skipped. Non-transactional
+//!   messages are ignored unless enabled. A message that is not relayed
+//!   but whose prefix looks like an outbox's is never dropped silently: it
+//!   is counted (`pgoutbox_messages_ignored_total`) and logged, once per
+//!   prefix and reason.
 //! - Streamed in-progress transactions (protocol 2+, `streaming` on) are held
 //!   per transaction until Stream Commit, and dropped on Stream Abort (whole
 //!   transaction or one subtransaction), so nothing is published before its
 //!   commit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::config::ColumnMap;
 use crate::error::Error;
@@ -25,11 +29,34 @@ use crate::Lsn;
 /// Which logical messages are outbox events.
 #[derive(Clone, Debug)]
 pub(super) struct MessageFilter {
-    /// The prefix marking an outbox envelope.
+    /// The prefix marking an outbox envelope (what `outbox_emit` writes).
     pub prefix: String,
+    /// Further prefixes: exact, or a stem followed by `*`.
+    pub patterns: Vec<String>,
     /// Whether non-transactional messages are relayed too.
     pub non_transactional: bool,
 }
+
+impl MessageFilter {
+    /// Whether messages with `prefix` are outbox events.
+    pub fn accepts(&self, prefix: &str) -> bool {
+        prefix == self.prefix
+            || self.patterns.iter().any(|p| match p.strip_suffix('*') {
+                Some(stem) => prefix.starts_with(stem),
+                None => prefix == p,
+            })
+    }
+
+    /// Whether a message with `prefix` that is not relayed deserves a word:
+    /// it starts with the configured prefix or names an outbox.
+    fn looks_like_outbox(&self, prefix: &str) -> bool {
+        prefix.starts_with(&self.prefix) || prefix.to_ascii_lowercase().contains("outbox")
+    }
+}
+
+/// How many distinct (prefix, reason) pairs of ignored messages are logged
+/// per session; past that they are only counted.
+const IGNORED_LOGGED: usize = 100;
 
 /// One change that matters to the relay.
 // Nearly every item is an Event; boxing it would cost an allocation per event.
@@ -54,13 +81,23 @@ pub(super) struct Changes {
     /// Held streamed changes by top-level xid, each with its (sub)xid.
     streamed: HashMap<u32, Vec<(u32, Item)>>,
     messages: Option<MessageFilter>,
+    /// (prefix, reason) of the ignored messages already logged.
+    ignored: HashSet<(String, &'static str)>,
+    /// The relay's own outbox table (schema, table): rows of any other
+    /// outbox table are marked in their own table.
+    home: (String, String),
 }
 
 impl Changes {
     /// A fresh state reading tables through `map`; `messages` enables the
     /// table-less outbox.
-    pub(super) fn new(map: ColumnMap, messages: Option<MessageFilter>) -> Changes {
+    pub(super) fn new(
+        map: ColumnMap,
+        messages: Option<MessageFilter>,
+        home: (String, String),
+    ) -> Changes {
         Changes {
+            home,
             relations: HashMap::new(),
             map,
             final_lsn: Lsn(0),
@@ -68,6 +105,7 @@ impl Changes {
             in_stream: None,
             streamed: HashMap::new(),
             messages,
+            ignored: HashSet::new(),
         }
     }
 
@@ -85,7 +123,7 @@ impl Changes {
         match message {
             LogicalMessage::Begin(b) => {
                 self.final_lsn = b.final_lsn;
-                self.open_tx = Some(pipeline.begin());
+                self.open_tx = Some(pipeline.begin(b.final_lsn));
             }
             LogicalMessage::Commit(c) => {
                 let tx = self.open_tx.take().ok_or_else(|| {
@@ -94,7 +132,11 @@ impl Changes {
                 pipeline.commit(tx, c.end_lsn);
             }
             LogicalMessage::Relation(r) => {
-                let cols = match OutboxColumns::from_relation(&r, &self.map) {
+                let cols = match OutboxColumns::from_relation(
+                    &r,
+                    &self.map,
+                    (&self.home.0, &self.home.1),
+                ) {
                     Ok(c) => Some(c),
                     Err(e) => {
                         tracing::warn!(error = %e, "ignoring inserts into a published table that is not an outbox");
@@ -113,16 +155,20 @@ impl Changes {
                 let Some(filter) = &self.messages else {
                     return Ok(());
                 };
-                if m.prefix != filter.prefix {
+                if !filter.accepts(&m.prefix) {
+                    if filter.looks_like_outbox(&m.prefix) {
+                        self.ignore(&m, "prefix");
+                    }
                     return Ok(());
                 }
                 if !m.transactional {
                     if !filter.non_transactional {
-                        tracing::debug!(lsn = %m.lsn, "ignoring a non-transactional outbox message (not enabled)");
+                        self.ignore(&m, "non_transactional");
                         return Ok(());
                     }
-                    // Outside any transaction: confirmable at its own LSN.
-                    let tx = pipeline.begin();
+                    // Outside any transaction: confirmable at its own LSN,
+                    // and positioned there.
+                    let tx = pipeline.begin(m.lsn);
                     self.publish(tx, message_item(&m), pipeline).await?;
                     pipeline.commit(tx, m.lsn);
                     return Ok(());
@@ -140,7 +186,7 @@ impl Changes {
             }
             LogicalMessage::StreamCommit(c) => {
                 let items = self.streamed.remove(&c.xid).unwrap_or_default();
-                let tx = pipeline.begin();
+                let tx = pipeline.begin(c.commit_lsn);
                 for (_, item) in items {
                     pipeline.wait_for_room().await?;
                     self.publish(tx, item, pipeline).await?;
@@ -235,6 +281,28 @@ impl Changes {
                 Ok(())
             }
         }
+    }
+}
+
+impl Changes {
+    /// Counts a logical message that looks like an outbox event but is not
+    /// relayed, and says why the first time a prefix is ignored so.
+    fn ignore(&mut self, m: &Message, reason: &'static str) {
+        crate::metrics::metrics().messages_ignored.inc();
+        if self.ignored.len() >= IGNORED_LOGGED || !self.ignored.insert((m.prefix.clone(), reason))
+        {
+            return;
+        }
+        let fix = match reason {
+            "prefix" => "add it to cdc.message_prefixes (OUTBOX_MESSAGE_PREFIXES; a trailing * matches every prefix that starts the same) if it is an outbox event",
+            _ => "set cdc.non_transactional_messages = true to relay such messages (they are sent even when the writer's transaction rolls back)",
+        };
+        tracing::warn!(
+            prefix = %m.prefix,
+            lsn = %m.lsn,
+            reason,
+            "not relaying logical messages with this prefix (counted in pgoutbox_messages_ignored_total; logged once per prefix): {fix}"
+        );
     }
 }
 
@@ -344,8 +412,10 @@ mod tests {
             ColumnMap::pgoutbox(),
             Some(MessageFilter {
                 prefix: "outbox".into(),
+                patterns: vec!["app.*".into()],
                 non_transactional: false,
             }),
+            ("public".into(), "outbox".into()),
         )
     }
 
@@ -353,6 +423,55 @@ mod tests {
         for m in msgs {
             c.apply(m, &mut r.pipeline).await.expect("applied");
         }
+    }
+
+    #[tokio::test]
+    async fn prefix_patterns_relay_the_frameworks_messages_and_outbox_like_strays_are_counted() {
+        let mut r = Rig::new(RigOptions::default());
+        let mut c = changes();
+        let framework = r#"{"tracking_id": "0b6b7d5e-8c1a-4a51-9a3b-2f8d3c1e9f01", "aggregate_id": "8f14e45f-ceea-467f-a0e6-1c7a5f9d2b12", "aggregate_type": "Invoice", "event_type": "Paid", "payload": {"n": 1}, "metadata": {"emitted_at": "2026-12-03T10:00:00Z", "schema_version": 1}}"#;
+        let fw = |prefix: &str, transactional: bool, lsn: u64| {
+            let mut m = message(transactional, prefix, lsn);
+            if let LogicalMessage::Message(m) = &mut m {
+                m.content = Bytes::copy_from_slice(framework.as_bytes());
+            }
+            m
+        };
+        let msgs = vec![
+            begin(7),
+            fw("app.Invoice.Paid", true, 150),
+            fw("outbox.Invoice.Paid", true, 160),
+            fw("outbox.Invoice.Paid", true, 165),
+            fw("unrelated", true, 170),
+            commit(200),
+            fw("app.Invoice.Paid", false, 300),
+        ];
+        let ignored = || crate::metrics::metrics().messages_ignored.get();
+        let before = ignored();
+        apply_all(&mut c, &mut r, msgs).await;
+        let topics: Vec<String> = r.sent().into_iter().map(|(_, rec)| rec.topic).collect();
+        assert_eq!(
+            topics,
+            ["Invoice.Paid"],
+            "only the pattern's prefix is relayed"
+        );
+        assert!(
+            ignored() - before >= 3,
+            "two outbox.* messages and a non-transactional one counted, 'unrelated' not"
+        );
+        assert_eq!(
+            c.ignored.len(),
+            2,
+            "logged once per prefix and reason: {:?}",
+            c.ignored
+        );
+        let f = MessageFilter {
+            prefix: "outbox".into(),
+            patterns: vec!["outbox.*".into(), "exact".into()],
+            non_transactional: false,
+        };
+        assert!(f.accepts("outbox") && f.accepts("outbox.A.B") && f.accepts("exact"));
+        assert!(!f.accepts("exactly") && !f.accepts("outbo"));
     }
 
     #[tokio::test]

@@ -6,7 +6,9 @@
 //!   the pipeline, send feedback on a timer of its own;
 //! - `changes`: which decoded messages are outbox events, in which
 //!   transaction, and what is held back (streamed transactions);
-//! - `backfill`: the rows still pending when a new slot is created.
+//! - `backfill`: the rows still pending when a new slot is created;
+//! - `exactly_once`: where an exactly-once session resumes (the progress
+//!   topic's record, checked against this stream).
 //!
 //! One task owns the session. Its loop gives verdicts priority over new
 //! input (`select!` with `biased`), sends standby status updates on a timer
@@ -16,6 +18,7 @@
 
 mod backfill;
 mod changes;
+mod exactly_once;
 mod session;
 pub mod slot;
 

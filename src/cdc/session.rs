@@ -9,7 +9,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::changes::{Changes, MessageFilter};
 use super::slot::{self, SlotState};
-use crate::config::{Config, Mode};
+use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::health::Phase;
 use crate::metrics::{self, health, metrics};
@@ -19,7 +19,6 @@ use crate::pipeline::{Limits, Pipeline, RecordBuilder};
 use crate::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, SnapshotAction, StandbyStatus,
 };
-use crate::sink::Sink;
 use crate::Lsn;
 
 /// Replication messages taken from the reader per wake-up, at most. The
@@ -131,9 +130,11 @@ impl Session<'_> {
         let mut repl = ReplicationClient::connect(self.pg)
             .await
             .map_err(|e| replication_error("opening the replication connection", e))?;
+        let kafka = super::exactly_once::kafka_side(cfg, &mut repl).await?;
         let pipeline = match state {
-            SlotState::Ready { confirmed_flush } => self.pipeline(confirmed_flush)?,
+            SlotState::Ready { confirmed_flush } => self.pipeline(kafka, confirmed_flush),
             SlotState::Create { drop_first } => {
+                wait_for_foreign_leases(&client, cfg, shutdown).await?;
                 if drop_first {
                     tracing::warn!(slot = %cfg.cdc.slot, "a previous run died during the initial backfill; recreating the slot to redo it");
                     slot::drop_slot(&client, &cfg.cdc.slot).await?;
@@ -171,7 +172,7 @@ impl Session<'_> {
                         tracing::info!(slot = %cfg.cdc.slot, consistent_point = %created.consistent_point, failover, "created replication slot")
                     }
                 }
-                let mut pipeline = self.pipeline(created.consistent_point)?;
+                let mut pipeline = self.pipeline(kafka, created.consistent_point);
                 let snapshot = created.snapshot_name.clone().ok_or_else(|| {
                     Error::Fatal("the server exported no snapshot for the new slot".into())
                 })?;
@@ -230,11 +231,8 @@ impl Session<'_> {
             .map_err(|e| Error::Fatal(e.to_string()))
     }
 
-    fn pipeline(&self, confirmed: Lsn) -> Result<Pipeline, Error> {
+    fn pipeline(&self, kafka: super::exactly_once::KafkaSide, confirmed: Lsn) -> Pipeline {
         let cfg = self.config;
-        let (mut sink, deliveries) =
-            Sink::new(&cfg.kafka, Mode::Cdc).map_err(|e| Error::Fatal(e.to_string()))?;
-        sink.probe_cluster();
         let batching = crate::outbox::Batching {
             size: cfg.cdc.mark_batch_size,
             linger: Duration::from_millis(cfg.cdc.mark_linger_ms),
@@ -245,8 +243,8 @@ impl Session<'_> {
             &cfg.outbox.table,
             batching,
         );
-        Ok(Pipeline::new(
-            (Box::new(sink), deliveries),
+        let pipeline = Pipeline::new(
+            (Box::new(kafka.sink), kafka.deliveries),
             (Box::new(marker), durable),
             self.builder.clone(),
             Limits {
@@ -255,7 +253,11 @@ impl Session<'_> {
                 mark_completed: cfg.outbox.mark_completed,
             },
             confirmed,
-        ))
+        );
+        match kafka.exactly_once {
+            Some(start) => pipeline.exactly_once(start),
+            None => pipeline,
+        }
     }
 
     async fn stream(
@@ -267,12 +269,20 @@ impl Session<'_> {
     ) -> Result<(), Error> {
         let filter = self.config.cdc.messages.then(|| MessageFilter {
             prefix: self.config.cdc.message_prefix.clone(),
+            patterns: self.config.cdc.message_prefixes.clone(),
             non_transactional: self.config.cdc.non_transactional_messages,
         });
         let mut s = Streaming {
             feedback: stream.feedback(),
             decoder: Decoder::new(proto),
-            changes: Changes::new(self.column_map()?, filter),
+            changes: Changes::new(
+                self.column_map()?,
+                filter,
+                (
+                    self.config.outbox.schema.clone(),
+                    self.config.outbox.table.clone(),
+                ),
+            ),
             received: pipeline.flushed(),
             pipeline,
         };
@@ -314,6 +324,7 @@ impl Session<'_> {
     /// Graceful shutdown: stop reading, wait (at most
     /// `cdc.shutdown_timeout_s`) for verdicts, confirming as they come.
     async fn drain(&self, s: &mut Streaming) -> Result<(), Error> {
+        s.pipeline.commit_now();
         tracing::info!(
             in_flight = s.pipeline.in_flight(),
             "shutting down: draining in-flight events"
@@ -411,11 +422,14 @@ impl Streaming {
     /// to compare with next time.
     fn report(&self, last: crate::pipeline::Counters) -> crate::pipeline::Counters {
         let c = self.pipeline.counters;
-        if c.sent != last.sent || c.dead_lettered != last.dead_lettered {
+        if c.sent != last.sent || c.dead_lettered != last.dead_lettered || c.skipped != last.skipped
+        {
             tracing::info!(
                 sent = c.sent,
                 acked = c.acked,
                 dead_lettered = c.dead_lettered,
+                skipped = c.skipped,
+                transactions = c.transactions,
                 in_flight = self.pipeline.in_flight(),
                 held = self.changes.held(),
                 flushed = %self.pipeline.flushed(),
@@ -423,6 +437,54 @@ impl Streaming {
             );
         }
         c
+    }
+}
+
+/// Before a new slot (whose first backfill sends every row still
+/// `PROCESSING`): waits while another poller (the polling framework's
+/// worker, say) holds rows under live leases, warning every 30 s. It
+/// would send those rows too; once it has stopped and its leases ended (or
+/// it completed them), the backfill delivers what it left, once
+/// (`crate::outbox::lease`).
+async fn wait_for_foreign_leases(
+    client: &tokio_postgres::Client,
+    cfg: &Config,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let mut warned: Option<tokio::time::Instant> = None;
+    loop {
+        let held =
+            crate::outbox::lease::foreign_leases(client, &cfg.outbox.schema, &cfg.outbox.table)
+                .await
+                .map_err(|e| Error::postgres("looking for leases held by another poller", &e))?;
+        let Some(held) = held else {
+            if warned.is_some() {
+                tracing::info!("no row is held by another poller any more; creating the slot");
+            }
+            return Ok(());
+        };
+        if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(30)) {
+            warned = Some(tokio::time::Instant::now());
+            tracing::warn!(
+                rows = held.rows,
+                until = %held.until,
+                table = %format!("{}.{}", cfg.outbox.schema, cfg.outbox.table),
+                "rows are held under live leases by another poller (not pgoutbox: the polling framework's worker still running?); the replication slot is not created while they are, or its first backfill would send them too. Stop that worker (docs/migrating-from-polling.md); its rows are delivered once its leases end"
+            );
+        }
+        health().set_phase(
+            Phase::Connecting,
+            format!(
+                "waiting for {} rows under another poller's leases",
+                held.rows
+            ),
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => {
+                return Err(Error::Transient("shutdown requested while waiting for another poller's leases".into()));
+            }
+        }
     }
 }
 

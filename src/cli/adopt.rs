@@ -56,11 +56,19 @@ pub async fn adopt(
         };
         super::migrate::relay_role_grants(&mut client, &target, role, &scope).await?;
     }
+    let leftovers = crate::operate::leftovers::read(&client, config).await?;
     if args.json {
-        println!("{}", super::to_json(&report)?);
+        let mut value = serde_json::to_value(&report)
+            .map_err(|e| Error::Fatal(format!("encoding the report: {e}")))?;
+        value["leftovers"] = serde_json::to_value(&leftovers)
+            .map_err(|e| Error::Fatal(format!("encoding the report: {e}")))?;
+        println!("{}", super::to_json(&value)?);
     } else {
         for line in report.lines() {
             println!("{line}");
+        }
+        for line in crate::operate::leftovers::lines(&leftovers) {
+            println!("leftover: {line}");
         }
     }
     Ok(())

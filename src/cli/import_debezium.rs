@@ -38,15 +38,15 @@ pub fn import_debezium(file: &Path) -> Result<(), String> {
 /// docs/migrating-from-debezium.md, "Rolling back").
 pub async fn debezium_offset(config: &Config, topic_prefix: &str) -> Result<(), Error> {
     let client = super::connect_for_command(config).await?;
-    let confirmed = debezium_offset::confirmed_position(&client, &config.cdc.slot)
+    let at = debezium_offset::confirmed_position(&client, &config.cdc.slot)
         .await
         .map_err(Error::Fatal)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0);
-    let body = debezium_offset::offset_body(topic_prefix, confirmed, now);
-    tracing::info!(slot = %config.cdc.slot, confirmed_flush = %confirmed, "PATCH /connectors/<name>/offsets with this body while the connector is STOPPED, then PUT /connectors/<name>/resume");
+    let body = debezium_offset::offset_body(topic_prefix, at, now);
+    tracing::info!(slot = %config.cdc.slot, confirmed_flush = %at.confirmed, restart_lsn = %at.restart, "PATCH /connectors/<name>/offsets with this body while the connector is STOPPED, then PUT /connectors/<name>/resume");
     println!("{}", super::to_json(&body)?);
     Ok(())
 }

@@ -17,8 +17,9 @@ use super::{connect_for_command, to_json};
 const DASH: &str = "-";
 
 /// `pgoutbox status [--json]`: mode, slot, rows and partitions of the
-/// configured outbox, on one screen (see docs/status.md). Needs PostgreSQL
-/// only.
+/// configured outbox, on one screen (see docs/status.md). Needs PostgreSQL,
+/// and Kafka too with exactly-once delivery (the last line: what the
+/// progress topic records; a Kafka it cannot reach is shown, not fatal).
 pub async fn status(config: &Config, json: bool) -> Result<(), Error> {
     let client = connect_for_command(config).await?;
     let mut overview = crate::operate::overview::read(&client, config).await?;
@@ -36,6 +37,29 @@ pub async fn status(config: &Config, json: bool) -> Result<(), Error> {
                 "no standby of DATABASE_URL holds a synced, valid copy of the slot: a failover now loses it (the relay then recreates it and backfills)".to_owned()
             });
         }
+    }
+    if config.kafka.delivery == crate::config::Delivery::ExactlyOnce {
+        let database: String = client
+            .query_one("SELECT current_database()::text", &[])
+            .await
+            .map_err(|e| Error::postgres("reading the database name", &e))?
+            .get(0);
+        // Readable by superusers and pg_monitor members only; without it
+        // the record is matched by database and slot.
+        let system_identifier: Option<String> = client
+            .query_one(
+                "SELECT system_identifier::text FROM pg_control_system()",
+                &[],
+            )
+            .await
+            .ok()
+            .map(|r| r.get(0));
+        let config = config.clone();
+        overview.delivery = tokio::task::spawn_blocking(move || {
+            crate::operate::kafka_progress::read(&config, &database, system_identifier.as_deref())
+        })
+        .await
+        .map_err(|e| Error::Transient(format!("reading the progress topic: {e}")))?;
     }
     if json {
         println!("{}", to_json(&overview)?);
@@ -73,7 +97,53 @@ pub fn format_overview(o: &Overview) -> String {
         ),
     }
     write_partitions(&mut out, &o.partitions);
+    write_delivery(&mut out, &o.delivery);
+    for line in crate::operate::leftovers::lines(&o.leftovers) {
+        let _ = writeln!(out, "leftover    {line}");
+    }
     out
+}
+
+/// The `delivery` line: the guarantee and, with exactly-once, the last
+/// position Kafka holds.
+fn write_delivery(out: &mut String, d: &crate::operate::kafka_progress::DeliveryOverview) {
+    let topic = d.progress_topic.as_deref().unwrap_or(DASH);
+    match (&d.committed, &d.error) {
+        (_, Some(e)) => {
+            let _ = writeln!(
+                out,
+                "delivery    {}; progress topic {topic} unreadable: {e}",
+                d.guarantee
+            );
+        }
+        (Some(r), None) => {
+            let position = r
+                .position()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "none (backfill only)".into());
+            let _ = writeln!(
+                out,
+                "delivery    {}; Kafka holds up to {position} (timeline {}, progress topic {topic}, key {}){}",
+                d.guarantee,
+                r.timeline,
+                d.key.as_deref().unwrap_or(DASH),
+                r.backfill
+                    .as_ref()
+                    .map(|b| format!("; backfill from {} committed {} rows", b.consistent_point, b.rows))
+                    .unwrap_or_default(),
+            );
+        }
+        (None, None) if d.progress_topic.is_some() => {
+            let _ = writeln!(
+                out,
+                "delivery    {}; nothing committed yet (progress topic {topic})",
+                d.guarantee
+            );
+        }
+        (None, None) => {
+            let _ = writeln!(out, "delivery    {}", d.guarantee);
+        }
+    }
 }
 
 /// The `mode` line, then one line per relay holding or waiting for the
@@ -182,11 +252,15 @@ fn write_rows(out: &mut String, r: &RowsOverview) {
 
 /// The `partitions` line, then a table with one line per partition.
 fn write_partitions(out: &mut String, p: &PartitionsOverview) {
+    let made = match p.created_by.as_str() {
+        "pgoutbox" => format!("{}, created ahead by pgoutbox", p.interval),
+        "not partitioned" => "the table is not partitioned".to_owned(),
+        other => format!("created by {other}; the relay leaves them to it"),
+    };
     let _ = writeln!(
         out,
-        "partitions  {} ({}), {}, ~{} rows (row counts are estimates from pg_class.reltuples)",
+        "partitions  {} ({made}), {}, ~{} rows (row counts are estimates from pg_class.reltuples)",
         p.count,
-        p.interval,
         bytes(p.total_bytes),
         p.estimated_rows
     );

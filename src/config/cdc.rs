@@ -37,6 +37,12 @@ pub struct CdcConfig {
     /// The logical message prefix that marks an outbox event
     /// (env `OUTBOX_MESSAGE_PREFIX`).
     pub message_prefix: String,
+    /// Further prefixes whose logical messages are outbox events (env
+    /// `OUTBOX_MESSAGE_PREFIXES`, comma-separated): each exact, or ending
+    /// in `*` for every prefix that starts with what comes before it —
+    /// `"outbox.*"` relays the polling framework's
+    /// `outbox.<AggregateType>.<EventType>` messages.
+    pub message_prefixes: Vec<String>,
     /// Also relay non-transactional messages. Off by default: any role can
     /// emit them, and they are sent even when the writer's transaction
     /// rolls back.
@@ -111,6 +117,7 @@ impl Default for CdcConfig {
             mark_linger_ms: 20,
             messages: true,
             message_prefix: "outbox".into(),
+            message_prefixes: Vec::new(),
             non_transactional_messages: false,
             origin: "any".into(),
             streaming: false,
@@ -150,6 +157,15 @@ impl CdcConfig {
     pub(super) fn validate_names(&self) -> Result<(), ConfigError> {
         validate_slot_name("cdc.slot", &self.slot)?;
         validate_identifier("cdc.publication", &self.publication)?;
+        for p in &self.message_prefixes {
+            let stem = p.strip_suffix('*').unwrap_or(p);
+            if stem.is_empty() || stem.contains('*') {
+                return Err(ConfigError::new(
+                    "cdc.message_prefixes",
+                    format!("{p:?} is not a prefix: give one exactly, or its start followed by a single trailing * (e.g. \"outbox.*\")"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -179,6 +195,18 @@ impl CdcConfig {
 mod tests {
     use super::super::test_support::valid;
     use super::super::Config;
+
+    #[test]
+    fn message_prefixes_are_exact_or_end_in_one_star() {
+        let mut c = valid();
+        c.cdc.message_prefixes = vec!["outbox.*".into(), "orders".into()];
+        c.validate().unwrap();
+        for bad in ["*", "out*box", ""] {
+            c.cdc.message_prefixes = vec![bad.into()];
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.field, "cdc.message_prefixes", "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_lost_slot_is_recreated_only_with_marking() {

@@ -38,12 +38,19 @@ pub const ENV_VARS: &[&str] = &[
     "OUTBOX_TOPIC",
     "OUTBOX_MESSAGES",
     "OUTBOX_MESSAGE_PREFIX",
+    "OUTBOX_MESSAGE_PREFIXES",
     "KAFKA_BROKERS",
     "KAFKA_COMPRESSION",
     "KAFKA_LINGER_MS",
     "KAFKA_SASL_PASSWORD",
     "KAFKA_SASL_PASSWORD_FILE",
+    "OUTBOX_METADATA_HEADERS",
     "OUTBOX_RECORD_FORMAT",
+    "OUTBOX_DELIVERY",
+    "KAFKA_TRANSACTIONAL_ID",
+    "KAFKA_PROGRESS_TOPIC",
+    "KAFKA_TRANSACTION_MAX_EVENTS",
+    "KAFKA_TRANSACTION_INTERVAL_MS",
     "OUTBOX_METRICS_LISTEN",
     "OUTBOX_WORKER_THREADS",
 ];
@@ -222,6 +229,13 @@ fn apply_cdc(
     if let Some(v) = get("OUTBOX_MESSAGE_PREFIX") {
         cdc.message_prefix = v;
     }
+    if let Some(v) = get("OUTBOX_MESSAGE_PREFIXES") {
+        cdc.message_prefixes = v
+            .split(',')
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect();
+    }
     Ok(())
 }
 
@@ -245,11 +259,35 @@ fn apply_kafka(
     if let Some(v) = get("KAFKA_SASL_PASSWORD_FILE") {
         kafka.sasl_password_file = Some(v);
     }
+    if let Some(v) = get("OUTBOX_METADATA_HEADERS") {
+        kafka.metadata_headers = v
+            .parse()
+            .map_err(|e: String| ConfigError::new("OUTBOX_METADATA_HEADERS", e))?;
+    }
     if let Some(v) = get("OUTBOX_RECORD_FORMAT") {
         kafka.format = v
             .trim()
             .parse()
             .map_err(|e: String| ConfigError::new("OUTBOX_RECORD_FORMAT", e))?;
+    }
+    if let Some(v) = get("OUTBOX_DELIVERY") {
+        kafka.delivery = v
+            .parse()
+            .map_err(|e: String| ConfigError::new("OUTBOX_DELIVERY", e))?;
+    }
+    if let Some(v) = get("KAFKA_TRANSACTIONAL_ID") {
+        kafka.transactional_id = Some(v);
+    }
+    if let Some(v) = get("KAFKA_PROGRESS_TOPIC") {
+        kafka.progress_topic = v;
+    }
+    if let Some(v) = get("KAFKA_TRANSACTION_MAX_EVENTS") {
+        kafka.transaction_max_events =
+            parse_env("KAFKA_TRANSACTION_MAX_EVENTS", &v, "a whole number")?;
+    }
+    if let Some(v) = get("KAFKA_TRANSACTION_INTERVAL_MS") {
+        kafka.transaction_interval_ms =
+            parse_env("KAFKA_TRANSACTION_INTERVAL_MS", &v, "a whole number")?;
     }
     Ok(())
 }

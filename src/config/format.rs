@@ -3,7 +3,8 @@
 //!
 //! - `pgoutbox` (the default): topic from `kafka.topic`, key = aggregate id,
 //!   value = payload, headers `tracking_id`, `aggregate_type`,
-//!   `aggregate_id`, `event_type`, `created_at` and the trace context.
+//!   `aggregate_id`, `event_type`, `created_at`, the trace context and the
+//!   top-level keys of `metadata` ([`MetadataHeaders`]).
 //! - `debezium`: what Debezium's Outbox Event Router produces, configured
 //!   under `[kafka.debezium]` with the router's own option names.
 //! - `cloudevents`: the CloudEvents Kafka protocol binding, binary or
@@ -15,6 +16,70 @@ use std::str::FromStr;
 use serde::Deserialize;
 
 use super::ConfigError;
+
+/// Which top-level keys of an event's `metadata` object become Kafka
+/// headers in pgoutbox's record format (`kafka.metadata_headers`, env
+/// `OUTBOX_METADATA_HEADERS`): `"all"` (the default), `"none"`, or a list
+/// of keys. A string value is sent as the string, any other as its JSON
+/// text; keys that name pgoutbox's own headers are never sent twice.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum MetadataHeaders {
+    /// Every top-level key.
+    #[default]
+    All,
+    /// None.
+    None,
+    /// These keys only.
+    Only(Vec<String>),
+}
+
+impl MetadataHeaders {
+    /// Whether `key` is sent.
+    pub fn includes(&self, key: &str) -> bool {
+        match self {
+            MetadataHeaders::All => true,
+            MetadataHeaders::None => false,
+            MetadataHeaders::Only(keys) => keys.iter().any(|k| k == key),
+        }
+    }
+}
+
+impl FromStr for MetadataHeaders {
+    type Err = String;
+
+    /// `all`, `none`, or keys separated by commas (the env form).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "all" => Ok(MetadataHeaders::All),
+            "none" | "" => Ok(MetadataHeaders::None),
+            list => Ok(MetadataHeaders::Only(
+                list.split(',')
+                    .map(|k| k.trim().to_owned())
+                    .filter(|k| !k.is_empty())
+                    .collect(),
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MetadataHeaders {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            Keys(Vec<String>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Word(w) if w == "all" => Ok(MetadataHeaders::All),
+            Raw::Word(w) if w == "none" => Ok(MetadataHeaders::None),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "{w:?} is not a choice: use \"all\", \"none\" or a list of metadata keys"
+            ))),
+            Raw::Keys(keys) => Ok(MetadataHeaders::Only(keys)),
+        }
+    }
+}
 
 /// How records are laid out (`kafka.format`, env `OUTBOX_RECORD_FORMAT`).
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -284,6 +349,34 @@ pub struct Placement {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_headers_are_all_none_or_a_list_in_the_file_and_the_environment() {
+        let parse =
+            |toml: &str| super::super::Config::from_toml(toml).map(|c| c.kafka.metadata_headers);
+        assert_eq!(parse("").unwrap(), MetadataHeaders::All);
+        assert_eq!(
+            parse("[kafka]\nmetadata_headers = \"none\"\n").unwrap(),
+            MetadataHeaders::None
+        );
+        assert_eq!(
+            parse("[kafka]\nmetadata_headers = [\"tenant\"]\n").unwrap(),
+            MetadataHeaders::Only(vec!["tenant".into()])
+        );
+        let e = parse("[kafka]\nmetadata_headers = \"some\"\n").unwrap_err();
+        assert!(e.to_string().contains("\"all\", \"none\" or a list"), "{e}");
+        let mut c = super::super::test_support::valid();
+        c.apply_env(super::super::test_support::env(&[(
+            "OUTBOX_METADATA_HEADERS",
+            "tenant, emitted_at",
+        )]))
+        .unwrap();
+        assert_eq!(
+            c.kafka.metadata_headers,
+            MetadataHeaders::Only(vec!["tenant".into(), "emitted_at".into()])
+        );
+        assert!(!c.kafka.metadata_headers.includes("schema_version"));
+    }
 
     #[test]
     fn formats_parse_and_print_their_configuration_spelling() {

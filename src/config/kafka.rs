@@ -7,7 +7,8 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use super::format::{CloudEventsConfig, EventRouterConfig, RecordFormat};
+use super::delivery::Delivery;
+use super::format::{CloudEventsConfig, EventRouterConfig, MetadataHeaders, RecordFormat};
 use super::{range, ConfigError, TopicTemplate};
 
 /// librdkafka properties pgoutbox sets itself; configuring them through
@@ -25,6 +26,8 @@ pub const MANAGED_PROPERTIES: &[&str] = &[
     "queue.buffering.max.ms",
     "message.max.bytes",
     "enable.gapless.guarantee",
+    "transactional.id",
+    "transaction.timeout.ms",
 ];
 
 /// The Kafka producer. Its `Debug` output hides secret-looking
@@ -64,11 +67,40 @@ pub struct KafkaConfig {
     /// How records are laid out: `pgoutbox`, `debezium` or `cloudevents`
     /// (env `OUTBOX_RECORD_FORMAT`).
     pub format: RecordFormat,
+    /// Which `metadata` keys become headers in pgoutbox's record format
+    /// (env `OUTBOX_METADATA_HEADERS`).
+    pub metadata_headers: MetadataHeaders,
     /// `[kafka.debezium]`: the Outbox Event Router's options, for
     /// `format = "debezium"`.
     pub debezium: EventRouterConfig,
     /// `[kafka.cloudevents]`: for `format = "cloudevents"`.
     pub cloudevents: CloudEventsConfig,
+    /// `at-least-once` (default) or `exactly-once` (env `OUTBOX_DELIVERY`;
+    /// docs/exactly-once.md).
+    pub delivery: Delivery,
+    /// Exactly-once: the producer's `transactional.id` (env
+    /// `KAFKA_TRANSACTIONAL_ID`); unset, it is derived from the database's
+    /// system identifier, the database and the slot, the same for every
+    /// relay serving that stream.
+    pub transactional_id: Option<String>,
+    /// Exactly-once: the compacted topic that records, in each Kafka
+    /// transaction, the stream position it reaches (env
+    /// `KAFKA_PROGRESS_TOPIC`).
+    pub progress_topic: String,
+    /// Exactly-once: a Kafka transaction is committed once it holds this
+    /// many events (env `KAFKA_TRANSACTION_MAX_EVENTS`).
+    pub transaction_max_events: usize,
+    /// Exactly-once: … or once it has been open this long (env
+    /// `KAFKA_TRANSACTION_INTERVAL_MS`).
+    pub transaction_interval_ms: u64,
+    /// Exactly-once: librdkafka's `transaction.timeout.ms`; at most the
+    /// brokers' `transaction.max.timeout.ms` (checked at start).
+    pub transaction_timeout_ms: u64,
+    /// Exactly-once: start even though the progress record belongs to
+    /// another stream (`pgoutbox run --reset-progress`; not a file
+    /// setting).
+    #[serde(skip)]
+    pub reset_progress: bool,
 }
 
 impl KafkaConfig {
@@ -110,8 +142,15 @@ impl fmt::Debug for KafkaConfig {
             .field("properties", &properties)
             .field("sasl_password_file", &self.sasl_password_file)
             .field("format", &self.format)
+            .field("metadata_headers", &self.metadata_headers)
             .field("debezium", &self.debezium)
             .field("cloudevents", &self.cloudevents)
+            .field("delivery", &self.delivery)
+            .field("transactional_id", &self.transactional_id)
+            .field("progress_topic", &self.progress_topic)
+            .field("transaction_max_events", &self.transaction_max_events)
+            .field("transaction_interval_ms", &self.transaction_interval_ms)
+            .field("transaction_timeout_ms", &self.transaction_timeout_ms)
             .finish()
     }
 }
@@ -130,8 +169,16 @@ impl Default for KafkaConfig {
             properties: BTreeMap::new(),
             sasl_password_file: None,
             format: RecordFormat::Pgoutbox,
+            metadata_headers: MetadataHeaders::All,
             debezium: EventRouterConfig::default(),
             cloudevents: CloudEventsConfig::default(),
+            delivery: Delivery::AtLeastOnce,
+            transactional_id: None,
+            progress_topic: "pgoutbox.progress".into(),
+            transaction_max_events: 10_000,
+            transaction_interval_ms: 25,
+            transaction_timeout_ms: 60_000,
+            reset_progress: false,
         }
     }
 }
@@ -193,6 +240,7 @@ impl KafkaConfig {
             1024,
             1 << 34,
         )?;
+        self.validate_delivery()?;
         self.validate_properties()
     }
 

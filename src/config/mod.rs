@@ -19,6 +19,7 @@
 mod cdc;
 mod columns;
 mod database;
+mod delivery;
 mod duration;
 mod env;
 mod format;
@@ -45,11 +46,12 @@ pub use columns::{
     ColumnMap, ColumnsConfig, Role, RoleColumn, TablePreset, MARKING_COLUMNS, ROW_STATE_COLUMNS,
 };
 pub use database::{DatabaseConfig, DatabaseUrl};
+pub use delivery::Delivery;
 pub use duration::parse_duration;
 pub use env::ENV_VARS;
 pub use format::{
-    CloudEventsConfig, CloudEventsMode, DebeziumConverter, EventRouterConfig, Place, Placement,
-    RecordFormat,
+    CloudEventsConfig, CloudEventsMode, DebeziumConverter, EventRouterConfig, MetadataHeaders,
+    Place, Placement, RecordFormat,
 };
 pub use identifier::{quote_ident, validate_identifier, validate_slot_name};
 pub use kafka::{KafkaConfig, MANAGED_PROPERTIES};
@@ -184,6 +186,20 @@ impl Config {
         self.runtime.validate()?;
         self.outbox.validate_limits()?;
         self.cdc.validate_policy(self.outbox.mark_completed)?;
+        if self.kafka.delivery == Delivery::ExactlyOnce
+            && self.cdc.on_slot_lost == Some(SlotLostPolicy::Poll)
+        {
+            return Err(ConfigError::new(
+                "cdc.on_slot_lost",
+                "\"poll\" falls back to poll mode, which delivers at least once, while kafka.delivery is \"exactly-once\"; set on_slot_lost = \"recreate\" (the new slot's backfill skips what Kafka has) or \"stop\"",
+            ));
+        }
+        if self.kafka.delivery == Delivery::ExactlyOnce && !self.outbox.mark_completed {
+            return Err(ConfigError::new(
+                "kafka.delivery",
+                "exactly-once needs outbox.mark_completed = true: a backfill from a new slot tells the rows Kafka already has from the others by their COMPLETED mark; set mark_completed = true, or kafka.delivery = \"at-least-once\"",
+            ));
+        }
         self.poll.validate()?;
         self.cdc.validate_limits()?;
         self.kafka.validate()?;
@@ -194,7 +210,7 @@ impl Config {
     }
 
     /// Checks what only `run` needs: the Kafka brokers (`migrate` and `dle`
-    /// never connect to Kafka).
+    /// never connect to Kafka), and a delivery guarantee its mode can give.
     pub fn require_kafka(&self) -> Result<(), ConfigError> {
         if self.kafka.brokers.trim().is_empty() {
             return Err(ConfigError::new(
@@ -202,7 +218,7 @@ impl Config {
                 "is required: set KAFKA_BROKERS or kafka.brokers (host:port[,host:port])",
             ));
         }
-        Ok(())
+        self.kafka.require_delivery_mode(self.mode)
     }
 
     /// The status update interval, capped at half the server's

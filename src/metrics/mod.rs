@@ -32,6 +32,7 @@ use crate::Lsn;
 use register::Registrar;
 
 pub use health::{health, Health};
+pub use register::Transactions as TransactionMetrics;
 
 /// The metric names (see `docs/metrics.md`).
 pub mod names {
@@ -99,6 +100,26 @@ pub mod names {
     pub const RECONNECTS: &str = "pgoutbox_reconnects_total";
     /// Counter: failed sampling queries.
     pub const SAMPLE_ERRORS: &str = "pgoutbox_sample_errors_total";
+    /// Counter: logical messages with an outbox-like prefix that the CDC
+    /// relay did not relay (a prefix not configured, or non-transactional
+    /// messages not enabled).
+    pub const MESSAGES_IGNORED: &str = "pgoutbox_messages_ignored_total";
+    /// Counter by `outcome` (`committed`, `aborted`): Kafka transactions
+    /// (exactly-once delivery).
+    pub const KAFKA_TRANSACTIONS: &str = "pgoutbox_kafka_transactions_total";
+    /// Histogram: events per committed Kafka transaction.
+    pub const KAFKA_TRANSACTION_EVENTS: &str = "pgoutbox_kafka_transaction_events";
+    /// Histogram: commit_transaction's duration, in seconds.
+    pub const KAFKA_COMMIT_LATENCY: &str = "pgoutbox_kafka_transaction_commit_seconds";
+    /// Gauge: the commit LSN of the last stream position a committed Kafka
+    /// transaction recorded in the progress topic.
+    pub const KAFKA_COMMITTED_LSN: &str = "pgoutbox_kafka_committed_position_lsn";
+    /// Counter: this relay's producer was fenced by another relay with the
+    /// same `transactional.id`.
+    pub const KAFKA_FENCED: &str = "pgoutbox_kafka_fenced_total";
+    /// Counter: replayed events not sent again because a committed Kafka
+    /// transaction already holds them (exactly-once delivery).
+    pub const EVENTS_SKIPPED: &str = "pgoutbox_events_skipped_total";
 }
 
 /// Values of the `kind` label of [`names::BATCH_SIZE`].
@@ -188,6 +209,10 @@ pub struct Metrics {
     pub reconnects: IntCounterVec,
     /// [`names::SAMPLE_ERRORS`].
     pub sample_errors: IntCounter,
+    /// [`names::MESSAGES_IGNORED`].
+    pub messages_ignored: IntCounter,
+    /// Exactly-once delivery's Kafka transactions.
+    pub transactions: TransactionMetrics,
     /// Per mode (`cdc`, `poll`): the counters of each topic seen.
     topics: [Mutex<HashMap<Box<str>, TopicCounters>>; 2],
 }
@@ -223,6 +248,7 @@ impl Metrics {
         let relay = register::Relay::register(&r);
         let wal = register::Wal::register(&r);
         let rows = register::Rows::register(&r);
+        let transactions = register::Transactions::register(&r);
         let m = Metrics {
             build_info: relay.build_info,
             mode_gauge: relay.mode_gauge,
@@ -256,6 +282,8 @@ impl Metrics {
             poll_leases_lost: rows.poll_leases_lost,
             reconnects: rows.reconnects,
             sample_errors: rows.sample_errors,
+            messages_ignored: rows.messages_ignored,
+            transactions,
             topics: [Mutex::new(HashMap::new()), Mutex::new(HashMap::new())],
             registry,
         };
@@ -281,6 +309,9 @@ impl Metrics {
         }
         for status in ROW_STATUSES {
             self.outbox_rows.with_label_values(&[status]);
+        }
+        for outcome in ["committed", "aborted"] {
+            self.transactions.transactions.with_label_values(&[outcome]);
         }
         for kind in [batch::REPLICATION_READ, batch::CLAIM, batch::STATUS_UPDATE] {
             self.batch_size.with_label_values(&[kind]);

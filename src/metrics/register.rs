@@ -207,6 +207,7 @@ pub(super) struct Rows {
     pub(super) poll_leases_lost: IntCounter,
     pub(super) reconnects: IntCounterVec,
     pub(super) sample_errors: IntCounter,
+    pub(super) messages_ignored: IntCounter,
 }
 
 impl Rows {
@@ -240,6 +241,74 @@ impl Rows {
                 &["mode"],
             ),
             sample_errors: r.counter(SAMPLE_ERRORS, "Sampler queries that failed"),
+            messages_ignored: r.counter(
+                MESSAGES_IGNORED,
+                "Logical messages with an outbox-like prefix that were not relayed",
+            ),
+        }
+    }
+}
+
+/// Exactly-once delivery: Kafka transactions and what they skipped.
+pub struct Transactions {
+    /// [`KAFKA_TRANSACTIONS`].
+    pub transactions: IntCounterVec,
+    /// [`KAFKA_TRANSACTION_EVENTS`].
+    pub events: Histogram,
+    /// [`KAFKA_COMMIT_LATENCY`].
+    pub commit_latency: Histogram,
+    /// [`KAFKA_COMMITTED_LSN`].
+    pub committed_lsn: IntGauge,
+    /// [`KAFKA_FENCED`].
+    pub fenced: IntCounter,
+    /// [`EVENTS_SKIPPED`].
+    pub skipped: IntCounter,
+}
+
+impl Transactions {
+    /// Creates and registers the group.
+    pub(super) fn register(r: &Registrar<'_>) -> Transactions {
+        Transactions {
+            transactions: r.counter_vec(
+                KAFKA_TRANSACTIONS,
+                "Kafka transactions by outcome (exactly-once delivery)",
+                &["outcome"],
+            ),
+            events: r.reg(
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        KAFKA_TRANSACTION_EVENTS,
+                        "Events per committed Kafka transaction",
+                    )
+                    .buckets(exponential_buckets(1.0, 4.0, 10).expect("valid buckets")),
+                )
+                .expect("valid metric"),
+            ),
+            commit_latency: r.reg(
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        KAFKA_COMMIT_LATENCY,
+                        "Time commit_transaction took (flushing the transaction's records and committing it)",
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0, 30.0, 60.0,
+                    ]),
+                )
+                .expect("valid metric"),
+            ),
+            committed_lsn: r.gauge(
+                KAFKA_COMMITTED_LSN,
+                "Commit LSN of the last stream position recorded by a committed Kafka transaction",
+            ),
+            fenced: r.counter(
+                KAFKA_FENCED,
+                "Times this relay's transactional producer was fenced by another relay",
+            ),
+            skipped: r.counter(
+                EVENTS_SKIPPED,
+                "Replayed events not sent again because a committed Kafka transaction holds them",
+            ),
         }
     }
 }

@@ -3,6 +3,8 @@
 //! - [`http`]: `/metrics`, `/healthz` and `/readyz`;
 //! - [`sampler`]: the gauges read from the database (pending rows, slot lag);
 //! - [`overview`]: what `pgoutbox status` shows;
+//! - [`leftovers`]: an earlier relay's slots and triggers, to remove;
+//! - [`kafka_progress`]: its exactly-once part, from the progress topic;
 //! - [`partitions`]: partitions created ahead, old ones archived and retired;
 //! - [`debezium_import`]: a Debezium connector's configuration as pgoutbox's;
 //! - [`debezium_offset`]: the offset that hands the slot back to Debezium.
@@ -10,6 +12,8 @@
 pub mod debezium_import;
 pub mod debezium_offset;
 pub mod http;
+pub mod kafka_progress;
+pub mod leftovers;
 pub mod overview;
 pub mod partitions;
 pub mod sampler;

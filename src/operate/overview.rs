@@ -41,6 +41,11 @@ pub struct Overview {
     pub rows: Option<RowsOverview>,
     /// The partitions.
     pub partitions: PartitionsOverview,
+    /// The delivery guarantee, and what Kafka holds with exactly-once
+    /// (filled by `pgoutbox status` from the progress topic).
+    pub delivery: super::kafka_progress::DeliveryOverview,
+    /// An earlier relay's slots and triggers, to remove.
+    pub leftovers: Vec<super::leftovers::Leftover>,
 }
 
 /// The mode in the configuration, and the relays holding (or waiting for)
@@ -148,6 +153,10 @@ pub struct RowsOverview {
 pub struct PartitionsOverview {
     /// `partitions.interval` from the configuration.
     pub interval: String,
+    /// Who creates them: `pgoutbox` (ahead, by the relay), `pg_partman`,
+    /// `outside pgoutbox` (an adopted table's own scheme) or `not
+    /// partitioned`; the relay creates partitions only in the first case.
+    pub created_by: String,
     /// How many partitions.
     pub count: usize,
     /// Sum of their sizes, bytes.
@@ -215,6 +224,7 @@ pub async fn read(client: &Client, config: &Config) -> Result<Overview, Error> {
         None
     };
     let partitions = read_partitions(client, config, &table).await?;
+    let leftovers = super::leftovers::read(client, config).await?;
     Ok(Overview {
         table: name,
         generated_at,
@@ -226,6 +236,11 @@ pub async fn read(client: &Client, config: &Config) -> Result<Overview, Error> {
         slot,
         rows,
         partitions,
+        delivery: super::kafka_progress::DeliveryOverview {
+            guarantee: config.kafka.delivery.as_str().to_owned(),
+            ..Default::default()
+        },
+        leftovers,
     })
 }
 
@@ -414,8 +429,12 @@ async fn read_partitions(
             total_bytes: r.get(5),
         })
         .collect();
+    let created_by = crate::outbox::partitioning::creator(client, config)
+        .await
+        .map_err(db("finding who creates the partitions"))?;
     Ok(PartitionsOverview {
         interval: config.partitions.interval.to_string(),
+        created_by: created_by.as_str().to_owned(),
         count: list.len(),
         total_bytes: list.iter().map(|p| p.total_bytes).sum(),
         estimated_rows: list.iter().filter_map(|p| p.estimated_rows).sum(),

@@ -279,6 +279,7 @@ pub async fn maintain(
             check_archive_dir(dir)?;
         }
     }
+    require_partitioned(client, config, &table, &parent).await?;
     take_maintenance_lock(client, &table).await?;
     let (now_text, now) = read_clock(client, options.clock).await?;
     let mut report = MaintainReport {
@@ -305,6 +306,43 @@ pub async fn maintain(
     let candidates = retention_candidates(client, &parent, cutoff).await?;
     retire_candidates(client, config, &parent, candidates, options, &mut report).await?;
     Ok(report)
+}
+
+/// Refuses a table that does not exist or is not partitioned, saying what
+/// the partition lifecycle needs (relaying does not need partitions).
+async fn require_partitioned(
+    client: &Client,
+    config: &Config,
+    table: &str,
+    parent: &str,
+) -> Result<(), Error> {
+    let kind: Option<i8> = client
+        .query_one(
+            "SELECT (SELECT relkind FROM pg_class WHERE oid = to_regclass($1))",
+            &[&parent],
+        )
+        .await
+        .map_err(db("reading the outbox table's kind"))?
+        .get(0);
+    match kind.map(|k| k as u8) {
+        Some(b'p') => {
+            let ours = crate::outbox::partitioning::created_by_migrate(client, config)
+                .await
+                .map_err(db("reading pgoutbox_migrations"))?;
+            if ours {
+                return Ok(());
+            }
+            Err(Error::Fatal(format!(
+                "{table} is partitioned outside pgoutbox (an adopted table: pg_partman, the polling framework or your own scheme makes its partitions, and the relay leaves them to it): keep creating and retiring them with that tool; `pgoutbox partitions maintain` serves tables `pgoutbox migrate` created"
+            )))
+        }
+        Some(_) => Err(Error::Fatal(format!(
+            "{table} is not partitioned: the partition lifecycle (partitions ahead, retention) needs a table partitioned by range on created_at; relaying, marking and poll mode do not, so leave partitions.* unset for this table"
+        ))),
+        None => Err(Error::Fatal(format!(
+            "{table} does not exist: run `pgoutbox migrate` (or `pgoutbox adopt` for a table of your own)"
+        ))),
+    }
 }
 
 /// Takes the session-level advisory lock that allows one maintain per table

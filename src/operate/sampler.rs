@@ -122,6 +122,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
     // Whether the table says which rows wait (known once connected).
     let mut tracks_rows: Option<bool> = None;
     let mut standbys_asked: Option<Instant> = None;
+    let mut leases_warned: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -175,8 +176,30 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
             }
             Err(e) => failed("counting outbox rows", &e),
         }
+        // While streaming, another poller on the table (the polling
+        // framework's worker started again after the switch) sends what
+        // CDC sends too. Poll mode's reaper says the same for poll mode.
+        if metrics().mode() == Some(crate::config::Mode::Cdc)
+            && crate::metrics::health::health().phase() == crate::metrics::health::Phase::Serving
+            && leases_warned.is_none_or(|t| t.elapsed() >= FOREIGN_LEASE_WARNING)
+        {
+            if let Ok(Some(held)) =
+                crate::outbox::lease::foreign_leases(c, &config.outbox.schema, &config.outbox.table)
+                    .await
+            {
+                leases_warned = Some(Instant::now());
+                tracing::warn!(
+                    rows = held.rows,
+                    until = %held.until,
+                    "rows are held under live leases by another poller while CDC streams this table (the polling framework's worker running again?): it sends what CDC sends, so consumers see duplicates; stop it (docs/migrating-from-polling.md)"
+                );
+            }
+        }
     }
 }
+
+/// How often the warning about another poller's leases may repeat.
+const FOREIGN_LEASE_WARNING: Duration = Duration::from_secs(60);
 
 /// How often the standbys of the host list are asked for their copy of a
 /// failover slot (a connection to each).

@@ -125,6 +125,13 @@ pub async fn adopt(
         add_row_state(client, &shape, target, &mut report.changes).await?;
     }
     if !check_only {
+        let shape = TableShape::inspect(client, &target.schema, &target.table)
+            .await
+            .map_err(db("reading the table's columns"))?
+            .unwrap_or_else(|| shape.clone());
+        build_status_indexes(client, &shape, target, &mut report.changes).await?;
+    }
+    if !check_only {
         support_objects(client, target, &mut report.changes).await?;
     }
     let shape = TableShape::inspect(client, &target.schema, &target.table)
@@ -154,6 +161,15 @@ async fn published(client: &Client, target: &MigrationTarget) -> Result<bool, Ad
         .is_some())
 }
 
+/// Whether the function `signature` (`schema.name(types)`) exists.
+async fn function_exists(client: &Client, signature: &str) -> Result<bool, AdoptError> {
+    Ok(client
+        .query_one("SELECT to_regprocedure($1) IS NOT NULL", &[&signature])
+        .await
+        .map_err(db("looking for a function"))?
+        .get(0))
+}
+
 /// The relay's own tables and the publication, and the adoption record,
 /// in one transaction under the migrations' lock.
 async fn support_objects(
@@ -162,6 +178,12 @@ async fn support_objects(
     changes: &mut Vec<String>,
 ) -> Result<(), AdoptError> {
     let qualified = format!("{}.{}", target.schema, target.table);
+    let publish = format!(
+        "{}.{}(text, uuid, text, jsonb, jsonb)",
+        quote_ident(&target.schema),
+        quote_ident(&target.publish_function())
+    );
+    let had_publish = function_exists(client, &publish).await?;
     let tx = client
         .transaction()
         .await
@@ -195,6 +217,11 @@ async fn support_objects(
         "made the relay's own tables in schema {} (pgoutbox_slot_state, pgoutbox_dead_letters) and made sure publication {} covers the table",
         target.schema, target.publication
     ));
+    if !had_publish && function_exists(client, &publish).await? {
+        changes.push(format!(
+            "made {publish}, which publishes an event inside the caller's transaction and sets tracking_id itself"
+        ));
+    }
     if added > 0 {
         changes.push(format!(
             "recorded {qualified} as adopted in public.pgoutbox_migrations"
@@ -204,7 +231,7 @@ async fn support_objects(
 }
 
 /// Adds the row-state columns poll mode and marking need, without a
-/// rewrite, then their indexes concurrently.
+/// rewrite (their indexes follow, [`build_status_indexes`]).
 async fn add_row_state(
     client: &mut Client,
     shape: &TableShape,
@@ -245,36 +272,177 @@ async fn add_row_state(
             changes.push(format!("added column {column} {definition}"));
         }
     }
-    for (suffix, columns, status) in [
-        ("pending_idx", "created_at, id", "PENDING"),
-        ("processing_idx", "locked_until", "PROCESSING"),
-    ] {
-        let name = quote_ident(&format!("{}_{suffix}", target.table));
-        let index = format!("{}.{name}", quote_ident(&target.schema));
-        let invalid = client
-            .query_opt(
-                "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-                  WHERE c.oid = to_regclass($1) AND NOT i.indisvalid",
-                &[&index],
-            )
-            .await
-            .map_err(db("checking for an interrupted index build"))?
-            .is_some();
-        if invalid {
-            client
-                .batch_execute(&format!("DROP INDEX CONCURRENTLY {index}"))
-                .await
-                .map_err(db("dropping an index an interrupted build left invalid"))?;
-        }
-        client
-            .batch_execute(&format!(
-                "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {t} ({columns}) WHERE status = '{status}'"
-            ))
-            .await
-            .map_err(db("building an index concurrently"))?;
-    }
-    changes.push("built the pending and processing indexes concurrently".into());
     Ok(())
+}
+
+/// The partial indexes `pgoutbox migrate` gives its own table, one per
+/// status the relay looks up: (name suffix, columns, status).
+const STATUS_INDEXES: [(&str, &str, &str); 4] = [
+    ("pending_idx", "created_at, id", "PENDING"),
+    ("processing_idx", "locked_until", "PROCESSING"),
+    ("dead_letter_idx", "created_at, id", "DEAD_LETTER"),
+    ("failed_idx", "created_at, id", "FAILED"),
+];
+
+/// Builds the status indexes the table lacks (those whose columns it has),
+/// with `CREATE INDEX CONCURRENTLY` outside any transaction (the
+/// application's inserts and updates go on), after dropping one an
+/// interrupted build left invalid. A partitioned table cannot be indexed
+/// concurrently as a whole: its index is made on the parent alone (`ON
+/// ONLY`, instant), each partition's concurrently, and each attached to
+/// it. Without these every claim, backfill and status count scans the
+/// table.
+async fn build_status_indexes(
+    client: &Client,
+    shape: &TableShape,
+    target: &MigrationTarget,
+    changes: &mut Vec<String>,
+) -> Result<(), AdoptError> {
+    let schema = quote_ident(&target.schema);
+    let t = format!("{schema}.{}", quote_ident(&target.table));
+    let partitions: Vec<(String, String)> = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_inherits i \
+               JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE i.inhparent = to_regclass($1) ORDER BY c.relname",
+            &[&t],
+        )
+        .await
+        .map_err(db("listing the table's partitions"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let partitioned = client
+        .query_one(
+            "SELECT coalesce((SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)), false)",
+            &[&t],
+        )
+        .await
+        .map_err(db("reading the table's kind"))?
+        .get::<_, bool>(0);
+    let mut built = Vec::new();
+    for (suffix, columns, status) in STATUS_INDEXES {
+        let needs = columns.split(", ").chain(["status"]);
+        if needs.into_iter().any(|c| shape.type_of(c).is_none()) {
+            continue;
+        }
+        let index_name = format!("{}_{suffix}", target.table);
+        let definition = format!("({columns}) WHERE status = '{status}'");
+        let started = std::time::Instant::now();
+        if !partitioned {
+            if !build_concurrently(client, &target.schema, &index_name, &t, &definition).await? {
+                continue;
+            }
+        } else {
+            let parent = format!("{schema}.{}", quote_ident(&index_name));
+            if index_valid(client, &parent).await? == Some(true) {
+                continue;
+            }
+            client
+                .batch_execute(&format!(
+                    "CREATE INDEX IF NOT EXISTS {} ON ONLY {t} {definition}",
+                    quote_ident(&index_name)
+                ))
+                .await
+                .map_err(db("making an index on the partitioned table alone"))?;
+            for (part_schema, part) in &partitions {
+                let child_name = child_index_name(part, suffix);
+                let child_table = format!("{}.{}", quote_ident(part_schema), quote_ident(part));
+                build_concurrently(client, part_schema, &child_name, &child_table, &definition)
+                    .await?;
+                let attached = client
+                    .query_opt(
+                        "SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass($1) AND inhparent = to_regclass($2)",
+                        &[
+                            &format!("{}.{}", quote_ident(part_schema), quote_ident(&child_name)),
+                            &parent,
+                        ],
+                    )
+                    .await
+                    .map_err(db("checking an index's attachment"))?
+                    .is_some();
+                if !attached {
+                    client
+                        .batch_execute(&format!(
+                            "ALTER INDEX {parent} ATTACH PARTITION {}.{}",
+                            quote_ident(part_schema),
+                            quote_ident(&child_name)
+                        ))
+                        .await
+                        .map_err(db("attaching a partition's index"))?;
+                }
+            }
+        }
+        built.push(format!(
+            "{index_name} ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        ));
+    }
+    if !built.is_empty() {
+        changes.push(format!(
+            "built {} concurrently (inserts and updates went on meanwhile)",
+            built.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// A partition's index name: `<partition>_<suffix>`, cut to PostgreSQL's
+/// 63 bytes with a hash of the whole so two long names stay apart.
+fn child_index_name(partition: &str, suffix: &str) -> String {
+    let full = format!("{partition}_{suffix}");
+    if full.len() <= 63 {
+        return full;
+    }
+    let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut cut = 63 - 9;
+    while !full.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}_{:08x}", &full[..cut], hash as u32)
+}
+
+/// Whether the index `qualified` is valid; `None` when it does not exist.
+async fn index_valid(client: &Client, qualified: &str) -> Result<Option<bool>, AdoptError> {
+    Ok(client
+        .query_opt(
+            "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
+            &[&qualified],
+        )
+        .await
+        .map_err(db("reading an index"))?
+        .map(|r| r.get(0)))
+}
+
+/// `CREATE INDEX CONCURRENTLY` of `name` on `table` unless a valid one
+/// exists (an invalid one, left by an interrupted build, is dropped
+/// first). Returns whether it built one.
+async fn build_concurrently(
+    client: &Client,
+    schema: &str,
+    name: &str,
+    table: &str,
+    definition: &str,
+) -> Result<bool, AdoptError> {
+    let index = format!("{}.{}", quote_ident(schema), quote_ident(name));
+    match index_valid(client, &index).await? {
+        Some(true) => return Ok(false),
+        Some(false) => client
+            .batch_execute(&format!("DROP INDEX CONCURRENTLY {index}"))
+            .await
+            .map_err(db("dropping an index an interrupted build left invalid"))?,
+        None => {}
+    }
+    client
+        .batch_execute(&format!(
+            "CREATE INDEX CONCURRENTLY {} ON {table} {definition}",
+            quote_ident(name)
+        ))
+        .await
+        .map_err(db("building an index concurrently"))?;
+    Ok(true)
 }
 
 impl AdoptReport {
@@ -306,5 +474,25 @@ impl AdoptReport {
             out.push(format!("  changed: {change}"));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::child_index_name;
+
+    #[test]
+    fn partition_index_names_fit_postgres_and_stay_apart() {
+        assert_eq!(
+            child_index_name("outbox_2026_12", "pending_idx"),
+            "outbox_2026_12_pending_idx"
+        );
+        let long = "a_very_long_partition_name_that_pg_partman_might_make_p20261203";
+        let (a, b) = (
+            child_index_name(long, "pending_idx"),
+            child_index_name(&format!("{long}x"), "pending_idx"),
+        );
+        assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
+        assert_ne!(a, b);
     }
 }

@@ -31,6 +31,8 @@ pub struct OutboxColumns {
     created_at: Option<usize>,
     status: Option<usize>,
     bytea_payload: bool,
+    /// [`super::RowKey::table`] of its rows (`None`: the relay's own table).
+    key_table: Option<std::sync::Arc<str>>,
 }
 
 /// Why a row could not be read as an outbox event.
@@ -67,6 +69,7 @@ impl OutboxColumns {
     pub fn from_relation(
         relation: &Relation,
         map: &ColumnMap,
+        home: (&str, &str),
     ) -> Result<OutboxColumns, ColumnError> {
         let find = |name: &str| relation.columns.iter().position(|c| c.name == name);
         let qualified = format!("{}.{}", relation.namespace, relation.name);
@@ -102,6 +105,7 @@ impl OutboxColumns {
             created_at: find("created_at"),
             status: find("status"),
             bytea_payload,
+            key_table: super::key_table(&relation.namespace, &relation.name, home),
         })
     }
 
@@ -118,7 +122,11 @@ impl OutboxColumns {
         self.status?;
         let id = text(tuple, self.id?, "id").ok()?;
         let created_at = text(tuple, self.created_at?, "created_at").ok()?;
-        Some(super::RowKey { id, created_at })
+        Some(super::RowKey {
+            table: self.key_table.clone(),
+            id,
+            created_at,
+        })
     }
 
     /// True when the row was inserted as `PENDING` (or has no status column).
@@ -233,6 +241,8 @@ mod tests {
     use super::*;
     use crate::pgoutput::RelationColumn;
 
+    const HOME: (&str, &str) = ("public", "outbox");
+
     fn relation(names: &[&str]) -> Relation {
         Relation {
             xid: None,
@@ -281,7 +291,8 @@ mod tests {
         let mut names = COLS.to_vec();
         names.reverse();
         names.insert(3, "extra");
-        let cols = OutboxColumns::from_relation(&relation(&names), &ColumnMap::pgoutbox()).unwrap();
+        let cols =
+            OutboxColumns::from_relation(&relation(&names), &ColumnMap::pgoutbox(), HOME).unwrap();
         let mut values: Vec<Option<&'static str>> = vec![
             Some("2026-01-01 00:00:00+00"),
             Some("PENDING"),
@@ -305,8 +316,9 @@ mod tests {
 
     #[test]
     fn a_table_without_outbox_columns_is_not_an_outbox() {
-        let err = OutboxColumns::from_relation(&relation(&["id", "name"]), &ColumnMap::pgoutbox())
-            .unwrap_err();
+        let err =
+            OutboxColumns::from_relation(&relation(&["id", "name"]), &ColumnMap::pgoutbox(), HOME)
+                .unwrap_err();
         assert!(
             matches!(
                 err,
@@ -318,7 +330,8 @@ mod tests {
 
     #[test]
     fn null_required_value_is_an_error_not_a_panic() {
-        let cols = OutboxColumns::from_relation(&relation(COLS), &ColumnMap::pgoutbox()).unwrap();
+        let cols =
+            OutboxColumns::from_relation(&relation(COLS), &ColumnMap::pgoutbox(), HOME).unwrap();
         let t = tuple(&[
             Some("1"),
             Some("t"),
@@ -341,7 +354,8 @@ mod tests {
 
     #[test]
     fn rows_inserted_in_another_status_are_not_pending() {
-        let cols = OutboxColumns::from_relation(&relation(COLS), &ColumnMap::pgoutbox()).unwrap();
+        let cols =
+            OutboxColumns::from_relation(&relation(COLS), &ColumnMap::pgoutbox(), HOME).unwrap();
         let t = tuple(&[
             Some("1"),
             Some("t"),
@@ -379,7 +393,7 @@ mod tests {
             ("type", 1043),
             ("payload", BYTEA_OID),
         ]);
-        let cols = OutboxColumns::from_relation(&r, &map).unwrap();
+        let cols = OutboxColumns::from_relation(&r, &map, HOME).unwrap();
         let t = tuple(&[
             Some("0b6b7d5e-8c1a-4a51-9a3b-2f8d3c1e9f00"),
             Some("Order"),
@@ -410,14 +424,14 @@ mod tests {
             ("aggregateid", 25),
             ("payload", 3802),
         ]);
-        let cols = OutboxColumns::from_relation(&no_type, &map).unwrap();
+        let cols = OutboxColumns::from_relation(&no_type, &map, HOME).unwrap();
         let e = cols
             .event(&tuple(&[Some("x"), Some("A"), Some("1"), Some("{}")]))
             .unwrap();
         assert!(e.event_type.is_empty(), "the event type is optional");
         let no_key = typed_relation(&[("id", 2950), ("aggregatetype", 25), ("payload", 3802)]);
         assert!(matches!(
-            OutboxColumns::from_relation(&no_key, &map),
+            OutboxColumns::from_relation(&no_key, &map, HOME),
             Err(ColumnError::Missing { ref column, .. }) if column == "aggregateid"
         ));
     }

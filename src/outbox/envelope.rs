@@ -102,6 +102,7 @@ pub fn parse_with_row(
         }
     }
     let key = env.row.as_ref().map(|r| RowKey {
+        table: None,
         id: slice(content, &r.id),
         created_at: slice(content, &r.created_at),
     });

@@ -124,6 +124,7 @@ impl OutboxEvent {
             id: take(roles + map.additional().len()).unwrap_or_default(),
         };
         let key = super::RowKey {
+            table: None,
             id: event.id.clone(),
             created_at: take(roles + map.additional().len() + 1).unwrap_or_default(),
         };
@@ -132,7 +133,8 @@ impl OutboxEvent {
 
     /// W3C trace context from the trace-context column, if it carries one:
     /// a JSON object with `traceparent` / `tracestate` (pgoutbox's
-    /// `metadata`), or Java properties lines `traceparent=…` (what
+    /// `metadata`) or with them under `traceContext` (the polling
+    /// framework's), or Java properties lines `traceparent=…` (what
     /// Debezium's `tracingspancontext` column holds).
     pub fn trace_context(&self) -> TraceContext {
         let Some(meta) = &self.metadata else {
@@ -146,11 +148,27 @@ impl OutboxEvent {
             return properties_trace_context(meta);
         }
         #[derive(serde::Deserialize)]
-        struct Meta {
+        struct Trace {
             traceparent: Option<String>,
             tracestate: Option<String>,
         }
+        #[derive(serde::Deserialize)]
+        struct Meta {
+            traceparent: Option<String>,
+            tracestate: Option<String>,
+            /// The polling framework's nested form.
+            #[serde(rename = "traceContext")]
+            nested: Option<Trace>,
+        }
         match serde_json::from_slice::<Meta>(meta) {
+            Ok(Meta {
+                traceparent: None,
+                tracestate: None,
+                nested: Some(t),
+            }) => TraceContext {
+                traceparent: t.traceparent,
+                tracestate: t.tracestate,
+            },
             Ok(m) => TraceContext {
                 traceparent: m.traceparent,
                 tracestate: m.tracestate,

@@ -13,6 +13,8 @@
 //! connection open while unable to confirm would block PostgreSQL's own
 //! shutdown, which waits for the client to confirm everything sent.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a row the relay has delivered may stay invisible to the status
@@ -25,13 +27,24 @@ use tokio::sync::mpsc;
 use crate::config::quote_ident;
 use crate::Lsn;
 
-/// A row's primary key, as text.
+/// A row's primary key, as text, and its table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RowKey {
+    /// The row's table as a quoted, schema-qualified name when it is not
+    /// the relay's own outbox table (another outbox table of the
+    /// publication); `None` for the relay's own.
+    pub table: Option<Arc<str>>,
     /// `id` as text.
     pub id: Bytes,
     /// `created_at` as text.
     pub created_at: Bytes,
+}
+
+/// The [`RowKey::table`] of the rows of `schema.table` for a relay whose
+/// own outbox table is `home` (schema, table).
+pub fn key_table(schema: &str, table: &str, home: (&str, &str)) -> Option<Arc<str>> {
+    (schema != home.0 || table != home.1)
+        .then(|| Arc::from(format!("{}.{}", quote_ident(schema), quote_ident(table))))
 }
 
 /// What to write.
@@ -167,24 +180,31 @@ async fn gather(
 /// (unless the writer has waited for them for [`UNSEEN_PATIENCE`]).
 fn report_applied(
     batch: &mut Vec<Mark>,
-    unseen: Vec<String>,
+    unseen: Vec<(Option<Arc<str>>, String)>,
     gave_up: bool,
     done: &mpsc::UnboundedSender<Result<u64, String>>,
+    sql: &Sql,
 ) -> Vec<Mark> {
-    let unseen: std::collections::HashSet<String> = unseen.into_iter().collect();
+    let unseen: std::collections::HashSet<(Option<Arc<str>>, String)> =
+        unseen.into_iter().collect();
     let mut retry = Vec::new();
     for m in batch.drain(..) {
-        let id = match &m.kind {
-            MarkKind::Completed(k) | MarkKind::DeadLetter(k, _) => Some(text(&k.id)),
+        let missing = match &m.kind {
+            MarkKind::Completed(k) | MarkKind::DeadLetter(k, _) => {
+                let id = text(&k.id);
+                unseen
+                    .contains(&(sql.table_of(k), id.to_owned()))
+                    .then_some(id)
+            }
             MarkKind::DeadMessage { .. } => None,
         };
-        match id {
-            Some(id) if unseen.contains(id) && !gave_up => retry.push(m),
-            Some(id) if unseen.contains(id) => {
+        match missing {
+            Some(_) if !gave_up => retry.push(m),
+            Some(id) => {
                 tracing::warn!(id, "outbox row not found after {UNSEEN_PATIENCE:?}; was it deleted? not marking it");
                 let _ = done.send(Ok(m.ticket));
             }
-            _ => {
+            None => {
                 let _ = done.send(Ok(m.ticket));
             }
         }
@@ -200,8 +220,13 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Mark>,
     done: mpsc::UnboundedSender<Result<u64, String>>,
 ) {
-    let sql = statements(&target, &dead_table);
-    let mut client: Option<(tokio_postgres::Client, Prepared)> = None;
+    let mut sql = Sql {
+        home: statements(&target, &dead_table),
+        home_name: target,
+        dead_table,
+        others: HashMap::new(),
+    };
+    let mut client: Option<(tokio_postgres::Client, PreparedByTable)> = None;
     let mut batch: Vec<Mark> = Vec::with_capacity(batching.size.max(1));
     let mut backoff = Duration::from_millis(100);
     let mut unseen_since: Option<Instant> = None;
@@ -230,11 +255,11 @@ async fn run(
         let Some((c, statements)) = client.as_mut() else {
             continue;
         };
-        match apply(c, statements, &sql, &batch).await {
+        match apply(c, statements, &mut sql, &batch).await {
             Ok(unseen) => {
                 backoff = Duration::from_millis(100);
                 let gave_up = unseen_since.is_some_and(|t: Instant| t.elapsed() > UNSEEN_PATIENCE);
-                let retry = report_applied(&mut batch, unseen, gave_up, &done);
+                let retry = report_applied(&mut batch, unseen, gave_up, &done, &sql);
                 if retry.is_empty() {
                     unseen_since = None;
                 } else {
@@ -300,37 +325,70 @@ async fn prepared<'a>(
     Ok(slot.as_ref().expect("prepared just above"))
 }
 
+/// The statements of every table marked so far on one connection.
+type PreparedByTable = HashMap<Option<Arc<str>>, Prepared>;
+
 async fn connect(
     pg: &crate::database::Settings,
-) -> Result<(tokio_postgres::Client, Prepared), tokio_postgres::Error> {
+) -> Result<(tokio_postgres::Client, PreparedByTable), tokio_postgres::Error> {
     let client = crate::database::connect(pg).await?;
-    Ok((client, Prepared::default()))
+    Ok((client, HashMap::new()))
 }
 
-/// Applies a batch; returns the ids of rows the statements could not see
-/// yet (to retry).
+/// The statements of the relay's own table, and of the other outbox
+/// tables of the publication as their rows come (built on first use).
+struct Sql {
+    home: Statements,
+    /// The relay's own table, quoted: a key naming it is the home table's.
+    home_name: String,
+    dead_table: String,
+    others: HashMap<Arc<str>, Statements>,
+}
+
+impl Sql {
+    /// The table a key's marks go to (`None`: the relay's own).
+    fn table_of(&self, key: &RowKey) -> Option<Arc<str>> {
+        key.table.clone().filter(|t| **t != *self.home_name)
+    }
+
+    fn of(&mut self, table: &Option<Arc<str>>) -> &Statements {
+        match table {
+            None => &self.home,
+            Some(t) => {
+                let dead = &self.dead_table;
+                self.others
+                    .entry(t.clone())
+                    .or_insert_with(|| statements(t, dead))
+            }
+        }
+    }
+}
+
+/// The row marks of one table in a batch, as the statements' arrays.
+#[derive(Default)]
+struct TableMarks<'a> {
+    ids: Vec<&'a str>,
+    ats: Vec<&'a str>,
+    dead_ids: Vec<&'a str>,
+    dead_ats: Vec<&'a str>,
+    errs: Vec<&'a str>,
+}
+
+/// Applies a batch; returns the keys (table, id) of rows the statements
+/// could not see yet (to retry).
 async fn apply(
     client: &tokio_postgres::Client,
-    statements: &mut Prepared,
-    sql: &Statements,
+    prepared_by_table: &mut PreparedByTable,
+    sql: &mut Sql,
     batch: &[Mark],
-) -> Result<Vec<String>, tokio_postgres::Error> {
+) -> Result<Vec<(Option<Arc<str>>, String)>, tokio_postgres::Error> {
     let mut unseen = Vec::new();
-    let (mut ids, mut ats) = (Vec::new(), Vec::new());
-    let (mut dead_ids, mut dead_ats, mut errs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut tables: Vec<(Option<Arc<str>>, TableMarks<'_>)> = Vec::new();
     let (mut lsns, mut prefixes, mut contents, mut msg_errs) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for m in batch {
-        match &m.kind {
-            MarkKind::Completed(key) => {
-                ids.push(text(&key.id));
-                ats.push(text(&key.created_at));
-            }
-            MarkKind::DeadLetter(key, err) => {
-                dead_ids.push(text(&key.id));
-                dead_ats.push(text(&key.created_at));
-                errs.push(err.as_str());
-            }
+        let key = match &m.kind {
+            MarkKind::Completed(key) | MarkKind::DeadLetter(key, _) => key,
             MarkKind::DeadMessage {
                 lsn,
                 prefix,
@@ -341,34 +399,64 @@ async fn apply(
                 prefixes.push(prefix.as_str());
                 contents.push(&content[..]);
                 msg_errs.push(error.as_str());
+                continue;
+            }
+        };
+        let table = sql.table_of(key);
+        let at = match tables.iter().position(|(t, _)| *t == table) {
+            Some(at) => at,
+            None => {
+                tables.push((table, TableMarks::default()));
+                tables.len() - 1
+            }
+        };
+        let marks = &mut tables[at].1;
+        match &m.kind {
+            MarkKind::DeadLetter(_, err) => {
+                marks.dead_ids.push(text(&key.id));
+                marks.dead_ats.push(text(&key.created_at));
+                marks.errs.push(err.as_str());
+            }
+            _ => {
+                marks.ids.push(text(&key.id));
+                marks.ats.push(text(&key.created_at));
             }
         }
     }
     let m = crate::metrics::metrics();
-    for n in [ids.len(), dead_ids.len(), lsns.len()] {
-        if n > 0 {
-            m.batch(crate::metrics::batch::STATUS_UPDATE, n);
+    for (table, marks) in &tables {
+        let statements = sql.of(table);
+        let prepared_here = prepared_by_table.entry(table.clone()).or_default();
+        for n in [marks.ids.len(), marks.dead_ids.len()] {
+            if n > 0 {
+                m.batch(crate::metrics::batch::STATUS_UPDATE, n);
+            }
         }
-    }
-    if !ids.is_empty() {
-        let st = prepared(client, &mut statements.completed, &sql.completed).await?;
-        for row in client.query(st, &[&ids, &ats]).await? {
-            unseen.push(row.get::<_, String>(0));
+        if !marks.ids.is_empty() {
+            let st = prepared(client, &mut prepared_here.completed, &statements.completed).await?;
+            for row in client.query(st, &[&marks.ids, &marks.ats]).await? {
+                unseen.push((table.clone(), row.get::<_, String>(0)));
+            }
         }
-    }
-    if !dead_ids.is_empty() {
-        let st = prepared(client, &mut statements.dead, &sql.dead).await?;
-        let rows = client.query(st, &[&dead_ids, &dead_ats, &errs]).await?;
-        tracing::warn!(
-            rows = dead_ids.len() - rows.len(),
-            "dead-lettered rows that can never be published"
-        );
-        for row in rows {
-            unseen.push(row.get::<_, String>(0));
+        if !marks.dead_ids.is_empty() {
+            let st = prepared(client, &mut prepared_here.dead, &statements.dead).await?;
+            let rows = client
+                .query(st, &[&marks.dead_ids, &marks.dead_ats, &marks.errs])
+                .await?;
+            tracing::warn!(
+                rows = marks.dead_ids.len() - rows.len(),
+                "dead-lettered rows that can never be published"
+            );
+            for row in rows {
+                unseen.push((table.clone(), row.get::<_, String>(0)));
+            }
         }
     }
     if !lsns.is_empty() {
-        let st = prepared(client, &mut statements.message, &sql.message).await?;
+        m.batch(crate::metrics::batch::STATUS_UPDATE, lsns.len());
+        let statements = sql.of(&None);
+        let prepared_here = prepared_by_table.entry(None).or_default();
+        let st = prepared(client, &mut prepared_here.message, &statements.message).await?;
         let n = client
             .execute(st, &[&lsns, &prefixes, &contents, &msg_errs])
             .await?;

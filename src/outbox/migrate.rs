@@ -74,7 +74,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
 /// outbox table (the publication, the slot record, the dead letters of
 /// messages): what `pgoutbox adopt` applies to a table pgoutbox did not
 /// create.
-pub(super) const SUPPORT_MIGRATIONS: [(&str, &str); 4] = [
+pub(super) const SUPPORT_MIGRATIONS: [(&str, &str); 5] = [
     (
         "publication",
         include_str!("../../migrations/0002_publication.sql"),
@@ -90,6 +90,10 @@ pub(super) const SUPPORT_MIGRATIONS: [(&str, &str); 4] = [
     (
         "slot_recovery",
         include_str!("../../migrations/0011_slot_recovery.sql"),
+    ),
+    (
+        "publish_function",
+        include_str!("../../migrations/adopt_publish_function.sql"),
     ),
 ];
 
@@ -154,6 +158,10 @@ impl MigrationTarget {
             .replace(
                 "{{publish_function}}",
                 &quote_ident(&self.publish_function()),
+            )
+            .replace(
+                "{{publish_function_literal}}",
+                &literal(&self.publish_function()),
             )
     }
 
@@ -269,7 +277,10 @@ mod tests {
             publication: "outbox_pub".into(),
             message_prefix: "outbox".into(),
         };
-        for (_, name, sql) in MIGRATIONS {
+        let support = SUPPORT_MIGRATIONS
+            .iter()
+            .map(|(name, sql)| (0, *name, *sql));
+        for (_, name, sql) in MIGRATIONS.iter().copied().chain(support) {
             let out = t.render(sql);
             assert!(!out.contains("{{"), "{name} keeps a placeholder");
         }

@@ -1,7 +1,7 @@
 //! The outbox table contract: the [`OutboxEvent`] and its one mapping from
 //! a row, the table's migrations, the publishing API, the marks the relay
-//! leaves on rows, dead letters, the audit trail and the relay role's
-//! privileges.
+//! leaves on rows, leases, dead letters, the audit trail and the relay
+//! role's privileges.
 //!
 //! Statuses are the seed's: `PENDING`, `PROCESSING`, `COMPLETED`, `FAILED`,
 //! `DEAD_LETTER`. Both relay modes leave the same statuses, so either can take
@@ -14,6 +14,7 @@ mod columns;
 pub mod dead_letter;
 pub mod envelope;
 mod event;
+pub mod lease;
 mod marks;
 mod migrate;
 pub mod partitioning;
@@ -25,7 +26,7 @@ pub use columns::{ColumnError, OutboxColumns};
 #[cfg(test)]
 pub(crate) use event::sample_event;
 pub use event::{select_list, select_width, OutboxEvent, TraceContext, OUTBOX_COLUMNS};
-pub use marks::{Batching, Mark, MarkKind, MarkWriter, RowKey};
+pub use marks::{key_table, Batching, Mark, MarkKind, MarkWriter, RowKey};
 pub use migrate::{is_foreign_table, migrate, MigrationTarget, MIGRATIONS};
 pub use privileges::{
     grant_relay_role, GrantScope, Password, PasswordSource, PrivilegeError, RelayRole,

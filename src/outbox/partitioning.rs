@@ -19,19 +19,112 @@ pub fn parent(config: &Config) -> String {
     )
 }
 
-/// Creates the partitions ahead through the relay's SECURITY DEFINER
-/// function, on the server's clock, in the configured interval. Returns how
-/// many were created (0 for a table that is not partitioned, such as an
-/// adopted one: nothing to do).
-pub async fn ensure_ahead(client: &Client, config: &Config) -> Result<i32, tokio_postgres::Error> {
-    let partitioned = client
+/// Who creates the outbox table's partitions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Creator {
+    /// The table is not partitioned.
+    NotPartitioned,
+    /// pgoutbox: the table `pgoutbox migrate` made, with its partition
+    /// functions.
+    Pgoutbox,
+    /// pg_partman: its `part_config` lists the table.
+    PgPartman,
+    /// Someone else: a partitioned table pgoutbox did not make (adopted;
+    /// the polling framework's, made by hand or by a script of its own).
+    Other,
+}
+
+impl Creator {
+    /// How `pgoutbox status` says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Creator::NotPartitioned => "not partitioned",
+            Creator::Pgoutbox => "pgoutbox",
+            Creator::PgPartman => "pg_partman",
+            Creator::Other => "outside pgoutbox",
+        }
+    }
+}
+
+/// Who creates the partitions of the configured outbox table. pgoutbox
+/// does for a table `pgoutbox migrate` created (migration 1 recorded for
+/// it; an adopted table is not, even with pgoutbox's functions in its
+/// schema for another table); pg_partman's configuration wins over that (a
+/// table pgoutbox made can be handed to pg_partman, docs/partitioning.md);
+/// a `part_config` the role may not read counts as not listing the table.
+pub async fn creator(client: &Client, config: &Config) -> Result<Creator, tokio_postgres::Error> {
+    let schema = config.outbox.schema.as_str();
+    let parent = parent(config);
+    let row = client
         .query_one(
-            "SELECT coalesce((SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)), false)",
-            &[&parent(config)],
+            "SELECT coalesce((SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)), false), \
+                    to_regprocedure(format('%I.pgoutbox_ensure_partitions(regclass, int, text)', $2::text)) IS NOT NULL, \
+                    (SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace \
+                      WHERE e.extname = 'pg_partman')",
+            &[&parent, &schema],
+        )
+        .await?;
+    let (partitioned, functions, partman): (bool, bool, Option<String>) =
+        (row.get(0), row.get(1), row.get(2));
+    if !partitioned {
+        return Ok(Creator::NotPartitioned);
+    }
+    if let Some(ns) = partman {
+        let listed = client
+            .query_opt(
+                &format!(
+                    "SELECT 1 FROM {}.part_config WHERE parent_table = (SELECT n.nspname || '.' || c.relname \
+                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1))",
+                    quote_ident(&ns)
+                ),
+                &[&parent],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        if listed {
+            return Ok(Creator::PgPartman);
+        }
+    }
+    Ok(if functions && created_by_migrate(client, config).await? {
+        Creator::Pgoutbox
+    } else {
+        Creator::Other
+    })
+}
+
+/// Whether `pgoutbox migrate` created the configured table (migration 1
+/// recorded for it), rather than `pgoutbox adopt` adopting it.
+pub async fn created_by_migrate(
+    client: &Client,
+    config: &Config,
+) -> Result<bool, tokio_postgres::Error> {
+    let ledger: bool = client
+        .query_one(
+            "SELECT to_regclass('public.pgoutbox_migrations') IS NOT NULL",
+            &[],
         )
         .await?
-        .get::<_, bool>(0);
-    if !partitioned {
+        .get(0);
+    Ok(ledger
+        && client
+            .query_opt(
+                "SELECT 1 FROM public.pgoutbox_migrations WHERE target = $1 AND version = 1",
+                &[&format!("{}.{}", config.outbox.schema, config.outbox.table)],
+            )
+            .await?
+            .is_some())
+}
+
+/// Creates the partitions ahead through the relay's SECURITY DEFINER
+/// function, on the server's clock, in the configured interval. Returns how
+/// many were created: 0 unless pgoutbox creates this table's partitions
+/// ([`creator`]) — a table that is not partitioned, or whose partitions
+/// pg_partman or another scheme creates (the polling framework's, made in
+/// its own time zone), is left alone, so no range ever overlaps theirs.
+pub async fn ensure_ahead(client: &Client, config: &Config) -> Result<i32, tokio_postgres::Error> {
+    if creator(client, config).await? != Creator::Pgoutbox {
         return Ok(0);
     }
     let sql = format!(

@@ -11,6 +11,8 @@
 //! window is full the CDC session stops reading the replication socket
 //! (backpressure), but never stops sending feedback (ARCHITECTURE.md, invariant 3).
 
+pub mod exactly_once;
+mod kafka_transaction;
 pub mod progress;
 pub mod record;
 #[cfg(test)]
@@ -30,6 +32,12 @@ use crate::metrics::metrics;
 use crate::outbox::{Mark, MarkKind, OutboxEvent, RowKey};
 use crate::Lsn;
 
+use exactly_once::Transactions;
+pub use exactly_once::{
+    CommitFuture, ExactlyOnceStart, Position, ProgressRecord, RowRef, RowSet, StreamIdentity,
+    TxnFailure,
+};
+use kafka_transaction::row_id;
 pub use progress::{Progress, TxId};
 pub use record::{header, KafkaRecord, RecordBuilder, RecordError};
 use window::Window;
@@ -75,6 +83,21 @@ pub trait RecordSink: Send + Sync {
     fn is_fatal(&self) -> bool;
     /// Waits up to `timeout` for everything enqueued to be delivered.
     fn flush(&self, timeout: Duration) -> bool;
+    /// Exactly-once: opens a Kafka transaction (local; records sent until
+    /// the commit belong to it).
+    fn begin_transaction(&self) -> Result<(), TxnFailure> {
+        Err(TxnFailure::Fatal("this sink has no transactions".into()))
+    }
+    /// Exactly-once: sends `progress` in the open transaction and commits
+    /// it; resolves once Kafka has committed (or refused) it.
+    fn commit_transaction(&self, progress: KafkaRecord) -> CommitFuture {
+        let _ = progress;
+        tokio::spawn(async { Err(TxnFailure::Fatal("this sink has no transactions".into())) })
+    }
+    /// Exactly-once: aborts the open transaction (best effort).
+    fn abort_transaction(&self) -> CommitFuture {
+        tokio::spawn(async { Ok(()) })
+    }
 }
 
 /// Where row marks go. Each mark taken is answered later by its ticket
@@ -126,6 +149,8 @@ struct InFlight {
     source: Source,
     /// Its topic, once built (`""` if it has none), for the metrics.
     topic: String,
+    /// Its stream position (exactly-once delivery; `None` in a backfill).
+    at: Option<Position>,
 }
 
 /// Counters for one session, logged periodically.
@@ -137,6 +162,10 @@ pub struct Counters {
     pub acked: u64,
     /// Rows dead-lettered.
     pub dead_lettered: u64,
+    /// Replayed events Kafka already had (exactly-once delivery).
+    pub skipped: u64,
+    /// Kafka transactions committed (exactly-once delivery).
+    pub transactions: u64,
 }
 
 /// How big the in-flight window may grow, and whether rows are marked.
@@ -165,6 +194,8 @@ pub struct Pipeline {
     pub counters: Counters,
     /// `pgoutbox_events_read_total{mode="cdc"}`.
     read: prometheus::IntCounter,
+    /// Exactly-once delivery's state (`None`: at least once).
+    eos: Option<Transactions>,
 }
 
 impl Pipeline {
@@ -193,12 +224,71 @@ impl Pipeline {
             read: metrics()
                 .events_read
                 .with_label_values(&[Mode::Cdc.as_str()]),
+            eos: None,
         }
     }
 
-    /// A transaction began (in stream order); its events follow.
-    pub fn begin(&mut self) -> TxId {
+    /// Delivers exactly once from `start`: events go out in Kafka
+    /// transactions with a progress record, replayed events Kafka already
+    /// has are skipped (ARCHITECTURE.md, invariant 13).
+    pub fn exactly_once(mut self, start: ExactlyOnceStart) -> Pipeline {
+        self.eos = Some(Transactions::new(start));
+        self
+    }
+
+    /// A transaction committing at `commit_lsn` began (in stream order);
+    /// its events follow.
+    pub fn begin(&mut self, commit_lsn: Lsn) -> TxId {
+        if let Some(t) = &mut self.eos {
+            t.next = Position {
+                lsn: commit_lsn,
+                index: 0,
+            };
+        }
         self.progress.begin()
+    }
+
+    /// A new slot's backfill begins: its rows are one transaction
+    /// committing at `consistent_point` (see `cdc::backfill`).
+    pub fn begin_backfill(&mut self, consistent_point: Lsn) -> TxId {
+        if let Some(t) = &mut self.eos {
+            t.backfill = Some((consistent_point, 0));
+        }
+        self.progress.begin()
+    }
+
+    /// The backfill's rows are all offered: commit the Kafka transaction
+    /// holding the last of them now rather than at the cadence.
+    pub fn end_backfill(&mut self) {
+        self.commit_now();
+    }
+
+    /// The backfill is durable: later events are the stream's.
+    pub fn backfill_done(&mut self) {
+        if let Some(t) = &mut self.eos {
+            t.backfill = None;
+            t.skip_rows = None;
+            t.force = false;
+        }
+    }
+
+    /// Commits the open Kafka transaction as soon as it may (shutdown).
+    pub fn commit_now(&mut self) {
+        if let Some(t) = &mut self.eos {
+            t.force = true;
+        }
+    }
+
+    /// The position of the next stream event (`None` in a backfill or at
+    /// least once), counted.
+    fn take_position(&mut self) -> Option<Position> {
+        let t = self.eos.as_mut()?;
+        if t.backfill.is_some() {
+            return None;
+        }
+        let at = t.next;
+        t.next.index += 1;
+        Some(at)
     }
 
     /// The transaction `tx` committed at `end_lsn`: once its events (and
@@ -218,9 +308,11 @@ impl Pipeline {
         self.progress.flushed()
     }
 
-    /// True while more events may be sent.
+    /// True while more events may be read: the window has room and, with
+    /// exactly-once delivery, the next Kafka transaction is not full
+    /// (events read while a commit runs wait for the next one).
     pub fn has_room(&self) -> bool {
-        self.window.has_room()
+        self.window.has_room() && self.eos.as_ref().is_none_or(|t| !t.full())
     }
 
     /// Events sent and not yet durable.
@@ -256,12 +348,33 @@ impl Pipeline {
     ) -> Result<(), Error> {
         self.read.inc();
         self.progress.add_event(tx);
+        let at = self.take_position();
+        if let Some(t) = &self.eos {
+            let row = row_id(&source);
+            if t.already_sent(at, row.as_ref()) {
+                self.skip(tx, source, at);
+                return Ok(());
+            }
+            if at.is_some_and(|p| exactly_once::refused().lock().is_ok_and(|r| r.contains(&p))) {
+                let ticket = self.push_unsent(tx, source, at);
+                self.dead_letter(ticket, "Kafka refused this record for good inside a transaction (an earlier attempt); see the relay's log for the broker's reason".into());
+                return Ok(());
+            }
+        }
         let record = match self.builder.build(&event) {
             Ok(r) => r,
             Err(e) => {
                 // Counted under its topic when it has one (too large, say).
                 let topic = self.builder.topic(&event).unwrap_or_default();
-                let ticket = self.window.push(0, InFlight { tx, source, topic });
+                let ticket = self.window.push(
+                    0,
+                    InFlight {
+                        tx,
+                        source,
+                        topic,
+                        at,
+                    },
+                );
                 self.dead_letter(ticket, e.to_string());
                 return Ok(());
             }
@@ -272,8 +385,27 @@ impl Pipeline {
                 tx,
                 source,
                 topic: String::new(),
+                at,
             },
         );
+        match &mut self.eos {
+            // Kafka cannot take records while a commit runs: they wait for
+            // the next transaction, and reading goes on.
+            Some(t) if t.committing.is_some() => {
+                t.held.push_back((ticket, record));
+                Ok(())
+            }
+            _ => {
+                self.open_transaction()?;
+                self.send_record(ticket, record).await
+            }
+        }
+    }
+
+    /// Hands the record of window entry `ticket` to the sink (in the open
+    /// Kafka transaction, with exactly-once delivery), or dead-letters it
+    /// when the sink refuses it for good.
+    async fn send_record(&mut self, ticket: u64, record: KafkaRecord) -> Result<(), Error> {
         let refused = loop {
             match self.sink.send(ticket, &record) {
                 Ok(()) => break None,
@@ -290,7 +422,10 @@ impl Pipeline {
             f.topic = record.topic;
         }
         match refused {
-            None => self.counters.sent += 1,
+            None => {
+                self.counters.sent += 1;
+                self.joined_transaction(ticket);
+            }
             Some(why) => self.dead_letter(ticket, why),
         }
         Ok(())
@@ -313,15 +448,23 @@ impl Pipeline {
     pub fn dead_letter_unread(&mut self, tx: TxId, source: Source, why: String) {
         self.read.inc();
         self.progress.add_event(tx);
-        let ticket = self.window.push(
+        let at = self.take_position();
+        let ticket = self.push_unsent(tx, source, at);
+        self.dead_letter(ticket, why);
+    }
+
+    /// Lets an event that is not sent (dead-lettered or skipped) into the
+    /// window; returns its ticket.
+    fn push_unsent(&mut self, tx: TxId, source: Source, at: Option<Position>) -> u64 {
+        self.window.push(
             0,
             InFlight {
                 tx,
                 source,
                 topic: String::new(),
+                at,
             },
-        );
-        self.dead_letter(ticket, why);
+        )
     }
 
     fn dead_letter(&mut self, ticket: u64, why: String) {
@@ -357,11 +500,18 @@ impl Pipeline {
             }
         };
         metrics().dead_lettered(Mode::Cdc, &f.topic, 1);
+        let at = f.at;
+        self.offered(at);
         self.counters.dead_lettered += 1;
         self.mark(Mark { ticket, kind });
     }
 
     fn mark(&mut self, mark: Mark) {
+        if let (Some(t), MarkKind::Completed(key)) = (&mut self.eos, &mark.kind) {
+            if let Some(id) = kafka_transaction::key_id(key) {
+                t.unmarked.insert(mark.ticket, id);
+            }
+        }
         let queued = self.marker.mark(mark);
         debug_assert!(queued, "the marker stopped");
     }
@@ -369,10 +519,26 @@ impl Pipeline {
     /// Waits for the next verdict (delivery or durable mark) and applies it.
     /// Returns `Ok(false)` if neither channel can deliver any more.
     pub async fn next(&mut self) -> Result<bool, Error> {
+        let due = self.commit_due();
+        let committing = self
+            .eos
+            .as_mut()
+            .and_then(|t| t.committing.as_mut())
+            .map(|c| &mut c.future);
+        let has_commit = committing.is_some();
         tokio::select! {
             biased;
             Some(d) = self.deliveries.recv() => { self.on_delivery(d)?; Ok(true) }
             Some(t) = self.durable.recv() => { self.on_durable(t)?; Ok(true) }
+            r = async { committing.expect("guarded").await }, if has_commit => {
+                let r = r.unwrap_or_else(|e| Err(TxnFailure::Abort(format!("the commit task failed: {e}"))));
+                self.on_committed(r).await?;
+                Ok(true)
+            }
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                self.start_commit();
+                Ok(true)
+            }
             else => Ok(false),
         }
     }
@@ -391,6 +557,9 @@ impl Pipeline {
     fn on_durable(&mut self, t: MarkVerdict) -> Result<(), Error> {
         match t {
             Ok(ticket) => {
+                if let Some(eos) = &mut self.eos {
+                    eos.unmarked.remove(&ticket);
+                }
                 self.release(ticket);
                 Ok(())
             }
@@ -399,6 +568,9 @@ impl Pipeline {
     }
 
     fn on_delivery(&mut self, d: Delivery) -> Result<(), Error> {
+        if self.eos.is_some() {
+            return self.on_transactional_delivery(d);
+        }
         match d.result {
             Ok(()) => {
                 self.counters.acked += 1;

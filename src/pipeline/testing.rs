@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::{
-    Delivery, Failure, KafkaRecord, Limits, MarkVerdict, Marker, Pipeline, RecordBuilder,
-    RecordSink, SendError,
+    CommitFuture, Delivery, Failure, KafkaRecord, Limits, MarkVerdict, Marker, Pipeline,
+    RecordBuilder, RecordSink, SendError, TxnFailure,
 };
 use crate::config::TopicTemplate;
 use crate::outbox::{Mark, MarkKind};
@@ -24,6 +24,10 @@ pub(crate) struct FakeSink {
     sent: Shared<Vec<(u64, KafkaRecord)>>,
     refusals: Shared<VecDeque<SendError>>,
     auto_ack: Option<mpsc::UnboundedSender<Delivery>>,
+    /// Transactions: "begin", and the progress record of each commit.
+    transactions: Shared<Vec<Option<KafkaRecord>>>,
+    /// Outcomes of the next commits (`Ok` when none is queued).
+    commit_outcomes: Shared<VecDeque<Result<(), TxnFailure>>>,
 }
 
 impl RecordSink for FakeSink {
@@ -47,6 +51,22 @@ impl RecordSink for FakeSink {
 
     fn flush(&self, _timeout: Duration) -> bool {
         true
+    }
+
+    fn begin_transaction(&self) -> Result<(), TxnFailure> {
+        self.transactions.lock().unwrap().push(None);
+        Ok(())
+    }
+
+    fn commit_transaction(&self, progress: KafkaRecord) -> CommitFuture {
+        self.transactions.lock().unwrap().push(Some(progress));
+        let outcome = self
+            .commit_outcomes
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(Ok(()));
+        tokio::spawn(async move { outcome })
     }
 }
 
@@ -77,6 +97,8 @@ pub(crate) struct Rig {
     marks: Shared<Vec<Mark>>,
     acks: mpsc::UnboundedSender<Delivery>,
     durable: mpsc::UnboundedSender<MarkVerdict>,
+    transactions: Shared<Vec<Option<KafkaRecord>>>,
+    commit_outcomes: Shared<VecDeque<Result<(), TxnFailure>>>,
 }
 
 /// How a rig's fakes behave.
@@ -112,10 +134,14 @@ impl Rig {
         let marks = Shared::default();
         let (acks, deliveries) = mpsc::unbounded_channel();
         let (durable, verdicts) = mpsc::unbounded_channel();
+        let transactions = Shared::default();
+        let commit_outcomes = Shared::default();
         let sink = FakeSink {
             sent: sent.clone(),
             refusals: refusals.clone(),
             auto_ack: options.instant.then(|| acks.clone()),
+            transactions: Arc::clone(&transactions),
+            commit_outcomes: Arc::clone(&commit_outcomes),
         };
         let marker = FakeMarker {
             marks: marks.clone(),
@@ -143,7 +169,27 @@ impl Rig {
             marks,
             acks,
             durable,
+            transactions,
+            commit_outcomes,
         }
+    }
+
+    /// The same rig delivering exactly once from `start`.
+    pub fn exactly_once(mut self, start: super::ExactlyOnceStart) -> Rig {
+        let placeholder = Rig::new(RigOptions::default()).pipeline;
+        let pipeline = std::mem::replace(&mut self.pipeline, placeholder);
+        self.pipeline = pipeline.exactly_once(start);
+        self
+    }
+
+    /// Begins (`None`) and the progress record of each commit, in order.
+    pub fn transactions(&self) -> Vec<Option<KafkaRecord>> {
+        self.transactions.lock().unwrap().clone()
+    }
+
+    /// The next commit ends with `outcome`.
+    pub fn commit_outcome(&self, outcome: Result<(), TxnFailure>) {
+        self.commit_outcomes.lock().unwrap().push_back(outcome);
     }
 
     /// Tickets and records sent so far.
@@ -219,7 +265,18 @@ pub(crate) fn event(id: u64, aggregate: &str) -> crate::outbox::OutboxEvent {
 pub(crate) fn row(id: u64) -> super::Source {
     let e = event(id, "a");
     super::Source::Row(crate::outbox::RowKey {
+        table: None,
         id: e.id,
         created_at: e.created_at,
     })
+}
+
+/// A stream identity for exactly-once tests.
+pub(crate) fn stream() -> super::StreamIdentity {
+    super::StreamIdentity {
+        system_identifier: "7300000000000000001".into(),
+        database: "app".into(),
+        slot: "pgoutbox".into(),
+        timeline: 1,
+    }
 }

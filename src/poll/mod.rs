@@ -158,6 +158,7 @@ async fn serve(
             stats: shared.stats.clone(),
             builder: shared.builder.clone(),
             table: config.outbox.table.clone(),
+            schema: config.outbox.schema.clone(),
         },
         stop.clone(),
     ));

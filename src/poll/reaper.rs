@@ -1,7 +1,9 @@
 //! The reaper: every lease/2, rows whose lease expired go back to
 //! `PENDING` (or to `DEAD_LETTER` when they used their attempts, so a row
 //! that kills every worker taking it still ends). One statement, safe with
-//! any number of relays running it at once.
+//! any number of relays running it at once. Each run also looks for rows
+//! another poller holds under live leases (`crate::outbox::lease`) and
+//! warns, at most once a minute, while there are any.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -55,7 +57,12 @@ pub(super) struct Reaper {
     pub builder: RecordBuilder,
     /// The outbox table's name.
     pub table: String,
+    /// The outbox table's schema.
+    pub schema: String,
 }
+
+/// How often the warning about another poller's leases may repeat.
+const FOREIGN_LEASE_WARNING: Duration = Duration::from_secs(60);
 
 /// Runs the reaper until shutdown. Database errors are logged and retried
 /// at the next period.
@@ -67,7 +74,9 @@ pub(super) async fn run(reaper: Reaper, mut shutdown: watch::Receiver<bool>) {
         stats,
         builder,
         table,
+        schema,
     } = reaper;
+    let mut warned: Option<tokio::time::Instant> = None;
     let mut client: Option<tokio_postgres::Client> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -103,7 +112,19 @@ pub(super) async fn run(reaper: Reaper, mut shutdown: watch::Receiver<bool>) {
             Err(e) => {
                 tracing::warn!(error = %crate::error::postgres_text(&e), "reaper run failed; retrying");
                 client = None;
+                continue;
             }
+        }
+        if warned.is_some_and(|at| at.elapsed() < FOREIGN_LEASE_WARNING) {
+            continue;
+        }
+        if let Ok(Some(held)) = crate::outbox::lease::foreign_leases(c, &schema, &table).await {
+            warned = Some(tokio::time::Instant::now());
+            tracing::warn!(
+                rows = held.rows,
+                until = %held.until,
+                "rows are held under live leases by another poller (not pgoutbox: the polling framework's worker still running?); pgoutbox leaves them to it, but two pollers on one table split the work and lose event order: stop it (docs/migrating-from-polling.md)"
+            );
         }
     }
 }

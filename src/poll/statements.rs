@@ -178,11 +178,16 @@ fn reap_statement(t: &str, map: &ColumnMap) -> String {
         Some(c) => format!("o.{}::text", quote_ident(c)),
         None => "''::text".into(),
     };
+    // Dead-lettered on expiry only after pgoutbox's own last claim (see
+    // crate::outbox::lease).
+    use crate::outbox::lease::LOCK_TOKEN_TAG;
+    let spent =
+        format!("o.retry_count >= o.max_retries AND (o.lock_token >> 48) = {LOCK_TOKEN_TAG}");
     format!(
         "WITH u AS (UPDATE {t} AS o SET \
-                status = CASE WHEN o.retry_count >= o.max_retries THEN 'DEAD_LETTER' ELSE 'PENDING' END, \
-                processed_at = CASE WHEN o.retry_count >= o.max_retries THEN now() END, \
-                last_error = CASE WHEN o.retry_count >= o.max_retries \
+                status = CASE WHEN {spent} THEN 'DEAD_LETTER' ELSE 'PENDING' END, \
+                processed_at = CASE WHEN {spent} THEN now() END, \
+                last_error = CASE WHEN {spent} \
                                   THEN 'lease expired on attempt ' || o.retry_count || ' of ' || o.max_retries \
                                        || ' (the worker holding it stopped or stalled)' \
                                   ELSE o.last_error END, \

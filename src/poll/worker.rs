@@ -210,7 +210,7 @@ impl Worker {
                 },
             };
             let seen = *self.wake.borrow_and_update();
-            let token: i64 = rand::random();
+            let token = crate::outbox::lease::lock_token(rand::random());
             let rows = match client
                 .query(&prepared.claim, &[&batch, &lease, &token])
                 .await

@@ -37,14 +37,18 @@ use tokio::sync::mpsc;
 
 use crate::config::{KafkaConfig, Mode};
 use crate::metrics::{self, health, metrics};
-use crate::pipeline::{Delivery, Failure, KafkaRecord, RecordSink, SendError};
+use crate::pipeline::{CommitFuture, Delivery, Failure, KafkaRecord, RecordSink, SendError};
+
+/// The ticket of a progress record (exactly-once delivery): its delivery
+/// report is not the pipeline's business, and it is not an event.
+pub(super) const PROGRESS_TICKET: usize = usize::MAX;
 
 /// The producer could not be created.
 #[derive(Debug, thiserror::Error)]
 #[error("kafka producer: {0}")]
 pub struct SinkError(String);
 
-struct Context {
+pub(super) struct Context {
     deliveries: mpsc::UnboundedSender<Delivery>,
     fatal: Arc<AtomicBool>,
     /// The `mode` label of this producer's metrics.
@@ -66,6 +70,14 @@ impl Drop for Context {
 impl ClientContext for Context {
     fn error(&self, error: KafkaError, reason: &str) {
         match error.rdkafka_error_code() {
+            // Exactly-once: another relay with the same transactional.id
+            // called init_transactions. This producer can write nothing
+            // more; the relay stands by (its next session finds the slot
+            // or the serving lock taken).
+            Some(RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced) => {
+                self.fatal.store(true, Ordering::SeqCst);
+                tracing::warn!(%reason, "this relay's Kafka producer was fenced: another relay with the same transactional.id took over this stream; this relay stops serving and stands by");
+            }
             Some(RDKafkaErrorCode::Fatal) => {
                 self.fatal.store(true, Ordering::SeqCst);
                 tracing::error!(%reason, "kafka producer hit a fatal error; it will be rebuilt");
@@ -99,6 +111,10 @@ impl ProducerContext for Context {
 
     fn delivery(&self, result: &DeliveryResult<'_>, ticket: usize) {
         use rdkafka::message::Message;
+        if ticket == PROGRESS_TICKET {
+            // A failure dooms the transaction; its commit reports it.
+            return;
+        }
         self.outstanding.fetch_sub(1, Ordering::SeqCst);
         let m = metrics();
         m.kafka_in_flight.dec();
@@ -166,12 +182,46 @@ fn read_password_file(path: &str) -> Result<String, SinkError> {
     Ok(password.to_owned())
 }
 
-/// An idempotent Kafka producer.
+/// The client settings every Kafka client of the relay shares (brokers,
+/// security properties, the SASL password), and the secret values to keep
+/// out of any error text.
+pub(super) fn client_config(cfg: &KafkaConfig) -> Result<(ClientConfig, Vec<String>), SinkError> {
+    let mut client = ClientConfig::new();
+    let mut secrets: Vec<String> = Vec::new();
+    for (k, v) in &cfg.properties {
+        client.set(k, v);
+        if KafkaConfig::is_secret_property(k) && !v.is_empty() {
+            secrets.push(v.clone());
+        }
+    }
+    if let Some(path) = &cfg.sasl_password_file {
+        let password = read_password_file(path)?;
+        client.set("sasl.password", &password);
+        secrets.push(password);
+    }
+    client.set("bootstrap.servers", &cfg.brokers);
+    if !cfg.properties.contains_key("client.id") {
+        client.set("client.id", "pgoutbox");
+    }
+    Ok((client, secrets))
+}
+
+/// `text` with every secret replaced by `***`.
+pub(super) fn hide(mut text: String, secrets: &[String]) -> String {
+    for secret in secrets {
+        text = text.replace(secret.as_str(), "***");
+    }
+    text
+}
+
+/// An idempotent Kafka producer (transactional for exactly-once delivery).
 pub struct Sink {
-    producer: Arc<ThreadedProducer<Context>>,
+    pub(super) producer: Arc<ThreadedProducer<Context>>,
     fatal: Arc<AtomicBool>,
     mode: Mode,
     probe: Option<tokio::task::AbortHandle>,
+    /// `kafka.transaction_timeout_ms`: how long a commit or abort may try.
+    pub(super) transaction_timeout: Duration,
 }
 
 impl Drop for Sink {
@@ -222,34 +272,40 @@ impl Sink {
         cfg: &KafkaConfig,
         mode: Mode,
     ) -> Result<(Sink, mpsc::UnboundedReceiver<Delivery>), SinkError> {
+        Sink::build(cfg, mode, None)
+    }
+
+    /// A transactional producer with `transactional_id` (exactly-once
+    /// delivery, CDC); call [`Sink::init_transactions`] before sending.
+    pub fn transactional(
+        cfg: &KafkaConfig,
+        transactional_id: &str,
+    ) -> Result<(Sink, mpsc::UnboundedReceiver<Delivery>), SinkError> {
+        Sink::build(cfg, Mode::Cdc, Some(transactional_id))
+    }
+
+    fn build(
+        cfg: &KafkaConfig,
+        mode: Mode,
+        transactional_id: Option<&str>,
+    ) -> Result<(Sink, mpsc::UnboundedReceiver<Delivery>), SinkError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let fatal = Arc::new(AtomicBool::new(false));
-        let mut client = ClientConfig::new();
-        // Secret values, to be kept out of any error text.
-        let mut secrets: Vec<String> = Vec::new();
-        for (k, v) in &cfg.properties {
-            client.set(k, v);
-            if KafkaConfig::is_secret_property(k) && !v.is_empty() {
-                secrets.push(v.clone());
-            }
-        }
-        if let Some(path) = &cfg.sasl_password_file {
-            let password = read_password_file(path)?;
-            client.set("sasl.password", &password);
-            secrets.push(password);
-        }
+        let (mut client, secrets) = client_config(cfg)?;
         let queue_messages = (cfg.max_in_flight_events * 2).max(100_000);
+        if let Some(id) = transactional_id {
+            client.set("transactional.id", id).set(
+                "transaction.timeout.ms",
+                cfg.transaction_timeout_ms.to_string(),
+            );
+        }
         client
-            .set("bootstrap.servers", &cfg.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("compression.type", &cfg.compression)
             .set("linger.ms", cfg.linger_ms.to_string())
             .set("message.max.bytes", cfg.message_max_bytes.to_string())
             .set("queue.buffering.max.messages", queue_messages.to_string());
-        if !cfg.properties.contains_key("client.id") {
-            client.set("client.id", "pgoutbox");
-        }
         // Kafka Connect's (Java) producer puts a keyed record on
         // murmur2(key) % partitions; librdkafka's default hashes with
         // CRC32. A drop-in for Debezium keeps every aggregate on the
@@ -265,20 +321,16 @@ impl Sink {
             mode,
             outstanding: AtomicI64::new(0),
         };
-        let producer: ThreadedProducer<Context> =
-            client.create_with_context(context).map_err(|e| {
-                let mut text = e.to_string();
-                for secret in &secrets {
-                    text = text.replace(secret.as_str(), "***");
-                }
-                SinkError(text)
-            })?;
+        let producer: ThreadedProducer<Context> = client
+            .create_with_context(context)
+            .map_err(|e| SinkError(hide(e.to_string(), &secrets)))?;
         Ok((
             Sink {
                 producer: Arc::new(producer),
                 fatal,
                 mode,
                 probe: None,
+                transaction_timeout: Duration::from_millis(cfg.transaction_timeout_ms),
             },
             rx,
         ))
@@ -325,6 +377,7 @@ impl Sink {
     /// Enqueues one record. Its outcome arrives later as a [`Delivery`]
     /// carrying `ticket`.
     pub fn send(&self, ticket: u64, record: &KafkaRecord) -> Result<(), SendError> {
+        let ticket = ticket as usize;
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
             headers = headers.insert(Header {
@@ -333,7 +386,7 @@ impl Sink {
             });
         }
         let topic = record.topic.as_str();
-        let mut base = BaseRecord::with_opaque_to(topic, ticket as usize)
+        let mut base = BaseRecord::with_opaque_to(topic, ticket)
             .key(&record.key[..])
             .headers(headers);
         if !record.tombstone {
@@ -416,6 +469,18 @@ impl RecordSink for Sink {
 
     fn flush(&self, timeout: Duration) -> bool {
         Sink::flush(self, timeout)
+    }
+
+    fn begin_transaction(&self) -> Result<(), crate::pipeline::TxnFailure> {
+        Sink::begin_transaction(self)
+    }
+
+    fn commit_transaction(&self, progress: KafkaRecord) -> CommitFuture {
+        Sink::commit_transaction(self, progress)
+    }
+
+    fn abort_transaction(&self) -> CommitFuture {
+        Sink::abort_transaction(self)
     }
 }
 

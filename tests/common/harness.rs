@@ -255,6 +255,9 @@ where
     }
 }
 
+/// The advisory lock [`TestOutbox::hold_marks`] holds.
+pub const MARKS_LOCK: i64 = 4343;
+
 /// One test's outbox: schema `<name>`, table `outbox`, publication
 /// `<name>_pub`, slot `<name>_slot`, topics under `<name>.`.
 pub struct TestOutbox {
@@ -460,6 +463,19 @@ impl TestOutbox {
         out
     }
 
+    /// Migrates another outbox table, `table`, into the test's schema and
+    /// publication (several outbox tables on one publication).
+    pub fn migrate_table(&self, table: &str) {
+        let mut cmd = self.command_with_args(&["migrate"]);
+        cmd.env("OUTBOX_TABLE", table);
+        let out = output_checked(&mut cmd);
+        assert!(
+            out.status.success(),
+            "pgoutbox migrate of {table} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// A `pgoutbox` command with these arguments. `migrate` and `dle` run
     /// as the admin role, `migrate` with `--relay-role` (so every table a
     /// test migrates is granted to the relay's role); anything else (`run`)
@@ -535,6 +551,29 @@ impl TestOutbox {
             .await
             .expect("read slot");
         row.and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0) as u64
+    }
+
+    /// Holds every status update of `tables` (of the test's schema): a
+    /// trigger waits on an advisory lock the returned client holds, until
+    /// it unlocks ([`MARKS_LOCK`]) or drops.
+    pub async fn hold_marks(&self, tables: &[&str]) -> tokio_postgres::Client {
+        let s = &self.name;
+        let mut sql = format!(
+            "CREATE OR REPLACE FUNCTION {s}.hold_marks() RETURNS trigger LANGUAGE plpgsql AS $$ \
+               BEGIN PERFORM pg_advisory_xact_lock_shared({MARKS_LOCK}); RETURN NEW; END $$;"
+        );
+        for t in tables {
+            sql.push_str(&format!(
+                " CREATE TRIGGER hold_marks BEFORE UPDATE ON {s}.{t} FOR EACH ROW EXECUTE FUNCTION {s}.hold_marks();"
+            ));
+        }
+        self.client.batch_execute(&sql).await.unwrap();
+        let holder = connect().await;
+        holder
+            .execute(&format!("SELECT pg_advisory_lock({MARKS_LOCK})"), &[])
+            .await
+            .unwrap();
+        holder
     }
 
     /// Drops the test's slot (the relay must be stopped).
@@ -702,7 +741,41 @@ pub fn read_topics(
     timeout: Duration,
     done: impl Fn(&[Record]) -> bool,
 ) -> Vec<Record> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    read_topics_as(topics, timeout, None, done)
+}
+
+/// Which records a reader of transactional topics sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    /// Only records of committed Kafka transactions (what exactly-once
+    /// consumers set).
+    ReadCommitted,
+    /// Every record written, aborted transactions' too.
+    ReadUncommitted,
+}
+
+/// [`read_topics`] with an explicit `isolation.level`: "read to the end"
+/// then means every partition reported its end (for `read_committed` the
+/// last stable offset; transaction markers take offsets, so the high
+/// watermark is never reached by records).
+pub fn read_topics_as(
+    topics: &[String],
+    timeout: Duration,
+    isolation: Option<Isolation>,
+    done: impl Fn(&[Record]) -> bool,
+) -> Vec<Record> {
+    let mut config = ClientConfig::new();
+    if let Some(level) = isolation {
+        config.set("enable.partition.eof", "true").set(
+            "isolation.level",
+            match level {
+                Isolation::ReadCommitted => "read_committed",
+                Isolation::ReadUncommitted => "read_uncommitted",
+            },
+        );
+    }
+    let mut at_end: std::collections::HashSet<(String, i32)> = Default::default();
+    let consumer: BaseConsumer = config
         .set("bootstrap.servers", &services().kafka_brokers)
         .set("group.id", "pgoutbox-tests")
         .set("enable.auto.commit", "false")
@@ -740,12 +813,14 @@ pub fn read_topics(
                     .expect("add partition");
             }
             records.clear();
+            at_end.clear();
             consumer.assign(&tpl).expect("assign");
         }
         let poll_until = Instant::now() + Duration::from_millis(500);
         while Instant::now() < poll_until {
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
+                    at_end.remove(&(m.topic().to_owned(), m.partition()));
                     let mut headers = HashMap::new();
                     if let Some(h) = m.headers() {
                         for i in 0..h.count() {
@@ -766,11 +841,22 @@ pub fn read_topics(
                         headers,
                     });
                 }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    // The event names the partition only; each test's topics
+                    // each have one writer, so mark every topic's.
+                    for t in topics {
+                        at_end.insert((t.clone(), p));
+                    }
+                }
                 Some(Err(e)) => eprintln!("consumer error: {e}"),
                 None => {}
             }
         }
-        if !assigned.is_empty() && done(&records) {
+        if !assigned.is_empty() && done(&records) && isolation.is_some() {
+            if assigned.keys().all(|k| at_end.contains(k)) {
+                return records;
+            }
+        } else if !assigned.is_empty() && done(&records) {
             // Drain to the high watermarks so duplicates are counted too.
             let all_read = assigned.keys().all(|(t, p)| {
                 let high = consumer
@@ -821,10 +907,21 @@ pub async fn read_until_all(
     expected: Vec<uuid::Uuid>,
     timeout: Duration,
 ) -> Vec<Record> {
+    read_until_all_as(topics, expected, timeout, None).await
+}
+
+/// [`read_until_all`] with an explicit isolation level (see
+/// [`read_topics_as`]).
+pub async fn read_until_all_as(
+    topics: Vec<String>,
+    expected: Vec<uuid::Uuid>,
+    timeout: Duration,
+    isolation: Option<Isolation>,
+) -> Vec<Record> {
     tokio::task::spawn_blocking(move || {
         let want: std::collections::HashSet<String> =
             expected.iter().map(|u| u.to_string()).collect();
-        read_topics(&topics, timeout, |recs| {
+        read_topics_as(&topics, timeout, isolation, |recs| {
             let seen: std::collections::HashSet<&str> =
                 recs.iter().map(|r| r.header("tracking_id")).collect();
             want.iter().all(|w| seen.contains(w.as_str()))

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::harness::{read_until_all, Record, TestOutbox};
+use super::harness::{read_until_all_as, Isolation, Record, TestOutbox};
 
 /// One event the load committed (or tried to).
 #[derive(Clone, Debug)]
@@ -241,6 +241,18 @@ pub async fn check(
     timeout: Duration,
     explained: impl Fn(&Written) -> bool,
 ) -> Report {
+    check_as(outbox, topics, load, timeout, None, explained).await
+}
+
+/// [`check`], reading the topics at `isolation` (transactional topics).
+pub async fn check_as(
+    outbox: &TestOutbox,
+    topics: Vec<String>,
+    load: &LoadResult,
+    timeout: Duration,
+    isolation: Option<Isolation>,
+    explained: impl Fn(&Written) -> bool,
+) -> Report {
     let rows: Vec<Uuid> = outbox
         .client
         .query(
@@ -252,7 +264,7 @@ pub async fn check(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let records = read_until_all(topics, rows.clone(), timeout).await;
+    let records = read_until_all_as(topics, rows.clone(), timeout, isolation).await;
     let row_set: HashSet<String> = rows.iter().map(Uuid::to_string).collect();
     let rolled_back: HashSet<String> = load.rolled_back.iter().map(Uuid::to_string).collect();
     let written: HashMap<String, &Written> = load

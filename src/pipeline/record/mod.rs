@@ -8,7 +8,9 @@
 //! - key: `aggregate_id`, so one aggregate's events share a partition;
 //! - value: `payload`, byte for byte as PostgreSQL sent it;
 //! - headers: `tracking_id`, `aggregate_type`, `aggregate_id`, `event_type`,
-//!   `created_at`, and `traceparent` / `tracestate` when `metadata` holds them.
+//!   `created_at`, `traceparent` / `tracestate` when `metadata` holds them
+//!   (or its `traceContext` object does), and the other top-level keys of
+//!   `metadata` (`kafka.metadata_headers`: all by default, a list, or none).
 //!
 //! That is the `pgoutbox` format (`kafka.format`, the default); the
 //! `debezium` format reproduces Debezium's Outbox Event Router
@@ -30,7 +32,8 @@ use std::fmt;
 use bytes::Bytes;
 
 use crate::config::{
-    ColumnMap, ConfigError, KafkaConfig, RecordFormat, TopicError, TopicField, TopicTemplate,
+    ColumnMap, ConfigError, KafkaConfig, MetadataHeaders, RecordFormat, TopicError, TopicField,
+    TopicTemplate,
 };
 use crate::outbox::OutboxEvent;
 
@@ -50,6 +53,18 @@ pub mod header {
     pub const TRACEPARENT: &str = "traceparent";
     /// W3C tracestate, when `metadata` has one.
     pub const TRACESTATE: &str = "tracestate";
+    /// The headers above, and the polling framework's trace-context key:
+    /// `metadata` keys with these names never become headers of their own.
+    pub const RESERVED: [&str; 8] = [
+        TRACKING_ID,
+        AGGREGATE_TYPE,
+        AGGREGATE_ID,
+        EVENT_TYPE,
+        CREATED_AT,
+        TRACEPARENT,
+        TRACESTATE,
+        "traceContext",
+    ];
 }
 
 /// Bytes a record costs beyond its key, value and header values (header
@@ -136,6 +151,8 @@ pub struct RecordBuilder {
     per_table: Vec<(String, TopicTemplate)>,
     max_bytes: usize,
     layout: Layout,
+    /// Which `metadata` keys become headers (pgoutbox's format).
+    metadata_headers: MetadataHeaders,
 }
 
 impl RecordBuilder {
@@ -147,6 +164,7 @@ impl RecordBuilder {
             per_table,
             max_bytes: usize::MAX,
             layout: Layout::Pgoutbox,
+            metadata_headers: MetadataHeaders::All,
         }
     }
 
@@ -180,6 +198,7 @@ impl RecordBuilder {
         Ok(RecordBuilder {
             max_bytes: cfg.message_max_bytes,
             layout,
+            metadata_headers: cfg.metadata_headers.clone(),
             ..RecordBuilder::new(default, per_table)
         })
     }
@@ -259,6 +278,7 @@ impl RecordBuilder {
         if let Some(ts) = trace.tracestate {
             push(header::TRACESTATE, Bytes::from(ts));
         }
+        metadata_headers(event, &self.metadata_headers, &mut headers);
         Ok(KafkaRecord {
             topic,
             key: event.aggregate_id.clone(),
@@ -268,6 +288,38 @@ impl RecordBuilder {
             partition: None,
             timestamp: None,
         })
+    }
+}
+
+/// The top-level keys of `event`'s `metadata` object that `which` selects,
+/// as headers (a string as the string, anything else as its JSON text),
+/// sorted by key; never one of pgoutbox's own ([`header::RESERVED`]).
+/// Metadata that is not a JSON object adds none.
+fn metadata_headers(
+    event: &OutboxEvent,
+    which: &MetadataHeaders,
+    headers: &mut Vec<(HeaderName, Option<Bytes>)>,
+) {
+    let Some(meta) = &event.metadata else { return };
+    if *which == MetadataHeaders::None {
+        return;
+    }
+    let body = meta.trim_ascii();
+    if body.first() != Some(&b'{') || body == b"{}" {
+        return;
+    }
+    let Ok(map) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) else {
+        return;
+    };
+    for (key, value) in map {
+        if header::RESERVED.contains(&key.as_str()) || !which.includes(&key) {
+            continue;
+        }
+        let value = match value {
+            serde_json::Value::String(s) => Bytes::from(s),
+            other => Bytes::from(other.to_string()),
+        };
+        headers.push((Cow::Owned(key), Some(value)));
     }
 }
 
@@ -367,14 +419,77 @@ mod tests {
                 "aggregate_id",
                 "event_type",
                 "created_at",
-                "traceparent"
-            ]
+                "traceparent",
+                "other"
+            ],
+            "the contract's headers, then metadata's other keys"
         );
         assert_eq!(r.headers[5].1, Some(Bytes::from_static(b"00-abc-def-01")));
         let mut plain = e.clone();
         plain.metadata = None;
         let r = builder("t").build(&plain).unwrap();
         assert_eq!(r.headers.len(), 5, "no trace context, no trace headers");
+    }
+
+    #[test]
+    fn metadata_keys_become_headers_and_the_frameworks_trace_context_is_understood() {
+        let mut e = sample_event();
+        e.metadata = Some(Bytes::from_static(
+            br#"{"tenant": "acme", "schema_version": 2, "emitted_at": "2026-12-03T10:00:00Z",
+                 "flags": {"a": [1, true]}, "tracking_id": "forged", "empty": null,
+                 "traceContext": {"traceparent": "00-fw-01", "tracestate": "k=v"}}"#,
+        ));
+        let headers = |b: &RecordBuilder, e: &OutboxEvent| -> Vec<(String, String)> {
+            let r = b.build(e).unwrap();
+            r.headers
+                .iter()
+                .skip(5)
+                .map(|(k, v)| {
+                    let v = v
+                        .as_deref()
+                        .map(String::from_utf8_lossy)
+                        .unwrap_or_default();
+                    (k.to_string(), v.into_owned())
+                })
+                .collect()
+        };
+        let mut b = builder("t");
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            headers(&b, &e),
+            pairs(&[
+                ("traceparent", "00-fw-01"),
+                ("tracestate", "k=v"),
+                ("emitted_at", "2026-12-03T10:00:00Z"),
+                ("empty", "null"),
+                ("flags", r#"{"a":[1,true]}"#),
+                ("schema_version", "2"),
+                ("tenant", "acme"),
+            ]),
+            "every key but pgoutbox's own, strings as themselves, the rest as JSON"
+        );
+        b.metadata_headers = "tenant, schema_version".parse().unwrap();
+        assert_eq!(
+            headers(&b, &e),
+            pairs(&[
+                ("traceparent", "00-fw-01"),
+                ("tracestate", "k=v"),
+                ("schema_version", "2"),
+                ("tenant", "acme"),
+            ])
+        );
+        b.metadata_headers = MetadataHeaders::None;
+        assert_eq!(headers(&b, &e).len(), 2, "the trace context stays");
+        e.metadata = Some(Bytes::from_static(b"[1, 2]"));
+        b.metadata_headers = MetadataHeaders::All;
+        assert!(
+            headers(&b, &e).is_empty(),
+            "not an object: no headers, no error"
+        );
     }
 
     #[test]
