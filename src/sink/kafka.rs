@@ -56,6 +56,8 @@ pub(super) struct Context {
     /// Records enqueued and not yet reported, as counted in the in-flight
     /// gauge; what is left when the producer is destroyed is taken out.
     outstanding: AtomicI64,
+    /// Client errors logged recently (repeats are counted, not logged).
+    repeats: Repeats,
 }
 
 impl Drop for Context {
@@ -101,7 +103,47 @@ impl ClientContext for Context {
                      if the broker requires one; nothing is delivered until it succeeds"
                 );
             }
-            _ => tracing::warn!(error = %error, %reason, "kafka client error"),
+            code => {
+                let key = code.map_or(-1, |c| c as i32);
+                if let Some(repeated) = self.repeats.admit(key) {
+                    tracing::warn!(error = %error, %reason, repeated, "kafka client error");
+                }
+            }
+        }
+    }
+}
+
+/// How often one kind of client error is logged: librdkafka reports a
+/// broker that refuses connections at every reconnection attempt (tens of
+/// times a second during an outage), which would bury every other line.
+const CLIENT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The last time each client error code was logged, and how many reports
+/// were left out since.
+#[derive(Default)]
+pub(super) struct Repeats(
+    std::sync::Mutex<std::collections::HashMap<i32, (std::time::Instant, u64)>>,
+);
+
+impl Repeats {
+    /// `Some(n)` when a report of `code` should be logged now (`n` reports
+    /// of it were left out since the last line), `None` to leave it out.
+    fn admit(&self, code: i32) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.get_mut(&code) {
+            Some((at, left_out)) if now.duration_since(*at) < CLIENT_ERROR_LOG_INTERVAL => {
+                *left_out += 1;
+                None
+            }
+            Some((at, left_out)) => {
+                *at = now;
+                Some(std::mem::take(left_out))
+            }
+            None => {
+                seen.insert(code, (now, 0));
+                Some(0)
+            }
         }
     }
 }
@@ -225,10 +267,22 @@ pub struct Sink {
 }
 
 impl Drop for Sink {
+    /// Purges what this producer still holds, queued or in flight, before
+    /// the handle is released. The relay drops a sink when its session
+    /// ends (a delivery failed, the stream closed) and the next session
+    /// resends everything not confirmed through a new producer. A handle
+    /// may outlive the sink (a cluster probe blocked in a metadata request
+    /// keeps it until Kafka answers); had the old producer kept its queue,
+    /// it would deliver the later events of the failed run when Kafka came
+    /// back, before the new producer resent the earlier ones — an
+    /// aggregate's events out of order for a consumer deduplicating on
+    /// `tracking_id` (ARCHITECTURE.md, invariant 4).
     fn drop(&mut self) {
         if let Some(probe) = &self.probe {
             probe.abort();
         }
+        self.producer
+            .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
     }
 }
 
@@ -320,6 +374,7 @@ impl Sink {
             fatal: fatal.clone(),
             mode,
             outstanding: AtomicI64::new(0),
+            repeats: Repeats::default(),
         };
         let producer: ThreadedProducer<Context> = client
             .create_with_context(context)
@@ -536,6 +591,65 @@ mod tests {
             rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
         );
         assert!(sink.is_fatal());
+    }
+
+    #[test]
+    fn a_repeated_client_error_is_logged_once_per_interval_with_its_count() {
+        let repeats = Repeats::default();
+        assert_eq!(repeats.admit(1), Some(0));
+        assert_eq!(repeats.admit(1), None);
+        assert_eq!(repeats.admit(1), None);
+        assert_eq!(repeats.admit(2), Some(0), "another code is logged at once");
+        // Back-date the last line of code 1 past the interval.
+        repeats.0.lock().unwrap().get_mut(&1).unwrap().0 -= CLIENT_ERROR_LOG_INTERVAL;
+        assert_eq!(repeats.admit(1), Some(2), "the two left out are counted");
+        assert_eq!(repeats.admit(1), None);
+    }
+
+    #[test]
+    fn a_dropped_sink_keeps_nothing_queued_for_later_delivery() {
+        // Nothing listens on port 1: every record stays queued, as when
+        // Kafka is down and the session gives up on a timed-out send.
+        let cfg = KafkaConfig {
+            brokers: "127.0.0.1:1".into(),
+            ..KafkaConfig::default()
+        };
+        let (sink, mut deliveries) = Sink::new(&cfg, Mode::Cdc).unwrap();
+        let record = KafkaRecord {
+            topic: "orders".into(),
+            key: bytes::Bytes::from_static(b"aggregate-1"),
+            value: bytes::Bytes::from_static(b"{}"),
+            tombstone: false,
+            headers: Vec::new(),
+            partition: None,
+            timestamp: None,
+        };
+        for ticket in 0..5 {
+            sink.send(ticket, &record).unwrap();
+        }
+        // A handle that outlives the sink, as a cluster probe blocked in a
+        // metadata request holds one.
+        let held = sink.producer.clone();
+        drop(sink);
+        // The five are reported failed (purged): nothing stays queued for
+        // the held producer to deliver once a broker answers. (Without the
+        // purge they would wait for a broker until message.timeout.ms.)
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut purged = 0;
+        while purged < 5 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still queued after the sink was dropped: {purged} of 5 reported"
+            );
+            match deliveries.try_recv() {
+                Ok(d) => {
+                    assert!(d.result.is_err(), "ticket {} delivered", d.ticket);
+                    purged += 1;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        drop(held);
     }
 
     #[test]
