@@ -62,6 +62,9 @@ const CONTRACT: &[(&str, bool, bool)] = &[
     ("pgoutbox_reconnects_total", true, true),
     ("pgoutbox_sample_errors_total", true, true),
     ("pgoutbox_messages_ignored_total", true, false),
+    ("pgoutbox_health_level", true, true),
+    ("pgoutbox_health_check_level", true, true),
+    ("pgoutbox_outbox_dead_letters_recent", true, true),
 ];
 
 /// One sample line of the text format.
@@ -305,6 +308,38 @@ async fn a_cdc_relay_serves_every_cdc_metric_with_plausible_values() {
         .await;
     check_contract_and_labels(&m, true, &[ids.clone(), vec![big]].concat());
 
+    // One dead letter in the window degrades the outbox (the default
+    // `health.dead_letters` is 1 degraded, 100 unhealthy); nothing else does.
+    let h = relay
+        .wait_metrics(
+            "the dead letter judged",
+            |m| value(m, "pgoutbox_outbox_dead_letters_recent", &[]) == Some(1.0),
+            DEADLINE,
+        )
+        .await;
+    assert_eq!(one(&h, "pgoutbox_health_level", &[]), 1.0);
+    assert_eq!(
+        one(
+            &h,
+            "pgoutbox_health_check_level",
+            &[("check", "dead_letters")]
+        ),
+        1.0
+    );
+    for check in ["oldest_pending", "slot_lag"] {
+        assert_eq!(
+            one(&h, "pgoutbox_health_check_level", &[("check", check)]),
+            0.0,
+            "{check}"
+        );
+    }
+    let (code, body) = http_get(&relay.addr, "/health").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.starts_with("degraded: 1 events dead-lettered in the last 3600 s"),
+        "{body}"
+    );
+
     let cdc = [("mode", "cdc")];
     assert_eq!(one(&m, "pgoutbox_events_read_total", &cdc), (N + 1) as f64);
     assert_eq!(
@@ -402,7 +437,11 @@ async fn a_cdc_relay_serves_every_cdc_metric_with_plausible_values() {
 async fn a_poll_relay_serves_every_poll_metric_with_plausible_values() {
     let _shared = SERVICES.read().await;
     let mut outbox = TestOutbox::new("metrics_poll").await;
-    outbox.extra_config = observed_config();
+    // One dead letter makes this outbox unhealthy: /health answers 503.
+    outbox.extra_config = format!(
+        "{}\n[health]\ndead_letters = {{ degraded = 0, unhealthy = 1 }}\n",
+        observed_config()
+    );
     let relay = Observed::start(&outbox, &["--mode", "poll"], "poll");
     relay.wait_ready(200, DEADLINE).await;
 
@@ -430,6 +469,20 @@ async fn a_poll_relay_serves_every_poll_metric_with_plausible_values() {
         )
         .await;
     check_contract_and_labels(&m, false, &[ids.clone(), vec![big]].concat());
+    relay
+        .wait_metrics(
+            "the dead letter judged",
+            |m| value(m, "pgoutbox_health_level", &[]) == Some(2.0),
+            DEADLINE,
+        )
+        .await;
+    let (code, body) = http_get(&relay.addr, "/health").await.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.starts_with("unhealthy: 1 events dead-lettered")
+            && body.contains("(unhealthy from 1,"),
+        "{body}"
+    );
 
     let poll = [("mode", "poll")];
     assert_eq!(one(&m, "pgoutbox_events_read_total", &poll), (N + 1) as f64);

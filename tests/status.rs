@@ -355,3 +355,78 @@ async fn status_shows_pollers_sharing_the_table() {
     assert!(text.contains("does not exist"), "{text}");
     assert!(relay.terminate().success());
 }
+
+/// Issue 18, point 11: `pgoutbox status` judges the outbox against the
+/// `[health]` thresholds — the oldest pending event's age and the rows
+/// dead-lettered within the window (no slot here) — in JSON and as text,
+/// with thresholds from the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_judges_the_outbox_against_the_health_thresholds() {
+    let outbox = TestOutbox::new("status_health").await;
+    let s = outbox.name.clone();
+    let o = status_json(&outbox);
+    assert_eq!(o["health"]["level"], "healthy", "{o}");
+    assert_eq!(o["health"]["findings"], Value::Array(vec![]));
+    assert!(status(&outbox, false).contains("\nhealth      healthy\n"));
+
+    insert(&outbox, "PENDING", 1, 400.0).await;
+    insert(&outbox, "DEAD_LETTER", 3, 1.0).await;
+    // Two dead-lettered just now, one two hours ago (outside the default
+    // window of an hour).
+    outbox
+        .client
+        .batch_execute(&format!(
+            "UPDATE {s}.outbox SET processed_at = now() - interval '2 hours' WHERE status = 'DEAD_LETTER';
+             UPDATE {s}.outbox SET processed_at = now() WHERE tracking_id IN
+               (SELECT tracking_id FROM {s}.outbox WHERE status = 'DEAD_LETTER' LIMIT 2)"
+        ))
+        .await
+        .unwrap();
+    let o = status_json(&outbox);
+    assert_eq!(o["rows"]["dead_letters_recent"], 2, "{o}");
+    assert_eq!(o["health"]["level"], "degraded", "{o}");
+    let findings: Vec<(&str, &str)> = o["health"]["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["check"].as_str().unwrap(), f["level"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        findings,
+        [("oldest_pending", "degraded"), ("dead_letters", "degraded")]
+    );
+
+    // Tighter thresholds from the environment: the age is now unhealthy,
+    // and dead letters are not judged at all.
+    let mut cmd = outbox.admin_command();
+    cmd.env_remove("KAFKA_BROKERS")
+        .env("OUTBOX_HEALTH_OLDEST_PENDING_S", "60,300")
+        .env("OUTBOX_HEALTH_DEAD_LETTERS", "0,0")
+        .arg("status");
+    let out = output_checked(&mut cmd);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("health "))
+        .unwrap_or_else(|| panic!("no health line in:\n{text}"));
+    assert!(
+        line.starts_with("health      unhealthy: the oldest pending event is 4")
+            && line.contains("(unhealthy from 300 s, health.oldest_pending_s)")
+            && !line.contains("dead-lettered"),
+        "{line}"
+    );
+
+    // A malformed pair is a one-line error naming the variable.
+    let mut cmd = outbox.admin_command();
+    cmd.env_remove("KAFKA_BROKERS")
+        .env("OUTBOX_HEALTH_DEAD_LETTERS", "5")
+        .arg("status");
+    let out = output_checked(&mut cmd);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("OUTBOX_HEALTH_DEAD_LETTERS") && err.contains("degraded,unhealthy"),
+        "{err}"
+    );
+}

@@ -88,6 +88,7 @@ fn age(seconds: f64) -> String {
 pub fn format_overview(o: &Overview) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "outbox      {}  (at {})", o.table, o.generated_at);
+    let _ = writeln!(out, "health      {}", o.health);
     write_mode(&mut out, &o.mode);
     write_slot(&mut out, &o.slot);
     match &o.rows {
@@ -247,7 +248,14 @@ fn write_rows(out: &mut String, r: &RowsOverview) {
     if r.failed > 0 {
         let _ = writeln!(out, "failed      {}", r.failed);
     }
-    let _ = writeln!(out, "dead letter {}", r.dead_letter);
+    match r.dead_letters_recent {
+        Some(n) if n > 0 => {
+            let _ = writeln!(out, "dead letter {} ({n} recent)", r.dead_letter);
+        }
+        _ => {
+            let _ = writeln!(out, "dead letter {}", r.dead_letter);
+        }
+    }
 }
 
 /// The `partitions` line, then a table with one line per partition.

@@ -52,6 +52,10 @@ pub const ENV_VARS: &[&str] = &[
     "KAFKA_TRANSACTION_MAX_EVENTS",
     "KAFKA_TRANSACTION_INTERVAL_MS",
     "OUTBOX_METRICS_LISTEN",
+    "OUTBOX_HEALTH_OLDEST_PENDING_S",
+    "OUTBOX_HEALTH_SLOT_LAG_BYTES",
+    "OUTBOX_HEALTH_DEAD_LETTERS",
+    "OUTBOX_HEALTH_DEAD_LETTER_WINDOW_S",
     "OUTBOX_WORKER_THREADS",
 ];
 
@@ -92,6 +96,26 @@ impl Config {
         apply_kafka(&mut self.kafka, &get)?;
         if let Some(v) = get("OUTBOX_METRICS_LISTEN") {
             self.metrics.listen = v;
+        }
+        let health = &mut self.health;
+        for (name, levels) in [
+            (
+                "OUTBOX_HEALTH_OLDEST_PENDING_S",
+                &mut health.oldest_pending_s,
+            ),
+            ("OUTBOX_HEALTH_SLOT_LAG_BYTES", &mut health.slot_lag_bytes),
+            ("OUTBOX_HEALTH_DEAD_LETTERS", &mut health.dead_letters),
+        ] {
+            if let Some(v) = get(name) {
+                *levels = super::health::parse_levels(name, &v)?;
+            }
+        }
+        if let Some(v) = get("OUTBOX_HEALTH_DEAD_LETTER_WINDOW_S") {
+            health.dead_letter_window_s = parse_env(
+                "OUTBOX_HEALTH_DEAD_LETTER_WINDOW_S",
+                &v,
+                "a whole number of seconds",
+            )?;
         }
         if let Some(v) = get("OUTBOX_WORKER_THREADS") {
             self.runtime.worker_threads = parse_env("OUTBOX_WORKER_THREADS", &v, "a whole number")?;

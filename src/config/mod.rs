@@ -23,6 +23,7 @@ mod delivery;
 mod duration;
 mod env;
 mod format;
+mod health;
 mod identifier;
 mod kafka;
 mod log;
@@ -53,6 +54,7 @@ pub use format::{
     CloudEventsConfig, CloudEventsMode, DebeziumConverter, EventRouterConfig, MetadataHeaders,
     Place, Placement, RecordFormat,
 };
+pub use health::{HealthConfig, Levels};
 pub use identifier::{quote_ident, validate_identifier, validate_slot_name};
 pub use kafka::{KafkaConfig, MANAGED_PROPERTIES};
 pub use log::LogConfig;
@@ -106,6 +108,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Metrics, health endpoints and the sampler.
     pub metrics: MetricsConfig,
+    /// When the outbox counts as degraded or unhealthy.
+    pub health: HealthConfig,
     /// Partition lifecycle: create ahead, retention.
     pub partitions: PartitionsConfig,
     /// The process's async runtime.
@@ -204,6 +208,7 @@ impl Config {
         self.cdc.validate_limits()?;
         self.kafka.validate()?;
         self.metrics.validate()?;
+        self.health.validate()?;
         self.partitions.validate()?;
         self.log.validate()?;
         Ok(())
@@ -348,5 +353,10 @@ mod tests {
         .unwrap();
         c.validate().unwrap();
         assert_eq!(c.kafka.topic, "{aggregate_type}.{event_type}");
+        assert_eq!(
+            c.health,
+            HealthConfig::default(),
+            "the file shows the defaults"
+        );
     }
 }

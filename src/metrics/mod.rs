@@ -16,6 +16,7 @@
 //! templates; `""` for events no topic could be rendered for), `slot` the
 //! configured slot, `status` and `kind` fixed sets.
 
+pub mod condition;
 pub mod health;
 mod register;
 
@@ -104,6 +105,15 @@ pub mod names {
     /// relay did not relay (a prefix not configured, or non-transactional
     /// messages not enabled).
     pub const MESSAGES_IGNORED: &str = "pgoutbox_messages_ignored_total";
+    /// Gauge: the outbox's condition from the `[health]` thresholds, 0
+    /// healthy, 1 degraded, 2 unhealthy (sampled; `/health` says why).
+    pub const HEALTH_LEVEL: &str = "pgoutbox_health_level";
+    /// Gauge by `check` (`oldest_pending`, `slot_lag`, `dead_letters`):
+    /// each measure's level, 0, 1 or 2 (sampled).
+    pub const HEALTH_CHECK_LEVEL: &str = "pgoutbox_health_check_level";
+    /// Gauge: rows dead-lettered within `health.dead_letter_window_s`
+    /// (sampled).
+    pub const DEAD_LETTERS_RECENT: &str = "pgoutbox_outbox_dead_letters_recent";
     /// Counter by `outcome` (`committed`, `aborted`): Kafka transactions
     /// (exactly-once delivery).
     pub const KAFKA_TRANSACTIONS: &str = "pgoutbox_kafka_transactions_total";
@@ -211,6 +221,12 @@ pub struct Metrics {
     pub sample_errors: IntCounter,
     /// [`names::MESSAGES_IGNORED`].
     pub messages_ignored: IntCounter,
+    /// [`names::HEALTH_LEVEL`].
+    pub health_level: IntGauge,
+    /// [`names::HEALTH_CHECK_LEVEL`].
+    pub health_check_level: IntGaugeVec,
+    /// [`names::DEAD_LETTERS_RECENT`].
+    pub dead_letters_recent: IntGauge,
     /// Exactly-once delivery's Kafka transactions.
     pub transactions: TransactionMetrics,
     /// Per mode (`cdc`, `poll`): the counters of each topic seen.
@@ -283,6 +299,9 @@ impl Metrics {
             reconnects: rows.reconnects,
             sample_errors: rows.sample_errors,
             messages_ignored: rows.messages_ignored,
+            health_level: rows.health_level,
+            health_check_level: rows.health_check_level,
+            dead_letters_recent: rows.dead_letters_recent,
             transactions,
             topics: [Mutex::new(HashMap::new()), Mutex::new(HashMap::new())],
             registry,
@@ -462,6 +481,9 @@ mod tests {
             .set(1);
         m.slot_safe_wal_size.with_label_values(&["s"]).set(-1);
         m.slot_retention_warning.with_label_values(&["s"]).set(0);
+        m.health_check_level
+            .with_label_values(&["oldest_pending"])
+            .set(0);
         let text = m.encode();
         use names::*;
         for name in [
@@ -492,6 +514,9 @@ mod tests {
             POLL_LEASES_LOST,
             RECONNECTS,
             SAMPLE_ERRORS,
+            HEALTH_LEVEL,
+            HEALTH_CHECK_LEVEL,
+            DEAD_LETTERS_RECENT,
         ] {
             assert_eq!(
                 text.matches(&format!("# TYPE {name} ")).count(),

@@ -208,6 +208,9 @@ pub(super) struct Rows {
     pub(super) reconnects: IntCounterVec,
     pub(super) sample_errors: IntCounter,
     pub(super) messages_ignored: IntCounter,
+    pub(super) health_level: IntGauge,
+    pub(super) health_check_level: IntGaugeVec,
+    pub(super) dead_letters_recent: IntGauge,
 }
 
 impl Rows {
@@ -244,6 +247,19 @@ impl Rows {
             messages_ignored: r.counter(
                 MESSAGES_IGNORED,
                 "Logical messages with an outbox-like prefix that were not relayed",
+            ),
+            health_level: r.gauge(
+                HEALTH_LEVEL,
+                "The outbox's condition from the [health] thresholds: 0 healthy, 1 degraded, 2 unhealthy (sampled)",
+            ),
+            health_check_level: r.gauge_vec(
+                HEALTH_CHECK_LEVEL,
+                "Each health check's level: 0 healthy, 1 degraded, 2 unhealthy (sampled)",
+                &["check"],
+            ),
+            dead_letters_recent: r.gauge(
+                DEAD_LETTERS_RECENT,
+                "Rows dead-lettered within health.dead_letter_window_s (sampled)",
             ),
         }
     }

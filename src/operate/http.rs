@@ -126,11 +126,32 @@ async fn respond(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infall
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
             Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         },
+        "/health" => condition_response(crate::metrics::condition::latest()),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: /metrics, /healthz, /readyz\n".into(),
+            "not found: /metrics, /healthz, /readyz, /health\n".into(),
         ),
     })
+}
+
+/// `/health`: the outbox's condition at the sampler's last sample — 200
+/// `healthy` or `degraded: <why>`, 503 `unhealthy: <why>` (one line, the
+/// findings separated by `; `). Before the first sample: 200 `unknown`.
+fn condition_response(
+    condition: Option<crate::metrics::condition::Condition>,
+) -> Response<Full<Bytes>> {
+    use crate::metrics::condition::Level;
+    match condition {
+        None => text(StatusCode::OK, "unknown: not sampled yet\n".into()),
+        Some(c) => {
+            let status = if c.level == Level::Unhealthy {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            text(status, format!("{c}\n"))
+        }
+    }
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -141,4 +162,60 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::condition::{judge, Measures};
+
+    fn body(r: Response<Full<Bytes>>) -> (StatusCode, String) {
+        use http_body_util::BodyExt;
+        let status = r.status();
+        let collected = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(r.into_body().collect());
+        let bytes = match collected {
+            Ok(c) => c.to_bytes(),
+            Err(never) => match never {},
+        };
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn health_answers_200_unless_unhealthy() {
+        let t = crate::config::HealthConfig::default();
+        let (code, text) = body(condition_response(None));
+        assert_eq!(
+            (code, text.as_str()),
+            (StatusCode::OK, "unknown: not sampled yet\n")
+        );
+        let degraded = judge(
+            &t,
+            &Measures {
+                oldest_pending_s: Some(400.0),
+                ..Measures::default()
+            },
+        );
+        let (code, text) = body(condition_response(Some(degraded)));
+        assert_eq!(code, StatusCode::OK);
+        assert!(
+            text.starts_with("degraded: the oldest pending event is 400 s old"),
+            "{text}"
+        );
+        let unhealthy = judge(
+            &t,
+            &Measures {
+                recent_dead_letters: Some(100),
+                ..Measures::default()
+            },
+        );
+        let (code, text) = body(condition_response(Some(unhealthy)));
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            text.starts_with("unhealthy: 100 events dead-lettered"),
+            "{text}"
+        );
+    }
 }

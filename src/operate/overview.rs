@@ -46,6 +46,8 @@ pub struct Overview {
     pub delivery: super::kafka_progress::DeliveryOverview,
     /// An earlier relay's slots and triggers, to remove.
     pub leftovers: Vec<super::leftovers::Leftover>,
+    /// The outbox's condition judged against the `[health]` thresholds.
+    pub health: crate::metrics::condition::Condition,
 }
 
 /// The mode in the configuration, and the relays holding (or waiting for)
@@ -146,6 +148,9 @@ pub struct RowsOverview {
     pub oldest_pending_created_at: Option<String>,
     /// Its age in seconds at `generated_at`.
     pub oldest_pending_age_s: Option<f64>,
+    /// Rows dead-lettered within `health.dead_letter_window_s` (`null`
+    /// when the table has no `processed_at`).
+    pub dead_letters_recent: Option<i64>,
 }
 
 /// The partitions of the outbox.
@@ -219,10 +224,31 @@ pub async fn read(client: &Client, config: &Config) -> Result<Overview, Error> {
             .map_err(db("reading the outbox table's columns"))?
             .ok_or_else(|| Error::Fatal(format!("the outbox table {name} does not exist")))?;
     let rows = if tracks_rows(&shape) {
-        Some(read_rows(client, &table).await?)
+        let mut rows = read_rows(client, &table).await?;
+        if shape.type_of("processed_at").is_some() {
+            let sql = recent_dead_letters_sql(&table, config.health.dead_letter_window_s);
+            let r = client
+                .query_one(&sql, &[])
+                .await
+                .map_err(db("counting recent dead letters"))?;
+            rows.dead_letters_recent = Some(r.get(0));
+        }
+        Some(rows)
     } else {
         None
     };
+    let health = crate::metrics::condition::judge(
+        &config.health,
+        &crate::metrics::condition::Measures {
+            // Without marks every row stays PENDING: the age says nothing.
+            oldest_pending_s: rows
+                .as_ref()
+                .filter(|_| config.outbox.mark_completed)
+                .map(|r| r.oldest_pending_age_s.unwrap_or(0.0)),
+            slot_lag_bytes: slot.lag_bytes,
+            recent_dead_letters: rows.as_ref().and_then(|r| r.dead_letters_recent),
+        },
+    );
     let partitions = read_partitions(client, config, &table).await?;
     let leftovers = super::leftovers::read(client, config).await?;
     Ok(Overview {
@@ -241,6 +267,7 @@ pub async fn read(client: &Client, config: &Config) -> Result<Overview, Error> {
             ..Default::default()
         },
         leftovers,
+        health,
     })
 }
 
@@ -396,7 +423,19 @@ async fn read_rows(client: &Client, table: &str) -> Result<RowsOverview, Error> 
         dead_letter: rows_row.get(3),
         oldest_pending_created_at: rows_row.get(4),
         oldest_pending_age_s: rows_row.get(5),
+        dead_letters_recent: None,
     })
+}
+
+/// Counts the rows of `table` (quoted) dead-lettered within the last
+/// `window_s` seconds: the dead-letter partial index, filtered by
+/// `processed_at`, which dead-lettering sets (the sampler and `pgoutbox
+/// status` count the same way).
+pub(crate) fn recent_dead_letters_sql(table: &str, window_s: u64) -> String {
+    format!(
+        "SELECT count(*) FROM {table} WHERE status = 'DEAD_LETTER' \
+           AND processed_at >= now() - make_interval(secs => {window_s})"
+    )
 }
 
 /// The partitions of `table` (quoted), oldest range first.

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
 use crate::config::{quote_ident, Config, Mode};
+use crate::metrics::condition::{self, Level, Measures};
 use crate::metrics::{metrics, WAL_STATUSES};
 use crate::Lsn;
 
@@ -72,6 +73,8 @@ struct SlotSample {
     safe_wal_size: Option<i64>,
     /// PostgreSQL 17+: a failover slot (`None` before 17).
     failover: Option<bool>,
+    /// The server's WAL end minus the slot's confirmed position.
+    lag: Option<i64>,
 }
 
 const SLOT_SQL: &str = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8, \
@@ -79,7 +82,8 @@ const SLOT_SQL: &str = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8, \
            FROM pg_settings WHERE name = 'max_slot_wal_keep_size'), \
         s.slot_name IS NOT NULL, \
         (pg_current_wal_lsn() - s.restart_lsn)::int8, s.wal_status, s.safe_wal_size, \
-        (to_jsonb(s) ->> 'failover')::bool \
+        (to_jsonb(s) ->> 'failover')::bool, \
+        (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8 \
    FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots AS s ON s.slot_name = $1";
 
 /// The row-count statement for `schema.table`: each subquery's predicate is
@@ -121,6 +125,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
     let mut alarm = RetentionAlarm::default();
     // Whether the table says which rows wait (known once connected).
     let mut tracks_rows: Option<bool> = None;
+    let mut dead_letters_sql: Option<String> = None;
     let mut standbys_asked: Option<Instant> = None;
     let mut leases_warned: Option<Instant> = None;
     loop {
@@ -138,9 +143,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
             };
         }
         let Some(c) = &client else { continue };
+        let mut measures = Measures::default();
         match sample_slot(c, &config.cdc.slot).await {
             Ok(s) => {
                 record_slot(&config, &s, &mut alarm);
+                measures.slot_lag_bytes = s.lag;
                 if s.failover == Some(true)
                     && standbys_asked.is_none_or(|t| t.elapsed() >= STANDBY_EVERY)
                 {
@@ -155,13 +162,26 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
                 .await
             {
                 Ok(shape) => {
-                    tracks_rows = Some(shape.is_some_and(|s| super::overview::tracks_rows(&s)))
+                    tracks_rows = Some(shape.as_ref().is_some_and(super::overview::tracks_rows));
+                    dead_letters_sql = shape
+                        .is_some_and(|s| s.type_of("processed_at").is_some())
+                        .then(|| {
+                            super::overview::recent_dead_letters_sql(
+                                &format!(
+                                    "{}.{}",
+                                    quote_ident(&config.outbox.schema),
+                                    quote_ident(&config.outbox.table)
+                                ),
+                                config.health.dead_letter_window_s,
+                            )
+                        });
                 }
                 Err(e) => failed("reading the outbox table's columns", &e),
             }
         }
         if tracks_rows != Some(true) {
             // No status column (an adopted table): no row gauges.
+            judge(&config, &measures);
             continue;
         }
         match c.query_one(&rows, &[]).await {
@@ -172,10 +192,24 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
                         .with_label_values(&[status])
                         .set(r.get::<_, i64>(i));
                 }
-                m.oldest_pending_age.set(r.get::<_, f64>(3).max(0.0));
+                let age = r.get::<_, f64>(3).max(0.0);
+                m.oldest_pending_age.set(age);
+                // Without marks every row stays PENDING: the age says nothing.
+                measures.oldest_pending_s = config.outbox.mark_completed.then_some(age);
             }
             Err(e) => failed("counting outbox rows", &e),
         }
+        if let Some(sql) = &dead_letters_sql {
+            match c.query_one(sql, &[]).await {
+                Ok(r) => {
+                    let n: i64 = r.get(0);
+                    metrics().dead_letters_recent.set(n);
+                    measures.recent_dead_letters = Some(n);
+                }
+                Err(e) => failed("counting recent dead letters", &e),
+            }
+        }
+        judge(&config, &measures);
         // While streaming, another poller on the table (the polling
         // framework's worker started again after the switch) sends what
         // CDC sends too. Poll mode's reaper says the same for poll mode.
@@ -196,6 +230,31 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
             }
         }
     }
+}
+
+/// Judges the outbox's condition from this sample: `/health`, the
+/// `pgoutbox_health_*` gauges, and a log line when the level changes.
+fn judge(config: &Config, measures: &Measures) {
+    let condition = condition::judge(&config.health, measures);
+    let m = metrics();
+    m.health_level.set(condition.level.gauge());
+    for check in condition::CHECKS {
+        m.health_check_level
+            .with_label_values(&[check])
+            .set(condition.level_of(check).gauge());
+    }
+    let before = condition::latest().map(|c| c.level);
+    if before.is_some_and(|b| b != condition.level)
+        || (before.is_none() && condition.level != Level::Healthy)
+    {
+        match condition.level {
+            Level::Healthy => tracing::info!(health = %condition, "the outbox is healthy again"),
+            _ => {
+                tracing::warn!(health = %condition, "outbox health changed (thresholds: [health])")
+            }
+        }
+    }
+    condition::record(condition);
 }
 
 /// How often the warning about another poller's leases may repeat.
@@ -252,6 +311,7 @@ async fn sample_slot(
         wal_status: r.get(4),
         safe_wal_size: r.get(5),
         failover: r.get(6),
+        lag: r.get(7),
     })
 }
 
