@@ -161,6 +161,26 @@ enum PartitionsCommand {
         #[arg(long, hide = true, value_name = "TIMESTAMP")]
         now: Option<String>,
     },
+    /// Make an adopted, unpartitioned outbox table partitioned, online: it
+    /// becomes the first partition (every created_at up to the next period
+    /// boundary a day ahead) of a partitioned table of the same name, and
+    /// pgoutbox creates the partitions after it. Inserts go on; the table
+    /// is locked once, briefly. Run as the table's owner (or a superuser).
+    Convert {
+        /// Check, and print the statements of the swap, changing nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long the swap waits for the table's lock before trying again
+        /// (inserts queue behind a waiting lock: keep it short).
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = pgoutbox::config::parse_duration)]
+        lock_timeout: Duration,
+        /// How many times the swap is tried.
+        #[arg(long, default_value_t = 10)]
+        attempts: u32,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -411,6 +431,23 @@ async fn dispatch(
                 now,
             };
             cli::partitions_maintain(&config, args).await
+        }
+        Command::Partitions {
+            command:
+                PartitionsCommand::Convert {
+                    dry_run,
+                    lock_timeout,
+                    attempts,
+                    json,
+                },
+        } => {
+            let args = cli::ConvertArgs {
+                dry_run,
+                lock_timeout,
+                attempts,
+                json,
+            };
+            cli::partitions_convert(&config, args).await
         }
     }
 }

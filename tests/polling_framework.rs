@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::harness::{
     delivery_counts, read_topics, relay_password, wait_for, Record, Relay, TestOutbox, RELAY_ROLE,
 };
+use common::ledger::Load;
 use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -716,4 +717,225 @@ async fn the_frameworks_partitioned_table_keeps_its_own_partitions_and_gets_inde
     );
     let records = read_orders(&outbox, deliver.len()).await;
     assert_ledger(&records, &deliver, &keep);
+}
+
+/// Point 1's path to the partition lifecycle: the framework's default
+/// table, adopted and streamed by a CDC relay, converted to a partitioned
+/// table while the application inserts — every committed event delivered
+/// once, in per-aggregate order, inserts never stopping, and the new
+/// partitions pgoutbox's (created ahead, relayed through the parent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_frameworks_default_table_is_converted_to_partitioned_online_under_load() {
+    let outbox = TestOutbox::new("fw_convert").await;
+    let s = outbox.name.clone();
+    framework_table(
+        &outbox,
+        &format!(
+            "CREATE TABLE outbox ({});
+             CREATE INDEX idx_outbox_status_created ON outbox (status, created_at)",
+            framework_columns("PRIMARY KEY (id)")
+        ),
+    )
+    .await;
+    // What must carry over: a grant and a row trigger (its log proves it
+    // fires on the new partitions too).
+    outbox
+        .client
+        .batch_execute(&format!(
+            "CREATE TABLE {s}.audit_log (tracking_id uuid);
+             CREATE FUNCTION {s}.outbox_audit_fn() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO {s}.audit_log VALUES (NEW.tracking_id); RETURN NEW; END $$;
+             CREATE TRIGGER outbox_audit AFTER UPDATE ON {s}.outbox FOR EACH ROW EXECUTE FUNCTION {s}.outbox_audit_fn();
+             GRANT SELECT ON {s}.outbox TO PUBLIC;
+             GRANT INSERT ON {s}.audit_log TO PUBLIC"
+        ))
+        .await
+        .unwrap();
+    let refused = admin(&outbox, &["partitions", "convert"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("pgoutbox adopt"),
+        "an unadopted table is refused, naming adopt: {err}"
+    );
+    adopt(&outbox);
+    let dry = admin(&outbox, &["partitions", "convert", "--dry-run"]);
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        dry.status.success()
+            && text.contains("ATTACH PARTITION")
+            && text.contains("FROM (MINVALUE)"),
+        "the dry run prints the swap: {text}{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    assert_eq!(relkind(&outbox).await, "r", "a dry run changes nothing");
+
+    let relay = start(&outbox, "cdc");
+    let slot = outbox.slot();
+    let sql = format!(
+        "SELECT count(*) FROM {s}.pgoutbox_slot_state WHERE slot_name = $1 AND backfill_done_at IS NOT NULL"
+    );
+    wait_for("the relay's slot and first backfill", DEADLINE, || async {
+        let done: i64 = outbox.client.query_one(&sql, &[&slot]).await.ok()?.get(0);
+        (done == 1).then_some(())
+    })
+    .await;
+    let load = Load::start(&s, "Order", 20, Duration::from_millis(2));
+    wait_for("inserts flowing", DEADLINE, || async {
+        (load.committed() >= 200).then_some(())
+    })
+    .await;
+    let before = load.committed();
+    let out = admin(&outbox, &["partitions", "convert"]);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success()
+            && report.contains("is partitioned")
+            && report.contains("swapped in one transaction"),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{report}");
+    let during = load.committed();
+    wait_for("inserts flowing after the swap", DEADLINE, || async {
+        (load.committed() >= during + 200).then_some(())
+    })
+    .await;
+    let written = load.stop().await;
+    assert!(
+        during > before,
+        "inserts went on while the table was converted ({before} → {during})"
+    );
+
+    // The catalog: partitioned, the old table first (MINVALUE up to the
+    // bound), pgoutbox's partitions after it, the key with created_at, the
+    // publication on the parent.
+    assert_eq!(relkind(&outbox).await, "p");
+    let parts: Vec<(String, String)> = outbox
+        .client
+        .query(
+            &format!(
+                "SELECT c.relname::text, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i \
+                   JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = '{s}.outbox'::regclass ORDER BY 1"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(
+        parts
+            .iter()
+            .any(|(n, b)| n == "outbox_legacy" && b.contains("MINVALUE"))
+            && parts
+                .iter()
+                .filter(|(n, _)| n.starts_with("outbox_2"))
+                .count()
+                >= 2,
+        "{parts:?}"
+    );
+    let key: String = outbox
+        .client
+        .query_one(
+            &format!(
+                "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = '{s}.outbox'::regclass AND contype = 'p'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(key, "PRIMARY KEY (id, created_at)");
+    let published: i64 = outbox
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE schemaname = $1 AND tablename = 'outbox'",
+            &[&s],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(published, 1, "the publication covers the parent");
+
+    // A row of the next period lands in one of pgoutbox's partitions and is
+    // relayed through the parent; the trigger fires on its mark.
+    let later = Uuid::new_v4();
+    outbox
+        .client
+        .execute(
+            &format!(
+                "INSERT INTO {s}.outbox (tracking_id, aggregate_id, aggregate_type, event_type, payload, created_at) \
+                 SELECT $1, gen_random_uuid(), 'Order', 'Later', '{{}}', upper(r) + interval '1 hour' \
+                   FROM (SELECT tstzrange(NULL, (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz) AS r \
+                           FROM pg_class c WHERE c.oid = '{s}.outbox_legacy'::regclass) b"
+            ),
+            &[&later],
+        )
+        .await
+        .expect("a row after the bound");
+    let mut expected: Vec<Uuid> = written.committed.iter().map(|w| w.tracking_id).collect();
+    expected.push(later);
+    let topic = outbox.topic("Order");
+    let n = expected.len();
+    let records =
+        tokio::task::spawn_blocking(move || read_topics(&[topic], DEADLINE, |r| r.len() >= n))
+            .await
+            .expect("reader");
+    let counts = delivery_counts(&records);
+    let missing: Vec<&Uuid> = expected
+        .iter()
+        .filter(|id| !counts.contains_key(&id.to_string()))
+        .collect();
+    assert!(missing.is_empty(), "{} missing: {missing:?}", missing.len());
+    let twice = counts.values().filter(|n| **n > 1).count();
+    assert_eq!(twice, 0, "nothing sent twice: the relay streamed through");
+    assert_eq!(common::ledger::reorders(&records), 0, "per-aggregate order");
+    assert!(
+        written
+            .rolled_back
+            .iter()
+            .all(|id| !counts.contains_key(&id.to_string())),
+        "nothing of a rolled-back transaction"
+    );
+    wait_for("the later row marked and audited", DEADLINE, || async {
+        let audited: i64 = outbox
+            .client
+            .query_one(
+                &format!("SELECT count(*) FROM {s}.audit_log WHERE tracking_id = $1"),
+                &[&later],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (audited == 1).then_some(())
+    })
+    .await;
+    let status = String::from_utf8_lossy(&admin(&outbox, &["status"]).stdout).into_owned();
+    assert!(
+        status.contains("created ahead by pgoutbox"),
+        "the relay creates this table's partitions now: {status}"
+    );
+    let log = relay.log_text();
+    relay.terminate();
+    assert!(
+        !log.contains("could not ensure outbox partitions"),
+        "the relay's create-ahead works on the converted table:\n{log}"
+    );
+}
+
+/// `relkind` of the test's outbox table.
+async fn relkind(outbox: &TestOutbox) -> String {
+    outbox
+        .client
+        .query_one(
+            &format!(
+                "SELECT relkind::text FROM pg_class WHERE oid = '{}.outbox'::regclass",
+                outbox.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }

@@ -30,7 +30,9 @@ pub use dead_letters::{dle, DleCommand};
 pub use import_debezium::{debezium_offset, import_debezium};
 pub use logging::init_logging;
 pub use migrate::migrate_with;
-pub use partitions::{format_maintain, partitions_maintain, MaintainArgs};
+pub use partitions::{
+    format_maintain, partitions_convert, partitions_maintain, ConvertArgs, MaintainArgs,
+};
 pub use run::run;
 pub use status::{format_overview, status};
 

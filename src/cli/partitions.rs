@@ -1,5 +1,6 @@
-//! `pgoutbox partitions maintain`: partitions ahead, then retention (see
-//! docs/partitioning.md), and its text form.
+//! `pgoutbox partitions maintain`: partitions ahead, then retention, and
+//! `pgoutbox partitions convert`: an adopted unpartitioned table made
+//! partitioned online (see docs/partitioning.md); their text forms.
 
 use crate::config::Config;
 use crate::error::Error;
@@ -133,4 +134,59 @@ pub fn format_maintain(r: &MaintainReport) -> String {
         let _ = writeln!(out, "stopped: {e}");
     }
     out
+}
+
+/// `pgoutbox partitions convert`'s options.
+#[derive(Clone, Debug)]
+pub struct ConvertArgs {
+    /// Only check and print the swap's statements.
+    pub dry_run: bool,
+    /// How long the swap waits for the table's lock per attempt.
+    pub lock_timeout: std::time::Duration,
+    /// How many times the swap is tried.
+    pub attempts: u32,
+    /// JSON output.
+    pub json: bool,
+}
+
+/// `pgoutbox partitions convert`: the configured (adopted, unpartitioned)
+/// outbox table becomes the first partition of a partitioned table of the
+/// same name, online (see [`crate::outbox::convert`]). A refusal says what
+/// to change; nothing is changed before the checks pass.
+pub async fn partitions_convert(config: &Config, args: ConvertArgs) -> Result<(), Error> {
+    use crate::outbox::{convert, AdoptError};
+    let mut client = connect_for_command(config).await?;
+    let options = convert::ConvertOptions {
+        dry_run: args.dry_run,
+        lock_timeout: args.lock_timeout,
+        attempts: args.attempts.max(1),
+    };
+    let report = convert::convert(&mut client, config, &options)
+        .await
+        .map_err(|e| match e {
+            AdoptError::Database { doing, source } => Error::postgres(&doing, &source),
+            AdoptError::Refused(why) => Error::Fatal(why),
+        })?;
+    if args.json {
+        println!("{}", to_json(&report)?);
+        return Ok(());
+    }
+    if report.dry_run {
+        println!(
+            "{} can be converted: it becomes partition {} (created_at before {}); the swap would run:",
+            report.table, report.legacy_partition, report.bound
+        );
+        for statement in &report.swap {
+            println!("  {statement};");
+        }
+    } else {
+        println!(
+            "{} is partitioned: {} holds created_at before {}",
+            report.table, report.legacy_partition, report.bound
+        );
+        for step in &report.steps {
+            println!("  {step}");
+        }
+    }
+    Ok(())
 }

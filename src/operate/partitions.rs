@@ -337,7 +337,7 @@ async fn require_partitioned(
             )))
         }
         Some(_) => Err(Error::Fatal(format!(
-            "{table} is not partitioned: the partition lifecycle (partitions ahead, retention) needs a table partitioned by range on created_at; relaying, marking and poll mode do not, so leave partitions.* unset for this table"
+            "{table} is not partitioned: the partition lifecycle (partitions ahead, retention) needs a table partitioned by range on created_at (`pgoutbox partitions convert` makes this one partitioned online); relaying, marking and poll mode do not"
         ))),
         None => Err(Error::Fatal(format!(
             "{table} does not exist: run `pgoutbox migrate` (or `pgoutbox adopt` for a table of your own)"

@@ -330,7 +330,9 @@ async fn build_status_indexes(
         let definition = format!("({columns}) WHERE status = '{status}'");
         let started = std::time::Instant::now();
         if !partitioned {
-            if !build_concurrently(client, &target.schema, &index_name, &t, &definition).await? {
+            if !build_concurrently(client, &target.schema, &index_name, &t, &definition, false)
+                .await?
+            {
                 continue;
             }
         } else {
@@ -348,8 +350,15 @@ async fn build_status_indexes(
             for (part_schema, part) in &partitions {
                 let child_name = child_index_name(part, suffix);
                 let child_table = format!("{}.{}", quote_ident(part_schema), quote_ident(part));
-                build_concurrently(client, part_schema, &child_name, &child_table, &definition)
-                    .await?;
+                build_concurrently(
+                    client,
+                    part_schema,
+                    &child_name,
+                    &child_table,
+                    &definition,
+                    false,
+                )
+                .await?;
                 let attached = client
                     .query_opt(
                         "SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass($1) AND inhparent = to_regclass($2)",
@@ -389,7 +398,7 @@ async fn build_status_indexes(
 
 /// A partition's index name: `<partition>_<suffix>`, cut to PostgreSQL's
 /// 63 bytes with a hash of the whole so two long names stay apart.
-fn child_index_name(partition: &str, suffix: &str) -> String {
+pub(super) fn child_index_name(partition: &str, suffix: &str) -> String {
     let full = format!("{partition}_{suffix}");
     if full.len() <= 63 {
         return full;
@@ -416,15 +425,16 @@ async fn index_valid(client: &Client, qualified: &str) -> Result<Option<bool>, A
         .map(|r| r.get(0)))
 }
 
-/// `CREATE INDEX CONCURRENTLY` of `name` on `table` unless a valid one
-/// exists (an invalid one, left by an interrupted build, is dropped
-/// first). Returns whether it built one.
-async fn build_concurrently(
+/// `CREATE [UNIQUE] INDEX CONCURRENTLY` of `name` on `table` unless a
+/// valid one exists (an invalid one, left by an interrupted build, is
+/// dropped first). Returns whether it built one.
+pub(super) async fn build_concurrently(
     client: &Client,
     schema: &str,
     name: &str,
     table: &str,
     definition: &str,
+    unique: bool,
 ) -> Result<bool, AdoptError> {
     let index = format!("{}.{}", quote_ident(schema), quote_ident(name));
     match index_valid(client, &index).await? {
@@ -437,7 +447,8 @@ async fn build_concurrently(
     }
     client
         .batch_execute(&format!(
-            "CREATE INDEX CONCURRENTLY {} ON {table} {definition}",
+            "CREATE {}INDEX CONCURRENTLY {} ON {table} {definition}",
+            if unique { "UNIQUE " } else { "" },
             quote_ident(name)
         ))
         .await

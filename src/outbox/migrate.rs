@@ -175,7 +175,7 @@ impl MigrationTarget {
         }
     }
 
-    fn key(&self) -> String {
+    pub(super) fn key(&self) -> String {
         format!("{}.{}", self.schema, self.table)
     }
 }

@@ -11,6 +11,7 @@ pub mod adopt;
 pub mod audit;
 pub mod bytea;
 mod columns;
+pub mod convert;
 pub mod dead_letter;
 pub mod envelope;
 mod event;

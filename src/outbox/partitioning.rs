@@ -87,11 +87,35 @@ pub async fn creator(client: &Client, config: &Config) -> Result<Creator, tokio_
             return Ok(Creator::PgPartman);
         }
     }
-    Ok(if functions && created_by_migrate(client, config).await? {
-        Creator::Pgoutbox
-    } else {
-        Creator::Other
-    })
+    Ok(
+        if functions && partitions_are_pgoutbox(client, config).await? {
+            Creator::Pgoutbox
+        } else {
+            Creator::Other
+        },
+    )
+}
+
+/// Whether pgoutbox made the configured table's partitions: `pgoutbox
+/// migrate` created the table, or `pgoutbox partitions convert` made an
+/// adopted one partitioned ([`super::convert::CONVERTED`] recorded).
+async fn partitions_are_pgoutbox(
+    client: &Client,
+    config: &Config,
+) -> Result<bool, tokio_postgres::Error> {
+    if created_by_migrate(client, config).await? {
+        return Ok(true);
+    }
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM public.pgoutbox_migrations WHERE target = $1 AND version = $2",
+            &[
+                &format!("{}.{}", config.outbox.schema, config.outbox.table),
+                &super::convert::CONVERTED,
+            ],
+        )
+        .await?
+        .is_some())
 }
 
 /// Whether `pgoutbox migrate` created the configured table (migration 1
