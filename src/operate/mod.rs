@@ -16,6 +16,7 @@ pub mod kafka_progress;
 pub mod leftovers;
 pub mod overview;
 pub mod partitions;
+pub mod replay;
 pub mod sampler;
 
 pub use http::{serve, Endpoint};

@@ -19,6 +19,7 @@ mod marks;
 mod migrate;
 pub mod partitioning;
 mod privileges;
+pub mod replay;
 mod shape;
 
 pub use adopt::{adopt, AdoptError, AdoptReport, ADOPTED};

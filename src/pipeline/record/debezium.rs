@@ -387,9 +387,19 @@ impl EventRouter {
         Bytes::from(out)
     }
 
-    /// The record for `event`.
+    /// The record for `event`, on its routed topic.
+    #[cfg(test)]
     pub(super) fn build(&self, event: &OutboxEvent) -> Result<KafkaRecord, RecordError> {
-        let topic = self.topic_for(event)?;
+        self.build_on(event, self.topic_for(event)?)
+    }
+
+    /// The record for `event`, on `topic` (its routed topic, unless every
+    /// record goes to one topic: [`super::RecordBuilder::route_all_to`]).
+    pub(super) fn build_on(
+        &self,
+        event: &OutboxEvent,
+        topic: String,
+    ) -> Result<KafkaRecord, RecordError> {
         let payload = self.payload.of(event);
         let empty = payload.is_none_or(|p| p.iter().all(u8::is_ascii_whitespace));
         let expanded = match payload {
@@ -484,6 +494,28 @@ mod tests {
         "table.field.event.key" = "aggregate_id"
         "route.by.field" = "aggregate_type"
     "#;
+
+    #[test]
+    fn one_topic_for_every_record_keeps_the_routers_record() {
+        let r = router(PGOUTBOX_TABLE);
+        let routed = r.build(&sample_event()).unwrap();
+        let default = crate::config::TopicTemplate::parse("unused").unwrap();
+        let mut b = super::super::RecordBuilder {
+            layout: super::super::Layout::Debezium(Box::new(r)),
+            ..super::super::RecordBuilder::new(default, vec![])
+        };
+        assert_eq!(b.build(&sample_event()).unwrap(), routed);
+        b.route_all_to("replays").unwrap();
+        let rec = b.build(&sample_event()).unwrap();
+        assert_eq!(rec.topic, "replays");
+        assert_eq!(
+            KafkaRecord {
+                topic: routed.topic.clone(),
+                ..rec
+            },
+            routed
+        );
+    }
 
     #[test]
     fn the_default_route_prefixes_the_routing_value() {
