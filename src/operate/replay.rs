@@ -340,24 +340,15 @@ pub async fn replay(
         table = %source.table(),
         "replay started"
     );
-    let mut run = Run {
-        sink: sink.clone(),
+    let mut run = Run::new(
+        sink.clone(),
         deliveries,
         builder,
-        marker: Bytes::from(audit.id.to_string()),
-        in_flight: BTreeMap::new(),
-        window: config.kafka.max_in_flight_events.max(1),
-        next_ticket: 0,
-        sent: 0,
-        refused: 0,
-        refusals: Vec::new(),
-        failure: None,
-        resume_at: None,
+        &audit,
+        config.kafka.max_in_flight_events,
         stop,
-        stopped: false,
-        total: selected as u64,
-        clock: ProgressClock::start(),
-    };
+        selected as u64,
+    );
     let (vanished, read_error) = run.send_all(client, &source, request.rate, progress).await;
     run.drain().await;
     drop(sink);
@@ -376,9 +367,16 @@ pub async fn replay(
         elapsed,
         dry_run: false,
     });
+    complete_audit(client, &config.outbox.schema, &report).await;
+    Ok(ReplayResult::Replayed(report))
+}
+
+/// Completes the replay's audit entry; a failure is logged (the report
+/// still says what was sent).
+async fn complete_audit(client: &Client, schema: &str, report: &ReplayReport) {
     if let Err(e) = finish_audit(
         client,
-        &config.outbox.schema,
+        schema,
         report.audit.id,
         report.end,
         report.sent,
@@ -389,7 +387,6 @@ pub async fn replay(
     {
         tracing::error!(error = %e, audit_id = report.audit.id, "the replay's audit entry could not be completed");
     }
-    Ok(ReplayResult::Replayed(report))
 }
 
 /// Waits (off the async threads) for the cluster to answer a metadata
@@ -410,6 +407,14 @@ async fn probe_kafka(sink: &Arc<Sink>, brokers: &str) -> Result<(), Error> {
     }
 }
 
+/// Returns once `stop` is true; never when its sender is gone without
+/// having said so.
+async fn signalled(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// One replay's sending state.
 struct Run {
     sink: Arc<Sink>,
@@ -417,8 +422,9 @@ struct Run {
     builder: RecordBuilder,
     /// The `pgoutbox_replay` header's value.
     marker: Bytes,
-    /// Sent and not yet acknowledged: ticket → the row's `created_at`.
-    in_flight: BTreeMap<u64, SystemTime>,
+    /// Sent and not yet acknowledged: ticket → the row's `created_at` and
+    /// event id.
+    in_flight: BTreeMap<u64, (SystemTime, Bytes)>,
     window: usize,
     next_ticket: u64,
     sent: u64,
@@ -435,6 +441,37 @@ struct Run {
 }
 
 impl Run {
+    /// The state of replay `audit` before its first send: `total` events
+    /// selected, at most `window` unacknowledged.
+    fn new(
+        sink: Arc<Sink>,
+        deliveries: mpsc::UnboundedReceiver<Delivery>,
+        builder: RecordBuilder,
+        audit: &ReplayAudit,
+        window: usize,
+        stop: watch::Receiver<bool>,
+        total: u64,
+    ) -> Run {
+        Run {
+            sink,
+            deliveries,
+            builder,
+            marker: Bytes::from(audit.id.to_string()),
+            in_flight: BTreeMap::new(),
+            window: window.max(1),
+            next_ticket: 0,
+            sent: 0,
+            refused: 0,
+            refusals: Vec::new(),
+            failure: None,
+            resume_at: None,
+            stop,
+            stopped: false,
+            total,
+            clock: ProgressClock::start(),
+        }
+    }
+
     /// Whether to send nothing more: Kafka failed or a signal came.
     fn halted(&mut self) -> bool {
         if !self.stopped && *self.stop.borrow() {
@@ -452,7 +489,7 @@ impl Run {
 
     /// Records one acknowledgement or failure.
     fn settle(&mut self, d: Delivery) {
-        let Some(created_at) = self.in_flight.remove(&d.ticket) else {
+        let Some((created_at, tracking_id)) = self.in_flight.remove(&d.ticket) else {
             return;
         };
         match d.result {
@@ -461,7 +498,7 @@ impl Run {
                 self.refused += 1;
                 if self.refusals.len() < REFUSALS_KEPT {
                     self.refusals.push(Refusal {
-                        tracking_id: format!("(send #{})", d.ticket + 1),
+                        tracking_id: String::from_utf8_lossy(&tracking_id).into_owned(),
                         error: why,
                     });
                 }
@@ -488,7 +525,7 @@ impl Run {
                 Some(d) => { self.settle(d); true }
                 None => false,
             },
-            _ = stop.changed(), if !self.stopped => { self.stopped = true; false }
+            _ = signalled(&mut stop), if !self.stopped => { self.stopped = true; false }
             _ = tokio::time::sleep(limit) => false,
         }
     }
@@ -551,7 +588,7 @@ impl Run {
             let mut stop = self.stop.clone();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = stop.changed(), if !self.stopped => { self.stopped = true; return; }
+                _ = signalled(&mut stop), if !self.stopped => { self.stopped = true; return; }
             }
         }
     }
@@ -573,7 +610,8 @@ impl Run {
             match self.sink.send(ticket, &record) {
                 Ok(()) => {
                     self.next_ticket += 1;
-                    self.in_flight.insert(ticket, row.key.created_at);
+                    self.in_flight
+                        .insert(ticket, (row.key.created_at, row.event.tracking_id.clone()));
                     return;
                 }
                 Err(SendError::QueueFull) => {
@@ -611,7 +649,7 @@ impl Run {
             }
             self.settle_one(left.min(Duration::from_secs(1))).await;
         }
-        if let Some(earliest) = self.in_flight.values().min().copied() {
+        if let Some(earliest) = self.in_flight.values().map(|(at, _)| *at).min() {
             self.resume_at = Some(self.resume_at.map_or(earliest, |t| t.min(earliest)));
         }
     }

@@ -496,28 +496,6 @@ mod tests {
     "#;
 
     #[test]
-    fn one_topic_for_every_record_keeps_the_routers_record() {
-        let r = router(PGOUTBOX_TABLE);
-        let routed = r.build(&sample_event()).unwrap();
-        let default = crate::config::TopicTemplate::parse("unused").unwrap();
-        let mut b = super::super::RecordBuilder {
-            layout: super::super::Layout::Debezium(Box::new(r)),
-            ..super::super::RecordBuilder::new(default, vec![])
-        };
-        assert_eq!(b.build(&sample_event()).unwrap(), routed);
-        b.route_all_to("replays").unwrap();
-        let rec = b.build(&sample_event()).unwrap();
-        assert_eq!(rec.topic, "replays");
-        assert_eq!(
-            KafkaRecord {
-                topic: routed.topic.clone(),
-                ..rec
-            },
-            routed
-        );
-    }
-
-    #[test]
     fn the_default_route_prefixes_the_routing_value() {
         let r = router(PGOUTBOX_TABLE);
         assert_eq!(r.topic("Order"), "outbox.event.Order");

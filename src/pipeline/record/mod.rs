@@ -548,6 +548,28 @@ mod tests {
     }
 
     #[test]
+    fn one_topic_for_every_record_keeps_debeziums_record_too() {
+        let cfg: crate::config::EventRouterConfig = toml::from_str(
+            r#""table.field.event.id" = "tracking_id"
+               "table.field.event.key" = "aggregate_id"
+               "route.by.field" = "aggregate_type""#,
+        )
+        .unwrap();
+        let router = debezium::EventRouter::new(&cfg, &ColumnMap::pgoutbox()).unwrap();
+        let mut b = RecordBuilder {
+            layout: Layout::Debezium(Box::new(router)),
+            ..builder("unused")
+        };
+        let routed = b.build(&sample_event()).unwrap();
+        assert_eq!(routed.topic, "outbox.event.Order");
+        b.route_all_to("replays").unwrap();
+        let rec = b.build(&sample_event()).unwrap();
+        assert_eq!(rec.topic, "replays");
+        let topic = routed.topic.clone();
+        assert_eq!(KafkaRecord { topic, ..rec }, routed);
+    }
+
+    #[test]
     fn records_larger_than_the_producer_takes_are_refused() {
         let mut b = builder("t");
         let e = sample_event();
