@@ -100,6 +100,13 @@ enum Command {
         #[command(subcommand)]
         command: DleCommand,
     },
+    /// Publish again events already delivered (COMPLETED) or dead-lettered,
+    /// chosen by time range, aggregate and event type, to their own topics
+    /// or to another one. Never changes a row, so the live relay and its
+    /// slot are not disturbed. Requires --reason; recorded in
+    /// <schema>.pgoutbox_replays; every record carries the header
+    /// pgoutbox_replay = the audit id (see docs/replay.md).
+    Replay(ReplayArgs),
     /// One screen: the mode and who serves the table, the replication slot,
     /// rows pending / processing / dead-lettered, the partitions (needs
     /// PostgreSQL only; see docs/status.md).
@@ -181,6 +188,80 @@ enum PartitionsCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct ReplayArgs {
+    /// Only events created at or after this instant (RFC 3339, e.g.
+    /// 2026-12-03T10:00:00Z, or a date: midnight UTC).
+    #[arg(long, value_name = "TIME")]
+    from: Option<String>,
+    /// Only events created before this instant (RFC 3339); default: when
+    /// the replay starts.
+    #[arg(long, value_name = "TIME")]
+    to: Option<String>,
+    /// Only this aggregate type (repeat for several).
+    #[arg(long, value_name = "TYPE")]
+    aggregate_type: Vec<String>,
+    /// Only this aggregate (repeat for several).
+    #[arg(long, value_name = "ID")]
+    aggregate_id: Vec<String>,
+    /// Only this event type (repeat for several).
+    #[arg(long, value_name = "TYPE")]
+    event_type: Vec<String>,
+    /// Which rows: completed (delivered) or dead-letter.
+    #[arg(long, value_name = "STATUS", default_value = "completed")]
+    status: String,
+    /// Also an SQL condition over the outbox columns, e.g.
+    /// "payload->>'region' = 'eu'". Raw SQL, run as you in a read-only
+    /// transaction.
+    #[arg(long = "where", value_name = "SQL")]
+    condition: Option<String>,
+    /// Send every event to this topic instead of its own.
+    #[arg(long, value_name = "TOPIC")]
+    topic: Option<String>,
+    /// At most this many events per second (default: as fast as Kafka
+    /// acknowledges).
+    #[arg(long, value_name = "EVENTS_PER_SECOND")]
+    rate: Option<String>,
+    /// Refuse a selection of more events than this (a --dry-run shows the
+    /// count).
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    max_events: u64,
+    /// Why these events are published again (required: no blind replay).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only count the events by topic and event type and show a sample;
+    /// sends and records nothing (needs no Kafka).
+    #[arg(long)]
+    dry_run: bool,
+    /// statement_timeout of each read (e.g. 30s, 5m).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = pgoutbox::config::parse_duration)]
+    statement_timeout: Duration,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+impl From<ReplayArgs> for cli::ReplayArgs {
+    fn from(a: ReplayArgs) -> cli::ReplayArgs {
+        cli::ReplayArgs {
+            from: a.from,
+            to: a.to,
+            aggregate_types: a.aggregate_type,
+            aggregate_ids: a.aggregate_id,
+            event_types: a.event_type,
+            status: a.status,
+            condition: a.condition,
+            topic: a.topic,
+            rate: a.rate,
+            max_events: a.max_events,
+            reason: a.reason,
+            dry_run: a.dry_run,
+            statement_timeout: a.statement_timeout,
+            json: a.json,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -408,6 +489,7 @@ async fn dispatch(
         }
         Command::Run { recreate_slot, .. } => cli::run(config, recreate_slot).await,
         Command::Dle { command } => cli::dle(&config, command.into()).await,
+        Command::Replay(args) => cli::replay(&config, args.into()).await,
         Command::Status { json } => cli::status(&config, json).await,
         Command::ImportDebezium { .. } => unreachable!("handled before the runtime starts"),
         Command::DebeziumOffset { topic_prefix } => {

@@ -8,6 +8,8 @@
 //! - [`dle`]: dead letters, list / show / redrive / skip (`dead_letters.rs`);
 //! - [`status`]: the one-screen overview (`status.rs`);
 //! - [`partitions_maintain`]: partition lifecycle (`partitions.rs`);
+//! - [`replay()`]: delivered or dead-lettered events published again
+//!   (`replay.rs`);
 //! - [`import_debezium`]: a Debezium connector's configuration as pgoutbox's
 //!   (`import_debezium.rs`);
 //! - [`init_logging`]: `tracing` set-up shared by all (`logging.rs`).
@@ -21,6 +23,7 @@ mod import_debezium;
 mod logging;
 mod migrate;
 mod partitions;
+mod replay;
 mod run;
 mod status;
 
@@ -33,6 +36,7 @@ pub use migrate::migrate_with;
 pub use partitions::{
     format_maintain, partitions_convert, partitions_maintain, ConvertArgs, MaintainArgs,
 };
+pub use replay::{replay, ReplayArgs};
 pub use run::run;
 pub use status::{format_overview, status};
 

@@ -41,7 +41,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Returns on the next SIGTERM or SIGINT (never, if they cannot be caught).
-async fn wait_for_signal() {
+pub(super) async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

@@ -7,7 +7,8 @@
 //! - [`kafka_progress`]: its exactly-once part, from the progress topic;
 //! - [`partitions`]: partitions created ahead, old ones archived and retired;
 //! - [`debezium_import`]: a Debezium connector's configuration as pgoutbox's;
-//! - [`debezium_offset`]: the offset that hands the slot back to Debezium.
+//! - [`debezium_offset`]: the offset that hands the slot back to Debezium;
+//! - [`replay`]: delivered or dead-lettered events published again.
 
 pub mod debezium_import;
 pub mod debezium_offset;
@@ -16,6 +17,7 @@ pub mod kafka_progress;
 pub mod leftovers;
 pub mod overview;
 pub mod partitions;
+pub mod replay;
 pub mod sampler;
 
 pub use http::{serve, Endpoint};

@@ -68,6 +68,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "slot_recovery",
         include_str!("../../migrations/0011_slot_recovery.sql"),
     ),
+    (
+        12,
+        "replays",
+        include_str!("../../migrations/0012_replays.sql"),
+    ),
 ];
 
 /// The migrations that make only the relay's own objects beside an

@@ -1,7 +1,7 @@
 //! The outbox table contract: the [`OutboxEvent`] and its one mapping from
 //! a row, the table's migrations, the publishing API, the marks the relay
-//! leaves on rows, leases, dead letters, the audit trail and the relay
-//! role's privileges.
+//! leaves on rows, leases, dead letters, the audit trail, the relay role's
+//! privileges, and what a replay reads ([`replay`]).
 //!
 //! Statuses are the seed's: `PENDING`, `PROCESSING`, `COMPLETED`, `FAILED`,
 //! `DEAD_LETTER`. Both relay modes leave the same statuses, so either can take
@@ -20,6 +20,7 @@ mod marks;
 mod migrate;
 pub mod partitioning;
 mod privileges;
+pub mod replay;
 mod shape;
 
 pub use adopt::{adopt, AdoptError, AdoptReport, ADOPTED};

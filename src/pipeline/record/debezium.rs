@@ -387,9 +387,19 @@ impl EventRouter {
         Bytes::from(out)
     }
 
-    /// The record for `event`.
+    /// The record for `event`, on its routed topic.
+    #[cfg(test)]
     pub(super) fn build(&self, event: &OutboxEvent) -> Result<KafkaRecord, RecordError> {
-        let topic = self.topic_for(event)?;
+        self.build_on(event, self.topic_for(event)?)
+    }
+
+    /// The record for `event`, on `topic` (its routed topic, unless every
+    /// record goes to one topic: [`super::RecordBuilder::route_all_to`]).
+    pub(super) fn build_on(
+        &self,
+        event: &OutboxEvent,
+        topic: String,
+    ) -> Result<KafkaRecord, RecordError> {
         let payload = self.payload.of(event);
         let empty = payload.is_none_or(|p| p.iter().all(u8::is_ascii_whitespace));
         let expanded = match payload {

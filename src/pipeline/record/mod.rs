@@ -53,9 +53,13 @@ pub mod header {
     pub const TRACEPARENT: &str = "traceparent";
     /// W3C tracestate, when `metadata` has one.
     pub const TRACESTATE: &str = "tracestate";
+    /// Set only on a record `pgoutbox replay` re-published: the id of the
+    /// replay's audit entry (`<schema>.pgoutbox_replays`), in every format.
+    pub const REPLAY: &str = "pgoutbox_replay";
     /// The headers above, and the polling framework's trace-context key:
-    /// `metadata` keys with these names never become headers of their own.
-    pub const RESERVED: [&str; 8] = [
+    /// `metadata` keys with these names never become headers of their own
+    /// (so no event can pass itself off as a replay).
+    pub const RESERVED: [&str; 9] = [
         TRACKING_ID,
         AGGREGATE_TYPE,
         AGGREGATE_ID,
@@ -63,6 +67,7 @@ pub mod header {
         CREATED_AT,
         TRACEPARENT,
         TRACESTATE,
+        REPLAY,
         "traceContext",
     ];
 }
@@ -149,6 +154,9 @@ fn check_topic(name: String) -> Result<String, TopicError> {
 pub struct RecordBuilder {
     default: TopicTemplate,
     per_table: Vec<(String, TopicTemplate)>,
+    /// Every record goes to this topic instead of its routed one
+    /// (`pgoutbox replay --topic`).
+    topic_override: Option<String>,
     max_bytes: usize,
     layout: Layout,
     /// Which `metadata` keys become headers (pgoutbox's format).
@@ -162,6 +170,7 @@ impl RecordBuilder {
         RecordBuilder {
             default,
             per_table,
+            topic_override: None,
             max_bytes: usize::MAX,
             layout: Layout::Pgoutbox,
             metadata_headers: MetadataHeaders::All,
@@ -231,8 +240,19 @@ impl RecordBuilder {
             .unwrap_or(&self.default)
     }
 
+    /// Sends every record to `topic` instead of the topic its event routes
+    /// to (whatever the format's routing says); the rest of the record is
+    /// unchanged. Refuses a name Kafka would not take.
+    pub fn route_all_to(&mut self, topic: &str) -> Result<(), TopicError> {
+        self.topic_override = Some(check_topic(topic.to_owned())?);
+        Ok(())
+    }
+
     /// The topic for `event`, or why it has none.
     pub fn topic(&self, event: &OutboxEvent) -> Result<String, TopicError> {
+        if let Some(topic) = &self.topic_override {
+            return Ok(topic.clone());
+        }
         if let Layout::Debezium(router) = &self.layout {
             return router.topic_for(event);
         }
@@ -247,7 +267,7 @@ impl RecordBuilder {
     pub fn build(&self, event: &OutboxEvent) -> Result<KafkaRecord, RecordError> {
         let record = match &self.layout {
             Layout::Pgoutbox => self.pgoutbox(event)?,
-            Layout::Debezium(router) => router.build(event)?,
+            Layout::Debezium(router) => router.build_on(event, self.topic(event)?)?,
             Layout::CloudEvents(ce) => ce.build(event, self.topic(event)?)?,
         };
         let size = record.size();
@@ -490,6 +510,63 @@ mod tests {
             headers(&b, &e).is_empty(),
             "not an object: no headers, no error"
         );
+    }
+
+    #[test]
+    fn one_topic_for_every_record_changes_nothing_else() {
+        let routed = builder("{aggregate_type}.{event_type}");
+        let mut one = routed.clone();
+        one.route_all_to("replays").unwrap();
+        let mut e = sample_event();
+        let (a, b) = (routed.build(&e).unwrap(), one.build(&e).unwrap());
+        assert_eq!(b.topic, "replays");
+        assert_eq!(
+            KafkaRecord {
+                topic: a.topic.clone(),
+                ..b
+            },
+            a
+        );
+        // An event whose own topic is illegal still has a record there.
+        e.event_type = Bytes::from_static(b"Order Created!");
+        assert!(routed.build(&e).is_err());
+        assert_eq!(one.build(&e).unwrap().topic, "replays");
+        assert!(one.route_all_to("no spaces!").is_err());
+        assert!(one.route_all_to("").is_err());
+        // Only a replay marks a record as one.
+        let mut forged = sample_event();
+        forged.metadata = Some(Bytes::from_static(br#"{"pgoutbox_replay": "7", "x": 1}"#));
+        let names: Vec<String> = routed
+            .build(&forged)
+            .unwrap()
+            .headers
+            .iter()
+            .map(|(k, _)| k.to_string())
+            .collect();
+        assert!(names.contains(&"x".to_owned()));
+        assert!(!names.contains(&header::REPLAY.to_owned()), "{names:?}");
+    }
+
+    #[test]
+    fn one_topic_for_every_record_keeps_debeziums_record_too() {
+        let cfg: crate::config::EventRouterConfig = toml::from_str(
+            r#""table.field.event.id" = "tracking_id"
+               "table.field.event.key" = "aggregate_id"
+               "route.by.field" = "aggregate_type""#,
+        )
+        .unwrap();
+        let router = debezium::EventRouter::new(&cfg, &ColumnMap::pgoutbox()).unwrap();
+        let mut b = RecordBuilder {
+            layout: Layout::Debezium(Box::new(router)),
+            ..builder("unused")
+        };
+        let routed = b.build(&sample_event()).unwrap();
+        assert_eq!(routed.topic, "outbox.event.Order");
+        b.route_all_to("replays").unwrap();
+        let rec = b.build(&sample_event()).unwrap();
+        assert_eq!(rec.topic, "replays");
+        let topic = routed.topic.clone();
+        assert_eq!(KafkaRecord { topic, ..rec }, routed);
     }
 
     #[test]
