@@ -911,6 +911,44 @@ async fn the_frameworks_default_table_is_converted_to_partitioned_online_under_l
         (audited == 1).then_some(())
     })
     .await;
+    // Issue 18, point 10 on the adopted, converted table: the later event
+    // replayed (it lies after the replay's start, hence --to).
+    let out = admin(
+        &outbox,
+        &[
+            "replay",
+            "--event-type",
+            "Later",
+            "--to",
+            "2100-01-01",
+            "--reason",
+            "test: replay from a converted table",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let topic = outbox.topic("Order");
+    let later_text = later.to_string();
+    let records = tokio::task::spawn_blocking(move || {
+        read_topics(&[topic], DEADLINE, |r| {
+            r.iter().filter(|r| r.header("tracking_id") == later_text).count() >= 2
+        })
+    })
+    .await
+    .expect("reader");
+    let copies: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.header("tracking_id") == later.to_string())
+        .collect();
+    assert_eq!(copies.len(), 2, "the later event and its replay");
+    assert!(
+        copies[0].header("pgoutbox_replay").is_empty() && !copies[1].header("pgoutbox_replay").is_empty(),
+        "the replay carries the pgoutbox_replay header"
+    );
     let status = String::from_utf8_lossy(&admin(&outbox, &["status"]).stdout).into_owned();
     assert!(
         status.contains("created ahead by pgoutbox"),

@@ -77,9 +77,9 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
 
 /// The migrations that make only the relay's own objects beside an
 /// outbox table (the publication, the slot record, the dead letters of
-/// messages): what `pgoutbox adopt` applies to a table pgoutbox did not
-/// create.
-pub(super) const SUPPORT_MIGRATIONS: [(&str, &str); 5] = [
+/// messages, the replay audit): what `pgoutbox adopt` applies to a table
+/// pgoutbox did not create.
+pub(super) const SUPPORT_MIGRATIONS: [(&str, &str); 6] = [
     (
         "publication",
         include_str!("../../migrations/0002_publication.sql"),
@@ -100,6 +100,7 @@ pub(super) const SUPPORT_MIGRATIONS: [(&str, &str); 5] = [
         "publish_function",
         include_str!("../../migrations/adopt_publish_function.sql"),
     ),
+    ("replays", include_str!("../../migrations/0012_replays.sql")),
 ];
 
 /// `template` rendered for `target`.

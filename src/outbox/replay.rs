@@ -125,7 +125,7 @@ pub enum ReplayError {
     },
     /// The audit table is missing.
     #[error(
-        "{0} does not exist: run `pgoutbox migrate` (migration 12 makes the replay audit table); nothing was sent"
+        "{0} does not exist: run `pgoutbox migrate` (migration 12), or `pgoutbox adopt` for a table pgoutbox did not create: either makes the replay audit table; nothing was sent"
     )]
     NoAuditTable(String),
     /// PostgreSQL refused or failed; `context` says what was being done.
