@@ -935,7 +935,10 @@ async fn the_frameworks_default_table_is_converted_to_partitioned_online_under_l
     let later_text = later.to_string();
     let records = tokio::task::spawn_blocking(move || {
         read_topics(&[topic], DEADLINE, |r| {
-            r.iter().filter(|r| r.header("tracking_id") == later_text).count() >= 2
+            r.iter()
+                .filter(|r| r.header("tracking_id") == later_text)
+                .count()
+                >= 2
         })
     })
     .await
@@ -946,13 +949,20 @@ async fn the_frameworks_default_table_is_converted_to_partitioned_online_under_l
         .collect();
     assert_eq!(copies.len(), 2, "the later event and its replay");
     assert!(
-        copies[0].header("pgoutbox_replay").is_empty() && !copies[1].header("pgoutbox_replay").is_empty(),
+        copies[0].header("pgoutbox_replay").is_empty()
+            && !copies[1].header("pgoutbox_replay").is_empty(),
         "the replay carries the pgoutbox_replay header"
     );
     let status = String::from_utf8_lossy(&admin(&outbox, &["status"]).stdout).into_owned();
     assert!(
         status.contains("created ahead by pgoutbox"),
         "the relay creates this table's partitions now: {status}"
+    );
+    let maintain = admin(&outbox, &["partitions", "maintain", "--dry-run"]);
+    assert!(
+        maintain.status.success(),
+        "partitions maintain serves the converted table: {}",
+        String::from_utf8_lossy(&maintain.stderr)
     );
     let log = relay.log_text();
     relay.terminate();
@@ -976,4 +986,116 @@ async fn relkind(outbox: &TestOutbox) -> String {
         .await
         .unwrap()
         .get(0)
+}
+
+/// Point 2 with the real pg_partman (Debian's postgresql-15-partman, which
+/// scripts/install-deps installs beside PostgreSQL 15): the framework's
+/// partitioned table under pg_partman's daily partitions (`outbox_pYYYY_MM_DD`
+/// and a default partition) is adopted and relayed, pgoutbox never creates
+/// a partition beside them, and status and maintain name pg_partman.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_frameworks_pg_partman_table_keeps_pg_partmans_daily_partitions() {
+    let outbox = TestOutbox::new("fw_partman").await;
+    let s = outbox.name.clone();
+    let row = outbox
+        .client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pg_partman'), \
+                    current_setting('server_version_num')::int / 10000",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (available, major): (bool, i32) = (row.get(0), row.get(1));
+    if !available {
+        assert!(
+            major != 15 || std::env::var_os("CI").is_none(),
+            "pg_partman is missing from Debian's PostgreSQL 15: scripts/install-deps installs postgresql-15-partman"
+        );
+        eprintln!(
+            "SKIPPED: pg_partman is not installed for PostgreSQL {major} here (Debian packages it for 15, which CI runs this test on)"
+        );
+        return;
+    }
+    outbox
+        .client
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS partman; CREATE EXTENSION IF NOT EXISTS pg_partman SCHEMA partman",
+        )
+        .await
+        .expect("create pg_partman");
+    framework_table(
+        &outbox,
+        &format!(
+            "CREATE TABLE outbox ({}) PARTITION BY RANGE (created_at)",
+            framework_columns("PRIMARY KEY (id, created_at)")
+        ),
+    )
+    .await;
+    outbox
+        .client
+        .execute(
+            "SELECT partman.create_parent($1, 'created_at', 'native', 'daily')",
+            &[&format!("{s}.outbox")],
+        )
+        .await
+        .expect("pg_partman's create_parent");
+    let names = || async {
+        outbox
+            .client
+            .query(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                  WHERE i.inhparent = to_regclass($1) ORDER BY 1",
+                &[&format!("{s}.outbox")],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    let made_by_partman = names().await;
+    assert!(
+        made_by_partman.iter().any(|n| n.starts_with("outbox_p")),
+        "pg_partman's daily partitions: {made_by_partman:?}"
+    );
+    let (deliver, keep) = rows_in_every_status(&outbox, 3).await;
+    let migrate = admin(&outbox, &["migrate"]);
+    assert!(
+        !migrate.status.success()
+            && String::from_utf8_lossy(&migrate.stderr).contains("pgoutbox adopt"),
+        "migrate leaves the table alone"
+    );
+    adopt(&outbox);
+    let status = String::from_utf8_lossy(&admin(&outbox, &["status"]).stdout).into_owned();
+    assert!(
+        status.contains("created by pg_partman; the relay leaves them to it"),
+        "{status}"
+    );
+    let maintain = admin(&outbox, &["partitions", "maintain"]);
+    let err = String::from_utf8_lossy(&maintain.stderr);
+    assert!(
+        !maintain.status.success() && err.contains("pg_partman"),
+        "{err}"
+    );
+    let relay = start(&outbox, "cdc");
+    wait_for("every unfinished row settled", DEADLINE, || async {
+        let n = outbox
+            .statuses()
+            .await
+            .get("COMPLETED")
+            .copied()
+            .unwrap_or(0);
+        (n == 3 + deliver.len() as i64).then_some(())
+    })
+    .await;
+    let log = relay.log_text();
+    relay.terminate();
+    assert!(
+        !log.contains("could not ensure outbox partitions") && !log.contains("overlap"),
+        "the relay leaves pg_partman's partitions alone:\n{log}"
+    );
+    assert_eq!(names().await, made_by_partman, "no partition of pgoutbox's");
+    let records = read_orders(&outbox, deliver.len()).await;
+    assert_ledger(&records, &deliver, &keep);
 }

@@ -326,14 +326,14 @@ async fn require_partitioned(
         .get(0);
     match kind.map(|k| k as u8) {
         Some(b'p') => {
-            let ours = crate::outbox::partitioning::created_by_migrate(client, config)
+            let creator = crate::outbox::partitioning::creator(client, config)
                 .await
-                .map_err(db("reading pgoutbox_migrations"))?;
-            if ours {
+                .map_err(db("reading who creates the partitions"))?;
+            if creator == crate::outbox::partitioning::Creator::Pgoutbox {
                 return Ok(());
             }
             Err(Error::Fatal(format!(
-                "{table} is partitioned outside pgoutbox (an adopted table: pg_partman, the polling framework or your own scheme makes its partitions, and the relay leaves them to it): keep creating and retiring them with that tool; `pgoutbox partitions maintain` serves tables `pgoutbox migrate` created"
+                "{table} is partitioned outside pgoutbox (an adopted table: pg_partman, the polling framework or your own scheme makes its partitions, and the relay leaves them to it): keep creating and retiring them with that tool; `pgoutbox partitions maintain` serves the tables whose partitions pgoutbox makes (`pgoutbox migrate` created them, or `pgoutbox partitions convert` made them partitioned)"
             )))
         }
         Some(_) => Err(Error::Fatal(format!(
