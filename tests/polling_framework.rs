@@ -670,53 +670,16 @@ async fn the_frameworks_partitioned_table_keeps_its_own_partitions_and_gets_inde
         valid, 4,
         "four status indexes, valid on the parent once every partition's is attached"
     );
-    let partitions = || async {
-        outbox
-            .client
-            .query_one(
-                "SELECT count(*) FROM pg_inherits WHERE inhparent = to_regclass($1)",
-                &[&format!("{s}.outbox")],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
-    let status = String::from_utf8_lossy(&admin(&outbox, &["status"]).stdout).into_owned();
-    assert!(
-        status.contains("created by outside pgoutbox; the relay leaves them to it"),
-        "{status}"
-    );
-    let maintain = admin(&outbox, &["partitions", "maintain"]);
-    let err = String::from_utf8_lossy(&maintain.stderr);
-    assert!(
-        !maintain.status.success() && err.contains("partitioned outside pgoutbox"),
-        "{err}"
-    );
-
-    let relay = start(&outbox, "cdc");
-    wait_for("every unfinished row settled", DEADLINE, || async {
-        let n = outbox
-            .statuses()
-            .await
-            .get("COMPLETED")
-            .copied()
-            .unwrap_or(0);
-        (n == 3 + deliver.len() as i64).then_some(())
-    })
+    let before = partition_names(&outbox).await;
+    assert_eq!(before.len(), 2);
+    foreign_partitions_left_alone(
+        &outbox,
+        &before,
+        ("outside pgoutbox", "partitioned outside pgoutbox"),
+        &deliver,
+        &keep,
+    )
     .await;
-    let log = relay.log_text();
-    relay.terminate();
-    assert!(
-        !log.contains("could not ensure outbox partitions") && !log.contains("overlap"),
-        "the relay leaves the framework's partitions alone:\n{log}"
-    );
-    assert_eq!(
-        partitions().await,
-        2,
-        "no partition of pgoutbox's beside them"
-    );
-    let records = read_orders(&outbox, deliver.len()).await;
-    assert_ledger(&records, &deliver, &keep);
 }
 
 /// Point 1's path to the partition lifecycle: the framework's default
@@ -1032,6 +995,15 @@ async fn the_frameworks_pg_partman_table_keeps_pg_partmans_daily_partitions() {
         ),
     )
     .await;
+    // An earlier run's configuration outlives its schema.
+    outbox
+        .client
+        .execute(
+            "DELETE FROM partman.part_config WHERE parent_table = $1",
+            &[&format!("{s}.outbox")],
+        )
+        .await
+        .unwrap();
     outbox
         .client
         .execute(
@@ -1040,21 +1012,7 @@ async fn the_frameworks_pg_partman_table_keeps_pg_partmans_daily_partitions() {
         )
         .await
         .expect("pg_partman's create_parent");
-    let names = || async {
-        outbox
-            .client
-            .query(
-                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-                  WHERE i.inhparent = to_regclass($1) ORDER BY 1",
-                &[&format!("{s}.outbox")],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect::<Vec<_>>()
-    };
-    let made_by_partman = names().await;
+    let made_by_partman = partition_names(&outbox).await;
     assert!(
         made_by_partman.iter().any(|n| n.starts_with("outbox_p")),
         "pg_partman's daily partitions: {made_by_partman:?}"
@@ -1067,18 +1025,55 @@ async fn the_frameworks_pg_partman_table_keeps_pg_partmans_daily_partitions() {
         "migrate leaves the table alone"
     );
     adopt(&outbox);
-    let status = String::from_utf8_lossy(&admin(&outbox, &["status"]).stdout).into_owned();
+    foreign_partitions_left_alone(
+        &outbox,
+        &made_by_partman,
+        ("pg_partman", "pg_partman"),
+        &deliver,
+        &keep,
+    )
+    .await;
+}
+
+/// The partitions of the test's outbox, by name.
+async fn partition_names(outbox: &TestOutbox) -> Vec<String> {
+    outbox
+        .client
+        .query(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+              WHERE i.inhparent = to_regclass($1) ORDER BY 1",
+            &[&format!("{}.outbox", outbox.name)],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// An adopted table whose partitions someone else makes (`who`: status's
+/// name for them, and what maintain's refusal says): status and maintain
+/// say so, a CDC relay delivers every row of `deliver` once and none of
+/// `keep`, and no partition is added beside `partitions`.
+async fn foreign_partitions_left_alone(
+    outbox: &TestOutbox,
+    partitions: &[String],
+    who: (&str, &str),
+    deliver: &[Uuid],
+    keep: &[Uuid],
+) {
+    let status = String::from_utf8_lossy(&admin(outbox, &["status"]).stdout).into_owned();
     assert!(
-        status.contains("created by pg_partman; the relay leaves them to it"),
+        status.contains(&format!(
+            "created by {}; the relay leaves them to it",
+            who.0
+        )),
         "{status}"
     );
-    let maintain = admin(&outbox, &["partitions", "maintain"]);
+    let maintain = admin(outbox, &["partitions", "maintain"]);
     let err = String::from_utf8_lossy(&maintain.stderr);
-    assert!(
-        !maintain.status.success() && err.contains("pg_partman"),
-        "{err}"
-    );
-    let relay = start(&outbox, "cdc");
+    assert!(!maintain.status.success() && err.contains(who.1), "{err}");
+    let relay = start(outbox, "cdc");
     wait_for("every unfinished row settled", DEADLINE, || async {
         let n = outbox
             .statuses()
@@ -1093,9 +1088,13 @@ async fn the_frameworks_pg_partman_table_keeps_pg_partmans_daily_partitions() {
     relay.terminate();
     assert!(
         !log.contains("could not ensure outbox partitions") && !log.contains("overlap"),
-        "the relay leaves pg_partman's partitions alone:\n{log}"
+        "the relay leaves their partitions alone:\n{log}"
     );
-    assert_eq!(names().await, made_by_partman, "no partition of pgoutbox's");
-    let records = read_orders(&outbox, deliver.len()).await;
-    assert_ledger(&records, &deliver, &keep);
+    assert_eq!(
+        partition_names(outbox).await,
+        partitions,
+        "no partition of pgoutbox's beside them"
+    );
+    let records = read_orders(outbox, deliver.len()).await;
+    assert_ledger(&records, deliver, keep);
 }
