@@ -58,6 +58,30 @@ impl Error {
         }
     }
 
+    /// Classifies the failure of an operator's selection of outbox rows
+    /// (`dle`, `replay`: a `--where` condition, a statement timeout), with
+    /// a hint at what to change; anything else as [`Error::postgres`].
+    pub fn selection(doing: &str, e: &tokio_postgres::Error) -> Error {
+        let code = e.code().map(|c| c.code()).unwrap_or_default();
+        let text = postgres_text(e);
+        let by_where = doing.contains("--where");
+        if code == "57014" {
+            Error::Fatal(format!(
+                "{doing}: {text}; narrow the selection or raise --statement-timeout"
+            ))
+        } else if by_where && code.starts_with("42") && code != "42501" {
+            Error::Fatal(format!(
+                "{doing}: {text}; fix the --where condition (raw SQL over the outbox columns)"
+            ))
+        } else if by_where && code == "25006" {
+            Error::Fatal(format!(
+                "{doing}: {text}; --where is evaluated read-only and may not change anything"
+            ))
+        } else {
+            Error::postgres(doing, e)
+        }
+    }
+
     /// Classifies an error from an ordinary PostgreSQL connection; `doing`
     /// says what was being attempted.
     pub fn postgres(doing: &str, e: &tokio_postgres::Error) -> Error {

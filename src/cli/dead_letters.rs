@@ -113,24 +113,7 @@ pub async fn dle(config: &Config, command: DleCommand) -> Result<(), Error> {
 /// refusals as fatal one-liners.
 fn dle_error(e: DeadLetterError) -> Error {
     match e {
-        DeadLetterError::Database { context, source } => {
-            let code = source
-                .code()
-                .map(|c| c.code().to_owned())
-                .unwrap_or_default();
-            let text = crate::error::postgres_text(&source);
-            if code == "57014" {
-                Error::Fatal(format!(
-                    "{context}: {text}; narrow the selection or raise --statement-timeout"
-                ))
-            } else if context.contains("--where") && code.starts_with("42") && code != "42501" {
-                Error::Fatal(format!(
-                    "{context}: {text}; fix the --where condition (raw SQL over the outbox columns)"
-                ))
-            } else {
-                Error::postgres(&context, &source)
-            }
-        }
+        DeadLetterError::Database { context, source } => Error::selection(&context, &source),
         other => Error::Fatal(other.to_string()),
     }
 }

@@ -194,28 +194,7 @@ pub enum ReplayResult {
 /// `--where` or a statement timeout).
 fn error(e: ReplayError) -> Error {
     match e {
-        ReplayError::Database { context, source } => {
-            let code = source
-                .code()
-                .map(|c| c.code().to_owned())
-                .unwrap_or_default();
-            let text = crate::error::postgres_text(&source);
-            if code == "57014" {
-                Error::Fatal(format!(
-                    "{context}: {text}; narrow the selection or raise --statement-timeout"
-                ))
-            } else if context.contains("--where") && code.starts_with("42") && code != "42501" {
-                Error::Fatal(format!(
-                    "{context}: {text}; fix the --where condition (raw SQL over the outbox columns)"
-                ))
-            } else if code == "25006" && context.contains("--where") {
-                Error::Fatal(format!(
-                    "{context}: {text}; --where is evaluated read-only and may not change anything"
-                ))
-            } else {
-                Error::postgres(&context, &source)
-            }
-        }
+        ReplayError::Database { context, source } => Error::selection(&context, &source),
         other => Error::Fatal(other.to_string()),
     }
 }
