@@ -264,6 +264,8 @@ pub struct Sink {
     probe: Option<tokio::task::AbortHandle>,
     /// `kafka.transaction_timeout_ms`: how long a commit or abort may try.
     pub(super) transaction_timeout: Duration,
+    /// A transactional producer (exactly-once delivery).
+    transactional: bool,
 }
 
 impl Drop for Sink {
@@ -277,12 +279,21 @@ impl Drop for Sink {
     /// back, before the new producer resent the earlier ones — an
     /// aggregate's events out of order for a consumer deduplicating on
     /// `tracking_id` (ARCHITECTURE.md, invariant 4).
+    ///
+    /// A transactional producer is left as it is: what it still sends can
+    /// only land in its open transaction, which the next session's
+    /// `init_transactions` aborts (or which fails as fenced), so no
+    /// `read_committed` reader sees it; and it may be committing on another
+    /// thread, which a purge would race. Left alive, it also learns that
+    /// it was fenced and says so.
     fn drop(&mut self) {
         if let Some(probe) = &self.probe {
             probe.abort();
         }
-        self.producer
-            .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+        if !self.transactional {
+            self.producer
+                .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+        }
     }
 }
 
@@ -386,6 +397,7 @@ impl Sink {
                 mode,
                 probe: None,
                 transaction_timeout: Duration::from_millis(cfg.transaction_timeout_ms),
+                transactional: transactional_id.is_some(),
             },
             rx,
         ))
