@@ -315,9 +315,20 @@ async fn an_old_relay_that_wakes_up_after_a_takeover_is_fenced() {
     ));
     let load = Load::start(&outbox.name, "Order", 20, Duration::from_millis(3));
     let old = outbox.start_relay();
-    wait_for("the first relay to deliver", DEADLINE, || async {
-        (rows_with(&outbox, "COMPLETED").await > 100).then_some(())
-    })
+    // Streaming, not still in its first backfill (which marks rows too,
+    // before any walsender streams): the freeze must catch a relay whose
+    // replication connection PostgreSQL then ends.
+    wait_for(
+        "the first relay to deliver and stream",
+        DEADLINE,
+        || async {
+            (rows_with(&outbox, "COMPLETED").await > 100
+                && common::control::walsender(&outbox.client, &outbox.slot())
+                    .await
+                    .is_some())
+            .then_some(())
+        },
+    )
     .await;
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(old.pid() as i32, libc::SIGSTOP) };
