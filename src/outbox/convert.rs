@@ -618,9 +618,18 @@ fn swap_statements(
             quote_ident(&child_index_name(index, "legacy"))
         ));
     }
+    // The new unique index becomes the old table's primary key, the one the
+    // parent's is attached to (PostgreSQL 18 makes the parent's key a
+    // primary key of the partition, and a table has only one).
     let legacy_key = child_index_name(key_index, "legacy");
+    if let Some(pk) = found.indexes.iter().find(|i| i.primary) {
+        out.push(format!(
+            "ALTER TABLE {legacy} DROP CONSTRAINT {}",
+            quote_ident(&child_index_name(&pk.name, "legacy"))
+        ));
+    }
     out.push(format!(
-        "ALTER TABLE {legacy} ADD CONSTRAINT {k} UNIQUE USING INDEX {k}",
+        "ALTER TABLE {legacy} ADD CONSTRAINT {k} PRIMARY KEY USING INDEX {k}",
         k = quote_ident(&legacy_key)
     ));
     out.push(format!(
