@@ -51,7 +51,7 @@ pub enum AdoptError {
     Refused(String),
 }
 
-fn db(doing: &str) -> impl FnOnce(tokio_postgres::Error) -> AdoptError + '_ {
+pub(super) fn db(doing: &str) -> impl FnOnce(tokio_postgres::Error) -> AdoptError + '_ {
     move |source| AdoptError::Database {
         doing: doing.to_string(),
         source,
@@ -277,7 +277,7 @@ async fn add_row_state(
 
 /// The partial indexes `pgoutbox migrate` gives its own table, one per
 /// status the relay looks up: (name suffix, columns, status).
-const STATUS_INDEXES: [(&str, &str, &str); 4] = [
+pub(super) const STATUS_INDEXES: [(&str, &str, &str); 4] = [
     ("pending_idx", "created_at, id", "PENDING"),
     ("processing_idx", "locked_until", "PROCESSING"),
     ("dead_letter_idx", "created_at, id", "DEAD_LETTER"),

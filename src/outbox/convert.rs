@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use super::adopt::{build_concurrently, child_index_name, AdoptError, ADOPTED};
+use super::adopt::{build_concurrently, child_index_name, db, AdoptError, ADOPTED, STATUS_INDEXES};
 use super::migrate::{render_for, MigrationTarget, MIGRATIONS};
 use crate::config::{quote_ident, Config};
 
@@ -72,13 +72,6 @@ pub struct ConvertReport {
     pub swap_ms: Option<f64>,
     /// Nothing was changed.
     pub dry_run: bool,
-}
-
-fn db(doing: &str) -> impl FnOnce(tokio_postgres::Error) -> AdoptError + '_ {
-    move |source| AdoptError::Database {
-        doing: doing.to_owned(),
-        source,
-    }
 }
 
 fn refused(text: impl Into<String>) -> AdoptError {
@@ -500,12 +493,7 @@ async fn check(
         .map_err(db("reading the status column"))?
         .get::<_, bool>(0);
     if has_status {
-        for suffix in [
-            "pending_idx",
-            "processing_idx",
-            "dead_letter_idx",
-            "failed_idx",
-        ] {
+        for (suffix, _, _) in STATUS_INDEXES {
             let want = format!("{}_{suffix}", config.outbox.table);
             if !found_indexes.iter().any(|i| i.name == want) {
                 return Err(refused(format!(
