@@ -100,6 +100,11 @@ struct Args {
     /// The pgoutbox binary to measure.
     #[arg(long, default_value = "target/bench/bin/pgoutbox")]
     relay_bin: PathBuf,
+    /// An environment variable for every pgoutbox system, `KEY=VALUE`
+    /// (repeatable): a setting measured against its default, e.g.
+    /// `--relay-env KAFKA_MAX_IN_FLIGHT_EVENTS=10000`. Reported with the results.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = relay_env)]
+    relay_env: Vec<(String, String)>,
     /// Only render results.md and results.png again from this results.json
     /// (measures nothing).
     #[arg(long, value_name = "RESULTS_JSON")]
@@ -111,6 +116,14 @@ struct Args {
     /// `cargo test`) nothing is measured.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+/// Parses one `--relay-env` argument.
+fn relay_env(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {arg:?}")),
+    }
 }
 
 /// A phase of the benchmark.
@@ -273,6 +286,7 @@ async fn run() -> Result<bool, BoxError> {
             "events": events, "latency_seconds": latency_s, "rates": args.rates, "shapes": args.shapes,
             "partitions": args.partitions, "aggregates": args.aggregates, "fill_sessions": FILL_SESSIONS,
             "latency_writer": "one session per 1,000 events/s, synchronous_commit = off, wal_writer_delay = 1ms, wal_writer_flush_after = 0",
+            "relay_env": args.relay_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         },
     });
     if let (Some(m), Some(e)) = (machine.as_object_mut(), extra.as_object()) {
@@ -281,6 +295,7 @@ async fn run() -> Result<bool, BoxError> {
     let out = args.out.clone();
     let setup = Setup {
         relay_bin,
+        relay_env: args.relay_env.clone(),
         recvlogical,
         debezium: std::fs::canonicalize("scripts/debezium")
             .map_err(|e| format!("scripts/debezium: {e} (run from the repository)"))?,

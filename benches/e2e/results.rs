@@ -149,6 +149,13 @@ impl Results {
             m["connect"].as_str().unwrap_or("?"),
             m["pgoutbox"].as_str().unwrap_or("?"),
         );
+        if let Some(env) = m["settings"]["relay_env"]
+            .as_array()
+            .filter(|e| !e.is_empty())
+        {
+            let env: Vec<&str> = env.iter().filter_map(|v| v.as_str()).collect();
+            let _ = writeln!(md, "Every pgoutbox system ran with `{}`.\n", env.join(" "));
+        }
         md.push_str("| system | workload | events | seconds | events/s | events/s from the first event | p50 ms | p99 ms | p99.9 ms | max ms | read_committed p50 / p99 ms | kept up | CPU s | peak RSS MiB | machine busy |\n");
         md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n");
         let opt = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "".into());

@@ -157,6 +157,8 @@ fn debezium_format_config(topic: &str) -> String {
 pub struct Setup {
     /// The pgoutbox binary under test (a copy, so a rebuild cannot swap it).
     pub relay_bin: PathBuf,
+    /// `--relay-env`: set for every pgoutbox system after the harness's own.
+    pub relay_env: Vec<(String, String)>,
     /// `pg_recvlogical` of the server's major version.
     pub recvlogical: PathBuf,
     /// `scripts/debezium`.
@@ -324,6 +326,7 @@ impl Setup {
                         cmd.env("KAFKA_TRANSACTION_INTERVAL_MS", ms.to_string());
                     }
                 }
+                cmd.envs(self.relay_env.iter().map(|(k, v)| (k, v)));
                 cmd.stdin(Stdio::null())
                     .stdout(file.try_clone()?)
                     .stderr(file)

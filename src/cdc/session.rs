@@ -233,9 +233,17 @@ impl Session<'_> {
 
     fn pipeline(&self, kafka: super::exactly_once::KafkaSide, confirmed: Lsn) -> Pipeline {
         let cfg = self.config;
+        // At least once, marks trickle in with Kafka's acks and are
+        // gathered for a statement. Exactly once, a commit hands over all
+        // of its rows at once: lingering would only hold the next commit,
+        // which is paced by these marks (ARCHITECTURE.md, invariant 13).
+        let linger = match cfg.kafka.delivery {
+            crate::config::Delivery::ExactlyOnce => Duration::ZERO,
+            crate::config::Delivery::AtLeastOnce => Duration::from_millis(cfg.cdc.mark_linger_ms),
+        };
         let batching = crate::outbox::Batching {
             size: cfg.cdc.mark_batch_size,
-            linger: Duration::from_millis(cfg.cdc.mark_linger_ms),
+            linger,
         };
         let (marker, durable) = MarkWriter::spawn(
             self.pg.clone(),

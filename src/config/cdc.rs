@@ -29,7 +29,9 @@ pub struct CdcConfig {
     /// that would carry fewer than `mark_batch_size` rows, in milliseconds.
     /// Fewer, larger statements cost PostgreSQL far less per row (one commit
     /// and one plan per statement); the price is this much more time before
-    /// the slot's flush LSN passes an event, never on Kafka delivery.
+    /// the slot's flush LSN passes an event, never on Kafka delivery. At
+    /// least once only: exactly-once hands over a commit's rows at once and
+    /// they are written without lingering.
     pub mark_linger_ms: u64,
     /// Relay table-less events written with `pg_logical_emit_message`
     /// (env `OUTBOX_MESSAGES`).

@@ -42,6 +42,8 @@ pub const ENV_VARS: &[&str] = &[
     "KAFKA_BROKERS",
     "KAFKA_COMPRESSION",
     "KAFKA_LINGER_MS",
+    "KAFKA_MAX_IN_FLIGHT_EVENTS",
+    "KAFKA_MAX_IN_FLIGHT_BYTES",
     "KAFKA_SASL_PASSWORD",
     "KAFKA_SASL_PASSWORD_FILE",
     "OUTBOX_METADATA_HEADERS",
@@ -277,6 +279,12 @@ fn apply_kafka(
     if let Some(v) = get("KAFKA_LINGER_MS") {
         kafka.linger_ms = parse_env("KAFKA_LINGER_MS", &v, "a whole number")?;
     }
+    if let Some(v) = get("KAFKA_MAX_IN_FLIGHT_EVENTS") {
+        kafka.max_in_flight_events = parse_env("KAFKA_MAX_IN_FLIGHT_EVENTS", &v, "a whole number")?;
+    }
+    if let Some(v) = get("KAFKA_MAX_IN_FLIGHT_BYTES") {
+        kafka.max_in_flight_bytes = parse_env("KAFKA_MAX_IN_FLIGHT_BYTES", &v, "a whole number")?;
+    }
     if let Some(v) = get("KAFKA_SASL_PASSWORD") {
         kafka.properties.insert("sasl.password".into(), v);
     }
@@ -353,6 +361,22 @@ mod tests {
         let mut c = valid();
         let e = c.apply_env(env(&[("ENABLE_AUDIT", "maybe")])).unwrap_err();
         assert_eq!(e.field, "ENABLE_AUDIT");
+    }
+
+    #[test]
+    fn the_in_flight_window_is_set_from_the_environment() {
+        let mut c = valid();
+        c.apply_env(env(&[
+            ("KAFKA_MAX_IN_FLIGHT_EVENTS", "20000"),
+            ("KAFKA_MAX_IN_FLIGHT_BYTES", "1048576"),
+        ]))
+        .unwrap();
+        assert_eq!(c.kafka.max_in_flight_events, 20_000);
+        assert_eq!(c.kafka.max_in_flight_bytes, 1 << 20);
+        let e = c
+            .apply_env(env(&[("KAFKA_MAX_IN_FLIGHT_EVENTS", "10k")]))
+            .unwrap_err();
+        assert_eq!(e.field, "KAFKA_MAX_IN_FLIGHT_EVENTS");
     }
 
     #[test]

@@ -47,9 +47,11 @@ pub struct KafkaConfig {
     /// Largest message the broker accepts (`message.max.bytes`); larger rows
     /// are dead-lettered before they are sent.
     pub message_max_bytes: usize,
-    /// Events sent but not yet acknowledged, at most.
+    /// Events sent but not yet acknowledged, at most (env
+    /// `KAFKA_MAX_IN_FLIGHT_EVENTS`).
     pub max_in_flight_events: usize,
-    /// Bytes of payload sent but not yet acknowledged, at most.
+    /// Bytes of payload sent but not yet acknowledged, at most (env
+    /// `KAFKA_MAX_IN_FLIGHT_BYTES`).
     pub max_in_flight_bytes: usize,
     /// Per-table topic templates (key: table name, or `schema.table`),
     /// overriding `topic` for that table; logical messages use their prefix
@@ -163,7 +165,7 @@ impl Default for KafkaConfig {
             compression: "lz4".into(),
             linger_ms: 5,
             message_max_bytes: 1_000_000,
-            max_in_flight_events: 50_000,
+            max_in_flight_events: 10_000,
             max_in_flight_bytes: 64 << 20,
             table_topics: BTreeMap::new(),
             properties: BTreeMap::new(),
