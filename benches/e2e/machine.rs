@@ -85,6 +85,70 @@ pub fn usage_of(pid: u32) -> Option<Usage> {
     })
 }
 
+/// `pid`'s stat fields after the command name (which may hold spaces and
+/// parentheses): index 1 is the parent's pid, 11–14 utime, stime, cutime
+/// and cstime in clock ticks.
+fn stat_fields(pid: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+fn ticks(fields: &[String], at: &[usize]) -> f64 {
+    at.iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The parent of `pid` (for a backend's pid: the postmaster).
+pub fn parent_of(pid: u32) -> Option<u32> {
+    stat_fields(&pid.to_string())?.get(1)?.parse().ok()
+}
+
+/// CPU seconds the PostgreSQL server has used so far: the postmaster's,
+/// the children it has reaped (cutime, cstime: a walsender that exited with
+/// its client is still counted) and its live children's. The difference of
+/// two readings is what the server spent between them (walsenders, the
+/// relay's mark statements, checkpoints and WAL writing).
+pub fn postgres_cpu_s(postmaster: u32) -> Option<f64> {
+    let own = stat_fields(&postmaster.to_string())?;
+    let mut total = ticks(&own, &[11, 12, 13, 14]);
+    let parent = postmaster.to_string();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if let Some(f) = stat_fields(pid).filter(|f| f.get(1) == Some(&parent)) {
+            total += ticks(&f, &[11, 12]);
+        }
+    }
+    Some(total / clock_ticks())
+}
+
+/// How many of the postmaster's children are walsenders (their process
+/// title starts `postgres: walsender`). A walsender whose client has gone
+/// is counted until it has exited and been reaped: only then are its CPU
+/// seconds in the postmaster's cutime.
+pub fn walsenders(postmaster: u32) -> usize {
+    let parent = postmaster.to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| stat_fields(pid).is_some_and(|f| f.get(1) == Some(&parent)))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"postgres: walsender"))
+        })
+        .count()
+}
+
 /// The kernel's clock ticks per second (USER_HZ).
 pub fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.

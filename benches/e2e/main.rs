@@ -151,6 +151,8 @@ struct Bench {
     stamp: u64,
     events: u64,
     latency_s: u64,
+    /// The PostgreSQL server's postmaster, for its CPU seconds.
+    postmaster: Option<u32>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -305,6 +307,9 @@ async fn run() -> Result<bool, BoxError> {
         brokers,
     };
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    // The server's CPU is read from /proc: only when it runs on this machine.
+    let backend: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    let postmaster = u32::try_from(backend).ok().and_then(machine::parent_of);
     let mut bench = Bench {
         args,
         setup,
@@ -319,6 +324,7 @@ async fn run() -> Result<bool, BoxError> {
         stamp,
         events,
         latency_s,
+        postmaster,
     };
     say(format!(
         "{} events per drain, {} s per latency run; results in {}",
@@ -402,6 +408,12 @@ fn latency_workload(rate: u32) -> String {
 }
 
 impl Bench {
+    /// PostgreSQL's CPU seconds so far (`None` when the server is not a
+    /// process of this machine).
+    fn pg_cpu(&self) -> Option<f64> {
+        self.postmaster.and_then(machine::postgres_cpu_s)
+    }
+
     fn selected(&self, s: System) -> bool {
         self.args.systems.contains(&s)
     }
@@ -551,6 +563,7 @@ impl Bench {
             FILL_SESSIONS,
         )
         .await?;
+        outbox::settle(&self.db).await?;
         say(format!(
             "backlog for {what}: {} events, {} per transaction, written in {:.1} s, {:.0} MiB of WAL",
             b.events,
@@ -573,6 +586,7 @@ impl Bench {
     ) -> Result<Run, BoxError> {
         self.quiet().await?;
         let a = CpuTicks::now();
+        let pg_a = self.pg_cpu();
         let (seconds, usage) = self
             .setup
             .recvlogical(
@@ -581,6 +595,13 @@ impl Bench {
                 &format!("{workload}-pg_recvlogical"),
             )
             .await?;
+        // Its walsender's CPU seconds count once it has exited.
+        if let Some(pm) = self.postmaster {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while machine::walsenders(pm) > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         Ok(Run {
             system: System::PgRecvlogical.name().into(),
             workload: workload.into(),
@@ -588,6 +609,7 @@ impl Bench {
             seconds,
             events_per_s: backlog.events as f64 / seconds,
             cpu_s: usage.cpu_s,
+            pg_cpu_s: pg_a.zip(self.pg_cpu()).map(|(a, b)| b - a),
             peak_rss_mib: usage.peak_rss_mib,
             machine_busy_pct: a.busy_pct_until(&CpuTicks::now()),
             ..Run::default()
@@ -605,6 +627,7 @@ impl Bench {
         self.create_topics(system, &topic).await?;
         self.quiet().await?;
         let a = CpuTicks::now();
+        let pg_a = self.pg_cpu();
         let mut running = self.setup.start(
             system,
             slot,
@@ -650,6 +673,7 @@ impl Bench {
             }
         }
         let busy = a.busy_pct_until(&CpuTicks::now());
+        let pg_cpu_s = pg_a.zip(self.pg_cpu()).map(|(a, b)| b - a);
         running.stop(&self.setup);
         let records = match committed {
             // What the transactions hold, read again after the stop.
@@ -676,6 +700,7 @@ impl Bench {
             completed_s,
             duplicates: (records > want).then(|| (records - want) as u64),
             cpu_s: usage.cpu_s,
+            pg_cpu_s,
             peak_rss_mib: usage.peak_rss_mib,
             machine_busy_pct: busy,
             ..Run::default()

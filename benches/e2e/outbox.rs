@@ -292,6 +292,17 @@ pub async fn truncate(db: &Client) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// Vacuums and analyzes the freshly written backlog and checkpoints, so
+/// that neither autovacuum nor a checkpoint runs in the middle of the first
+/// drain and charges its work to that system's PostgreSQL CPU seconds.
+pub async fn settle(db: &Client) -> Result<(), BoxError> {
+    db.batch_execute(&format!("VACUUM (ANALYZE) {SCHEMA}.outbox"))
+        .await?;
+    // Nor the checkpoint the backlog's WAL would start.
+    db.batch_execute("CHECKPOINT").await?;
+    Ok(())
+}
+
 /// What the traffic writer did.
 #[derive(Clone, Copy, Debug)]
 pub struct Traffic {

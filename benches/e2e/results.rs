@@ -83,6 +83,11 @@ pub struct Run {
     pub completed_s: Option<f64>,
     /// CPU seconds of the system's process (user + system).
     pub cpu_s: f64,
+    /// CPU seconds PostgreSQL spent during the run (all its processes:
+    /// decoding in the walsender, the relay's marks, WAL writing); drains
+    /// only (a latency run's figure would be mostly the load writer's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pg_cpu_s: Option<f64>,
     /// Its peak resident memory (VmHWM / ru_maxrss), MiB.
     pub peak_rss_mib: f64,
     /// How busy the whole machine was during the run (both cores = 100).
@@ -196,7 +201,39 @@ impl Results {
             );
         }
         md.push('\n');
+        md.push_str(&self.cpu_per_million());
         md.push_str(&self.goals());
+        md
+    }
+
+    /// CPU seconds per million events of each drain, the system's and
+    /// PostgreSQL's apart (marking rows is PostgreSQL's work).
+    fn cpu_per_million(&self) -> String {
+        let drains: Vec<&Run> = self
+            .runs
+            .iter()
+            .filter(|r| r.pg_cpu_s.is_some() && r.events > 0)
+            .collect();
+        if drains.is_empty() {
+            return String::new();
+        }
+        let mut md = String::from(
+            "CPU seconds per million events, drains:\n\n| system | workload | the system | PostgreSQL | both |\n|---|---|---:|---:|---:|\n",
+        );
+        for r in drains {
+            let per = |s: f64| s * 1e6 / r.events as f64;
+            let pg = r.pg_cpu_s.unwrap_or_default();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.1} | {:.1} | {:.1} |",
+                r.system,
+                r.workload,
+                per(r.cpu_s),
+                per(pg),
+                per(r.cpu_s + pg)
+            );
+        }
+        md.push('\n');
         md
     }
 
