@@ -327,6 +327,10 @@ pub(super) struct Transactions {
     /// Records read while a commit runs, by window ticket: sent in the
     /// next Kafka transaction once it committed.
     pub held: VecDeque<(u64, KafkaRecord)>,
+    /// When the first of `held` was read: the next transaction's interval
+    /// counts from then, not from the end of the commit that held it, so
+    /// a slow commit is not paid for twice by the events it held.
+    pub held_since: Option<Instant>,
     /// Commit now, whatever the cadence (end of a backfill, shutdown).
     pub force: bool,
     /// Rows in committed Kafka transactions whose `COMPLETED` mark is not
@@ -351,6 +355,7 @@ impl Transactions {
             open: None,
             committing: None,
             held: VecDeque::new(),
+            held_since: None,
             force: false,
             unmarked: HashMap::new(),
             start,

@@ -25,8 +25,12 @@ impl Pipeline {
         if let Err(e) = self.sink.begin_transaction() {
             return Err(transaction_error("beginning a Kafka transaction", e));
         }
+        let opened = t
+            .held_since
+            .take()
+            .unwrap_or_else(tokio::time::Instant::now);
         t.open = Some(OpenTxn {
-            opened: tokio::time::Instant::now(),
+            opened,
             tickets: Vec::new(),
             rows: Vec::new(),
         });

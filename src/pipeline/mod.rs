@@ -392,6 +392,9 @@ impl Pipeline {
             // Kafka cannot take records while a commit runs: they wait for
             // the next transaction, and reading goes on.
             Some(t) if t.committing.is_some() => {
+                if t.held.is_empty() {
+                    t.held_since = Some(tokio::time::Instant::now());
+                }
                 t.held.push_back((ticket, record));
                 Ok(())
             }

@@ -28,6 +28,8 @@ pub(crate) struct FakeSink {
     transactions: Shared<Vec<Option<KafkaRecord>>>,
     /// Outcomes of the next commits (`Ok` when none is queued).
     commit_outcomes: Shared<VecDeque<Result<(), TxnFailure>>>,
+    /// How long each commit takes.
+    commit_time: Shared<Duration>,
 }
 
 impl RecordSink for FakeSink {
@@ -66,7 +68,13 @@ impl RecordSink for FakeSink {
             .unwrap()
             .pop_front()
             .unwrap_or(Ok(()));
-        tokio::spawn(async move { outcome })
+        let takes = *self.commit_time.lock().unwrap();
+        tokio::spawn(async move {
+            if !takes.is_zero() {
+                tokio::time::sleep(takes).await;
+            }
+            outcome
+        })
     }
 }
 
@@ -99,6 +107,7 @@ pub(crate) struct Rig {
     durable: mpsc::UnboundedSender<MarkVerdict>,
     transactions: Shared<Vec<Option<KafkaRecord>>>,
     commit_outcomes: Shared<VecDeque<Result<(), TxnFailure>>>,
+    commit_time: Shared<Duration>,
 }
 
 /// How a rig's fakes behave.
@@ -136,12 +145,14 @@ impl Rig {
         let (durable, verdicts) = mpsc::unbounded_channel();
         let transactions = Shared::default();
         let commit_outcomes = Shared::default();
+        let commit_time = Shared::default();
         let sink = FakeSink {
             sent: sent.clone(),
             refusals: refusals.clone(),
             auto_ack: options.instant.then(|| acks.clone()),
             transactions: Arc::clone(&transactions),
             commit_outcomes: Arc::clone(&commit_outcomes),
+            commit_time: Arc::clone(&commit_time),
         };
         let marker = FakeMarker {
             marks: marks.clone(),
@@ -171,6 +182,7 @@ impl Rig {
             durable,
             transactions,
             commit_outcomes,
+            commit_time,
         }
     }
 
@@ -187,7 +199,12 @@ impl Rig {
         self.transactions.lock().unwrap().clone()
     }
 
-    /// The next commit ends with `outcome`.
+    /// Every commit from now on takes `time` before it ends.
+    pub fn commit_takes(&self, time: Duration) {
+        *self.commit_time.lock().unwrap() = time;
+    }
+
+    /// Queues the outcome of the next commit (`Ok` once the queue is empty).
     pub fn commit_outcome(&self, outcome: Result<(), TxnFailure>) {
         self.commit_outcomes.lock().unwrap().push_back(outcome);
     }

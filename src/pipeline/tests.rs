@@ -475,6 +475,43 @@ mod exactly_once {
         assert_eq!(rec.rows, RowSet::of(vec![1, 2, 3]), "row 1 not marked yet");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn events_held_by_a_slow_commit_wait_one_interval_from_their_arrival() {
+        let interval = Duration::from_millis(100);
+        let mut r = rig(None);
+        r.pipeline.eos.as_mut().unwrap().start.interval = interval;
+        r.commit_takes(Duration::from_millis(80));
+        let commits = |r: &Rig| r.transactions().iter().flatten().count();
+        let a = r.pipeline.begin(Lsn(500));
+        r.pipeline.offer(a, event(1, "x"), row(1)).await.unwrap();
+        r.pipeline.commit(a, Lsn(600));
+        while commits(&r) < 1 {
+            r.pipeline.next().await.unwrap();
+        }
+        // The first commit started (after its interval) and runs 80 ms.
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let arrived = tokio::time::Instant::now();
+        let b = r.pipeline.begin(Lsn(700));
+        r.pipeline.offer(b, event(2, "x"), row(2)).await.unwrap();
+        r.pipeline.commit(b, Lsn(800));
+        assert_eq!(r.sent().len(), 1, "held while the commit runs");
+        let mut marked = false;
+        while commits(&r) < 2 {
+            r.pipeline.next().await.unwrap();
+            if !marked && r.marks().len() == 1 {
+                // Row 1's mark lands at once: no pacing in the way.
+                r.durable(0);
+                marked = true;
+            }
+        }
+        let waited = arrived.elapsed();
+        assert!(
+            waited >= interval && waited < interval + Duration::from_millis(30),
+            "the next commit starts one interval after the held event arrived, \
+             not one interval after the slow commit ended ({waited:?})"
+        );
+    }
+
     #[tokio::test]
     async fn a_full_transaction_stops_reading_until_it_committed() {
         let mut r = rig(None);
