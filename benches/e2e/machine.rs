@@ -112,21 +112,11 @@ pub fn parent_of(pid: u32) -> Option<u32> {
 /// relay's mark statements, checkpoints and WAL writing).
 pub fn postgres_cpu_s(postmaster: u32) -> Option<f64> {
     let own = stat_fields(&postmaster.to_string())?;
-    let mut total = ticks(&own, &[11, 12, 13, 14]);
-    let parent = postmaster.to_string();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        if let Some(f) = stat_fields(pid).filter(|f| f.get(1) == Some(&parent)) {
-            total += ticks(&f, &[11, 12]);
-        }
-    }
-    Some(total / clock_ticks())
+    let live: f64 = children(postmaster)
+        .iter()
+        .map(|(_, f)| ticks(f, &[11, 12]))
+        .sum();
+    Some((ticks(&own, &[11, 12, 13, 14]) + live) / clock_ticks())
 }
 
 /// How many of the postmaster's children are walsenders (their process
@@ -134,19 +124,29 @@ pub fn postgres_cpu_s(postmaster: u32) -> Option<f64> {
 /// is counted until it has exited and been reaped: only then are its CPU
 /// seconds in the postmaster's cutime.
 pub fn walsenders(postmaster: u32) -> usize {
-    let parent = postmaster.to_string();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
-        .filter(|pid| stat_fields(pid).is_some_and(|f| f.get(1) == Some(&parent)))
-        .filter(|pid| {
+    children(postmaster)
+        .iter()
+        .filter(|(pid, _)| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|c| c.starts_with(b"postgres: walsender"))
         })
         .count()
+}
+
+/// The live children of `parent`: pid and stat fields.
+fn children(parent: u32) -> Vec<(String, Vec<String>)> {
+    let parent = parent.to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|pid| {
+            let f = stat_fields(&pid).filter(|f| f.get(1) == Some(&parent))?;
+            Some((pid, f))
+        })
+        .collect()
 }
 
 /// The kernel's clock ticks per second (USER_HZ).
