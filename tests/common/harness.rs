@@ -764,6 +764,18 @@ pub fn read_topics_as(
     isolation: Option<Isolation>,
     done: impl Fn(&[Record]) -> bool,
 ) -> Vec<Record> {
+    read_topics_from(&services().kafka_brokers, topics, timeout, isolation, done)
+}
+
+/// [`read_topics_as`] from the brokers at `brokers` (another cluster than
+/// the test services', e.g. a broker in a container).
+pub fn read_topics_from(
+    brokers: &str,
+    topics: &[String],
+    timeout: Duration,
+    isolation: Option<Isolation>,
+    done: impl Fn(&[Record]) -> bool,
+) -> Vec<Record> {
     let mut config = ClientConfig::new();
     if let Some(level) = isolation {
         config.set("enable.partition.eof", "true").set(
@@ -776,7 +788,7 @@ pub fn read_topics_as(
     }
     let mut at_end: std::collections::HashSet<(String, i32)> = Default::default();
     let consumer: BaseConsumer = config
-        .set("bootstrap.servers", &services().kafka_brokers)
+        .set("bootstrap.servers", brokers)
         .set("group.id", "pgoutbox-tests")
         .set("enable.auto.commit", "false")
         .set("allow.auto.create.topics", "false")
