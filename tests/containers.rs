@@ -166,11 +166,14 @@ async fn start_postgres(
     container
 }
 
+/// Connects to the PostgreSQL container on `port` as its superuser.
 async fn connect(port: u16) -> Result<Client, tokio_postgres::Error> {
+    connect_as(port, PG_PASSWORD).await
+}
+
+async fn connect_as(port: u16, password: &str) -> Result<Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port={port} user={PG_USER} password={PG_PASSWORD} dbname=pgoutbox"
-        ),
+        &format!("host=127.0.0.1 port={port} user={PG_USER} password={password} dbname=pgoutbox"),
         NoTls,
     )
     .await?;
@@ -669,4 +672,170 @@ async fn events_survive_relay_container_restarts_in_order() {
         resent, 0,
         "a clean restart resent {resent} delivered events"
     );
+}
+
+/// The Compose command (`PGOUTBOX_COMPOSE`, else `docker compose`), or why
+/// there is none.
+fn compose_command() -> Result<Vec<String>, String> {
+    let words: Vec<String> = std::env::var("PGOUTBOX_COMPOSE")
+        .ok()
+        .filter(|c| !c.trim().is_empty())
+        .unwrap_or_else(|| "docker compose".to_owned())
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let ok = std::process::Command::new(&words[0])
+        .args(&words[1..])
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        Ok(words)
+    } else {
+        Err(format!(
+            "`{} version` failed: no Docker Compose (scripts/docker up builds one)",
+            words.join(" ")
+        ))
+    }
+}
+
+/// A Compose project of docker-compose.yml with the host-network override;
+/// `down -v` when dropped.
+struct ComposeStack {
+    command: Vec<String>,
+    project: String,
+    env: Vec<(String, String)>,
+}
+
+impl ComposeStack {
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let mut cmd = std::process::Command::new(&self.command[0]);
+        cmd.args(&self.command[1..])
+            .current_dir(root)
+            .args(["-p", &self.project, "-f", "docker-compose.yml"])
+            .args(["-f", "scripts/images/compose-host-network.yml"])
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd.output().expect("run docker compose")
+    }
+}
+
+impl Drop for ComposeStack {
+    fn drop(&mut self) {
+        let out = self.run(&["down", "-v", "--timeout", "20"]);
+        if !out.status.success() {
+            eprintln!(
+                "compose down failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// docker-compose.yml's relay path — PostgreSQL, Kafka, the one-shot
+/// migrate, the relay and its standby — comes up from the locally built
+/// images; the relay is ready and the standby healthy but not ready, a
+/// published event reaches Kafka, and when the relay stops the standby
+/// takes over and delivers the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_stack_relays_with_a_standby() {
+    if skip_reason().is_some() {
+        return;
+    }
+    let command = match compose_command() {
+        Ok(c) => c,
+        Err(reason) => {
+            assert!(
+                std::env::var("PGOUTBOX_TEST_REQUIRE_DOCKER").as_deref() != Ok("1"),
+                "PGOUTBOX_TEST_REQUIRE_DOCKER=1 but {reason}"
+            );
+            eprintln!("skipped: {reason}");
+            return;
+        }
+    };
+    let pg_port = free_port();
+    let kafka_port = free_port();
+    let metrics = free_port();
+    let standby_metrics = free_port();
+    let stack = ComposeStack {
+        command,
+        project: format!("pgoutbox-test-{}", std::process::id()),
+        env: vec![
+            ("PGOUTBOX_PG_PORT".into(), pg_port.to_string()),
+            ("PGOUTBOX_KAFKA_PORT".into(), kafka_port.to_string()),
+            (
+                "PGOUTBOX_KAFKA_CONTROLLER_PORT".into(),
+                free_port().to_string(),
+            ),
+            ("PGOUTBOX_METRICS_PORT".into(), metrics.to_string()),
+            (
+                "PGOUTBOX_STANDBY_METRICS_PORT".into(),
+                standby_metrics.to_string(),
+            ),
+        ],
+    };
+    let t0 = Instant::now();
+    let out = stack.run(&[
+        "up",
+        "-d",
+        "--no-build",
+        "--wait",
+        "--wait-timeout",
+        "240",
+        "postgres",
+        "kafka",
+        "migrate",
+        "relay",
+        "relay-standby",
+    ]);
+    assert!(
+        out.status.success(),
+        "docker compose up failed: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&stack.run(&["logs", "--tail", "30"]).stdout)
+    );
+    eprintln!("compose relay path up in {:?}", t0.elapsed());
+
+    let active = format!("127.0.0.1:{metrics}");
+    let standby = format!("127.0.0.1:{standby_metrics}");
+    let ready = |addr: String| async move { http_get(&addr, "/readyz").await.map(|(s, _)| s).ok() };
+    wait_for("the relay to be ready", Duration::from_secs(60), || {
+        let addr = active.clone();
+        async move { (ready(addr).await == Some(200)).then_some(()) }
+    })
+    .await;
+    let (status, _) = http_get(&standby, "/healthz")
+        .await
+        .expect("standby /healthz");
+    assert_eq!(status, 200, "the standby relay is not alive");
+    assert_eq!(
+        ready(standby.clone()).await,
+        Some(503),
+        "the standby relay says it is ready while the relay serves"
+    );
+
+    // docker-compose.yml's superuser password.
+    let client = connect_as(pg_port, "pgoutbox")
+        .await
+        .expect("connect to compose's PostgreSQL");
+    let brokers = format!("127.0.0.1:{kafka_port}");
+    let first = publish(&client, Uuid::from_u128(1), 0).await;
+    let records = read_back(brokers.clone(), vec![first]).await;
+    assert_eq!(missing(&[first], &delivery_counts(&records)), 0);
+
+    // The relay stops: the standby takes over and delivers.
+    let out = stack.run(&["stop", "relay"]);
+    assert!(out.status.success(), "compose stop relay failed");
+    wait_for("the standby to take over", Duration::from_secs(60), || {
+        let addr = standby.clone();
+        async move { (ready(addr).await == Some(200)).then_some(()) }
+    })
+    .await;
+    let second = publish(&client, Uuid::from_u128(1), 1).await;
+    let records = read_back(brokers, vec![first, second]).await;
+    let counts = delivery_counts(&records);
+    assert_eq!(missing(&[first, second], &counts), 0);
+    assert_eq!(reorders(&records), 0);
 }
