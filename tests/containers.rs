@@ -23,9 +23,7 @@ use common::harness::{
     delivery_counts, free_port, http_get, missing, read_topics_from, wait_for, Record,
 };
 use common::ledger::reorders;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
+use common::pki::{new_ca, server_certificate};
 use serde_json::json;
 use testcontainers::core::{AccessMode, Mount, WaitFor};
 use testcontainers::runners::AsyncRunner;
@@ -397,23 +395,8 @@ struct Tls {
 
 /// A CA, and a server certificate for localhost/127.0.0.1 it signed.
 fn tls() -> Tls {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "pgoutbox container test CA");
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "pgoutbox container test server");
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca).unwrap();
+    let ca = new_ca("pgoutbox container test CA");
+    let (server_cert, server_key) = server_certificate(&ca, "pgoutbox container test server");
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("containers-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -432,8 +415,8 @@ fn tls() -> Tls {
     Tls {
         dir,
         ca: ca_path,
-        server_cert: cert.pem(),
-        server_key: key.serialize_pem(),
+        server_cert,
+        server_key,
     }
 }
 
@@ -631,7 +614,7 @@ async fn events_survive_relay_container_restarts_in_order() {
     relay.start().await.expect("docker start");
 
     // A kill mid-stream: SIGTERM then SIGKILL at once.
-    progress(clean_until + EVENTS / 5).await;
+    progress((clean_until + EVENTS / 5).min(EVENTS)).await;
     relay
         .stop_with_timeout(Some(0))
         .await

@@ -18,12 +18,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::harness::{database_settings as settings, read_until_all, wait_for, TestOutbox};
+use common::pki::{new_ca, server_certificate};
 use common::services;
 use pgoutbox::database::TlsError;
 use pgoutbox::replication::{ReplicationClient, ReplicationError};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
 use serde_json::json;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::Client;
@@ -43,18 +41,6 @@ struct Pki {
     other_ca: PathBuf,
     server_cert: PathBuf,
     server_key: PathBuf,
-}
-
-fn new_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
 }
 
 /// Generates the CA and server certificate once, in a directory the
@@ -89,12 +75,7 @@ async fn pki(admin: &Client) -> &'static Pki {
 
     let ca = new_ca("pgoutbox test CA");
     let other = new_ca("an unrelated CA");
-    let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "pgoutbox test server");
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca).unwrap();
+    let (cert, key) = server_certificate(&ca, "pgoutbox test server");
 
     let write = |name: &str, text: String, mode: u32| {
         let path = dir.join(name);
@@ -109,8 +90,8 @@ async fn pki(admin: &Client) -> &'static Pki {
     let pki = Pki {
         ca: write("ca.pem", ca.pem(), 0o644),
         other_ca: write("other-ca.pem", other.pem(), 0o644),
-        server_cert: write("server.pem", cert.pem(), 0o644),
-        server_key: write("server.key", key.serialize_pem(), 0o600),
+        server_cert: write("server.pem", cert, 0o644),
+        server_key: write("server.key", key, 0o600),
     };
     let _ = PKI.set(pki);
     PKI.get().unwrap()

@@ -85,3 +85,4 @@ pub mod control;
 pub mod debezium;
 pub mod harness;
 pub mod ledger;
+pub mod pki;
