@@ -105,8 +105,14 @@ fn skip_reason() -> Option<String> {
         std::env::var("PGOUTBOX_TEST_REQUIRE_DOCKER").as_deref() != Ok("1"),
         "PGOUTBOX_TEST_REQUIRE_DOCKER=1 but {reason}"
     );
-    eprintln!("skipped: {reason}");
+    skipped(&reason);
     Some(reason)
+}
+
+/// Says why a test is skipped where a plain `cargo test` shows it: straight
+/// to the process's stderr (the harness captures only `eprintln!`).
+fn skipped(reason: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIPPED (tests/containers.rs): {reason}");
 }
 
 /// A PostgreSQL container on 127.0.0.1:`port`, logical decoding on, and
@@ -733,7 +739,7 @@ async fn compose_stack_relays_with_a_standby() {
                 std::env::var("PGOUTBOX_TEST_REQUIRE_DOCKER").as_deref() != Ok("1"),
                 "PGOUTBOX_TEST_REQUIRE_DOCKER=1 but {reason}"
             );
-            eprintln!("skipped: {reason}");
+            skipped(&reason);
             return;
         }
     };
