@@ -445,16 +445,24 @@ async fn sigkill_mid_stream_loses_nothing_and_resends_only_unconfirmed_events() 
     drop(relay);
 }
 
-/// The mark writer on its own, against the real table: a key whose row
-/// is not visible yet is retried until it is (logical decoding can deliver
-/// a transaction a moment before its commit is visible), never reported
-/// durable before its row is marked; a row already `COMPLETED` is left as
-/// it was and reported at once; a pending row is marked.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn mark_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alone() {
+/// Three marks given to a mark writer in `mark_with` mode on a fresh
+/// table: ticket 1 for a row already `COMPLETED` (in 2000), 2 for a row
+/// not inserted yet (its id reserved), 3 for a pending row. Returns the
+/// outbox, the writer, its durable tickets and (done, later, pending) ids
+/// with the created_at the later row must be inserted with.
+async fn three_marks(
+    name: &str,
+    mark_with: pgoutbox::config::MarkWith,
+) -> (
+    TestOutbox,
+    pgoutbox::outbox::MarkWriter,
+    tokio::sync::mpsc::UnboundedReceiver<Result<u64, String>>,
+    (i64, i64, i64),
+    String,
+) {
     use pgoutbox::outbox::{Batching, Mark, MarkKind, MarkWriter, RowKey};
 
-    let outbox = TestOutbox::new("mark_unseen").await;
+    let outbox = TestOutbox::new(name).await;
     let schema = outbox.name.clone();
     let key = |id: i64, at: &str| RowKey {
         table: None,
@@ -481,7 +489,7 @@ async fn mark_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alon
 
     let settings =
         common::harness::database_settings(&common::services().database_url).expect("settings");
-    let (writer, mut done_rx) = MarkWriter::spawn(
+    let (writer, done_rx) = MarkWriter::spawn(
         settings,
         &schema,
         "outbox",
@@ -489,6 +497,7 @@ async fn mark_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alon
             size: 100,
             linger: Duration::from_millis(20),
         },
+        mark_with,
     );
     for (ticket, k) in [
         (1, key(done_id, &done_at)),
@@ -500,28 +509,62 @@ async fn mark_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alon
             kind: MarkKind::Completed(k),
         }));
     }
+    (
+        outbox,
+        writer,
+        done_rx,
+        (done_id, later_id, pending_id),
+        pending_at,
+    )
+}
+
+/// The next `n` tickets a mark writer reports durable, sorted.
+async fn durable_tickets(
+    done: &mut tokio::sync::mpsc::UnboundedReceiver<Result<u64, String>>,
+    n: usize,
+) -> Vec<u64> {
     let mut durable = Vec::new();
-    while durable.len() < 2 {
-        let t = tokio::time::timeout(DEADLINE, done_rx.recv())
+    while durable.len() < n {
+        let t = tokio::time::timeout(DEADLINE, done.recv())
             .await
-            .expect("tickets 1 and 3 reported in time")
+            .expect("tickets reported in time")
             .expect("writer running");
         durable.push(t.expect("database reachable"));
     }
     durable.sort();
-    assert_eq!(durable, vec![1, 3], "the invisible row is not durable yet");
-    // The third row becomes visible; its mark is applied and reported.
+    durable
+}
+
+/// Inserts the row whose id [`three_marks`] reserved.
+async fn insert_late_row(outbox: &TestOutbox, id: i64, created_at: &str) {
     outbox
         .client
         .execute(
             &format!(
-                "INSERT INTO {schema}.outbox (id, aggregate_id, aggregate_type, event_type, payload, created_at) \
-                 VALUES ($1, gen_random_uuid(), 'acct', 'later', '{{}}', $2::text::timestamptz)"
+                "INSERT INTO {}.outbox (id, aggregate_id, aggregate_type, event_type, payload, created_at) \
+                 VALUES ($1, gen_random_uuid(), 'acct', 'later', '{{}}', $2::text::timestamptz)",
+                outbox.name
             ),
-            &[&later_id, &pending_at],
+            &[&id, &created_at],
         )
         .await
         .expect("insert the late row");
+}
+
+/// The mark writer on its own, against the real table: a key whose row
+/// is not visible yet is retried until it is (logical decoding can deliver
+/// a transaction a moment before its commit is visible), never reported
+/// durable before its row is marked; a row already `COMPLETED` is left as
+/// it was and reported at once; a pending row is marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mark_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alone() {
+    let (outbox, _writer, mut done_rx, (done_id, later_id, pending_id), pending_at) =
+        three_marks("mark_unseen", pgoutbox::config::MarkWith::Update).await;
+    let schema = outbox.name.clone();
+    let durable = durable_tickets(&mut done_rx, 2).await;
+    assert_eq!(durable, vec![1, 3], "the invisible row is not durable yet");
+    // The third row becomes visible; its mark is applied and reported.
+    insert_late_row(&outbox, later_id, &pending_at).await;
     let t = tokio::time::timeout(DEADLINE, done_rx.recv())
         .await
         .expect("ticket 2 reported once its row is visible")
@@ -550,6 +593,60 @@ async fn mark_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alon
         ],
         "the COMPLETED row kept its processed_at; the others were marked"
     );
+}
+
+/// The mark writer with the delivery journal (the default): every mark is
+/// durable once its journal entry commits, even for a row not visible yet;
+/// the rows stay as they are until the writer, idle, folds the journal into
+/// them: a pending row becomes `COMPLETED` with the entry's time, a row
+/// already `COMPLETED` keeps its `processed_at`, a row the fold cannot see
+/// yet is kept in the journal and folded once it is visible. Nothing is left
+/// in the journal at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mark_writer_journals_deliveries_and_folds_them_into_the_rows_when_idle() {
+    let (outbox, writer, mut done_rx, (done_id, later_id, pending_id), pending_at) =
+        three_marks("mark_journal", pgoutbox::config::MarkWith::Journal).await;
+    let schema = outbox.name.clone();
+    let durable = durable_tickets(&mut done_rx, 3).await;
+    assert_eq!(
+        durable,
+        vec![1, 2, 3],
+        "journaled marks are durable at once"
+    );
+    let status_of = |id: i64| {
+        let client = &outbox.client;
+        let schema = schema.clone();
+        async move {
+            client
+                .query_opt(
+                    &format!("SELECT status, processed_at < '2001-01-01' FROM {schema}.outbox WHERE id = $1"),
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, Option<bool>>(1)))
+        }
+    };
+    // Idle, the writer folds: the pending row becomes COMPLETED.
+    wait_for("the pending row folded to COMPLETED", DEADLINE, || async {
+        (status_of(pending_id).await == Some(("COMPLETED".to_owned(), Some(false)))).then_some(())
+    })
+    .await;
+    assert_eq!(
+        status_of(done_id).await,
+        Some(("COMPLETED".to_owned(), Some(true))),
+        "a COMPLETED row keeps its processed_at"
+    );
+    let left = outbox.journaled_rows().await;
+    assert_eq!(left, 1, "the row not visible yet stays journaled");
+    insert_late_row(&outbox, later_id, &pending_at).await;
+    wait_for("the late row folded once visible", DEADLINE, || async {
+        (status_of(later_id).await == Some(("COMPLETED".to_owned(), Some(false)))).then_some(())
+    })
+    .await;
+    let left = outbox.journaled_rows().await;
+    assert_eq!(left, 0, "the journal is empty once folded");
+    drop(writer);
 }
 
 /// Several hosts in DATABASE_URL, as libpq takes them: the first one is

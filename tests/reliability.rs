@@ -188,7 +188,9 @@ async fn sigkill_between_ack_and_status_update_resends_only_the_unconfirmed_tail
         .unwrap();
     outbox
         .client
-        .batch_execute(&format!("DROP TRIGGER hold_marks ON {s}.outbox"))
+        .batch_execute(&format!(
+            "DROP TRIGGER hold_marks ON {s}.outbox; DROP TRIGGER hold_marks ON {s}.pgoutbox_delivered"
+        ))
         .await
         .unwrap();
     let relay = outbox.start_relay();

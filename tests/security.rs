@@ -463,6 +463,13 @@ async fn the_relay_role_has_only_what_the_relay_needs() {
         (format!("has_table_privilege('{RELAY_ROLE}', '{s}.pgoutbox_slot_state', 'DELETE')"), false),
         (format!("has_table_privilege('{RELAY_ROLE}', '{s}.pgoutbox_dead_letters', 'INSERT')"), true),
         (format!("has_table_privilege('{RELAY_ROLE}', '{s}.pgoutbox_dead_letters', 'SELECT')"), false),
+        // The delivery journal: entries written, read and deleted when
+        // folded; never changed.
+        (format!("has_table_privilege('{RELAY_ROLE}', '{s}.pgoutbox_delivered', 'SELECT')"), true),
+        (format!("has_table_privilege('{RELAY_ROLE}', '{s}.pgoutbox_delivered', 'INSERT')"), true),
+        (format!("has_table_privilege('{RELAY_ROLE}', '{s}.pgoutbox_delivered', 'DELETE')"), true),
+        (format!("has_table_privilege('{RELAY_ROLE}', '{s}.pgoutbox_delivered', 'UPDATE')"), false),
+        (format!("has_table_privilege('{RELAY_ROLE}', '{s}.pgoutbox_delivered', 'TRUNCATE')"), false),
         (format!("has_table_privilege('{RELAY_ROLE}', '{s}.pgoutbox_dead_letter_actions', 'SELECT')"), false),
         (format!("has_table_privilege('{RELAY_ROLE}', '{s}.processed_events', 'SELECT')"), false),
         (format!("has_table_privilege('{RELAY_ROLE}', 'public.pgoutbox_migrations', 'SELECT')"), true),

@@ -430,3 +430,146 @@ async fn status_judges_the_outbox_against_the_health_thresholds() {
         "{err}"
     );
 }
+
+/// The ids of `all` not in `left_out`.
+fn not_in(all: &[Uuid], left_out: &[Uuid]) -> Vec<Uuid> {
+    all.iter()
+        .filter(|id| !left_out.contains(id))
+        .copied()
+        .collect()
+}
+
+/// Stops `relay` (it must exit 0) and checks `topic` holds `records`: what
+/// was sent, and nothing journaled.
+fn stop_and_count(relay: common::harness::Relay, topic: &str, records: i64) {
+    let status = relay.terminate();
+    assert!(status.success(), "relay exit {status:?}");
+    assert_eq!(
+        common::harness::topic_record_count(topic),
+        records,
+        "journaled rows are not sent"
+    );
+}
+
+/// The delivery journal (ARCHITECTURE.md, invariant 14) as every reader of
+/// statuses sees it: rows an earlier CDC relay delivered and journaled (not
+/// folded yet) are not pending to `pgoutbox status`, a first start's
+/// backfill does not send them, and a switch to polling does not claim them;
+/// each ends `COMPLETED` with its journal entry's time as `processed_at`,
+/// and the journal ends empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn journaled_rows_are_delivered_to_status_backfill_and_a_switch_to_polling() {
+    use common::harness::{read_until_all, Relay};
+
+    let outbox = TestOutbox::new("journal_readers").await;
+    let s = outbox.name.clone();
+    let topic = outbox.topic("Order");
+    let publish = |n: usize| {
+        let outbox = &outbox;
+        async move {
+            let mut ids = Vec::new();
+            for i in 0..n {
+                ids.push(
+                    outbox
+                        .publish(
+                            "Order",
+                            Uuid::new_v4(),
+                            "created",
+                            &serde_json::json!({ "i": i }),
+                        )
+                        .await,
+                );
+            }
+            ids
+        }
+    };
+    // Journals the `n` oldest pending rows as delivered in 2001; returns
+    // their tracking ids.
+    let journal = |n: i64| {
+        let outbox = &outbox;
+        let s = s.clone();
+        async move {
+            let rows = outbox
+                .client
+                .query(
+                    &format!(
+                        "WITH r AS (SELECT id, created_at, tracking_id FROM {s}.outbox \
+                                     WHERE status = 'PENDING' ORDER BY id LIMIT $1), \
+                              j AS (INSERT INTO {s}.pgoutbox_delivered (outbox, ids, created_ats, delivered_at) \
+                                    SELECT 'outbox', array_agg(id), array_agg(created_at), '2001-01-01' FROM r) \
+                         SELECT tracking_id FROM r"
+                    ),
+                    &[&n],
+                )
+                .await
+                .expect("journal rows");
+            rows.iter().map(|r| r.get::<_, Uuid>(0)).collect::<Vec<_>>()
+        }
+    };
+    let completed_in_2001 = |ids: Vec<Uuid>| {
+        let outbox = &outbox;
+        let s = s.clone();
+        async move {
+            let row = outbox
+                .client
+                .query_one(
+                    &format!(
+                        "SELECT count(*) FROM {s}.outbox WHERE tracking_id = ANY($1) \
+                           AND status = 'COMPLETED' AND processed_at = '2001-01-01'"
+                    ),
+                    &[&ids],
+                )
+                .await
+                .unwrap();
+            row.get::<_, i64>(0) as usize == ids.len()
+        }
+    };
+
+    // Five rows, three delivered and journaled by an earlier relay.
+    let first = publish(5).await;
+    let journaled = journal(3).await;
+    let to_send = not_in(&first, &journaled);
+    assert_eq!(to_send.len(), 2);
+    let o = status_json(&outbox);
+    assert_eq!(o["rows"]["pending"], 2, "{o}");
+    assert_eq!(o["rows"]["journaled"], 3, "{o}");
+    assert!(
+        status(&outbox, false).contains("journaled   3 "),
+        "{}",
+        status(&outbox, false)
+    );
+
+    // CDC's first start: the new slot's backfill sends only the two.
+    let relay = outbox.start_relay();
+    read_until_all(vec![topic.clone()], to_send.clone(), DEADLINE).await;
+    wait_for(
+        "every row COMPLETED and the journal empty",
+        DEADLINE,
+        || async {
+            let st = outbox.statuses().await;
+            let left = outbox.journaled_rows().await;
+            (st.get("COMPLETED") == Some(&5) && left == 0).then_some(())
+        },
+    )
+    .await;
+    assert!(completed_in_2001(journaled).await, "journal time kept");
+    stop_and_count(relay, &topic, 2);
+
+    // Two more rows, one journaled: polling claims only the other.
+    let second = publish(2).await;
+    let journaled = journal(1).await;
+    let to_send = not_in(&second, &journaled);
+    let relay = Relay::spawn(
+        outbox.command_with_args(&["run", "--mode", "poll"]),
+        &outbox.name,
+    );
+    read_until_all(vec![topic.clone()], to_send, DEADLINE).await;
+    wait_for("every row COMPLETED", DEADLINE, || async {
+        (outbox.statuses().await.get("COMPLETED") == Some(&7)).then_some(())
+    })
+    .await;
+    assert!(completed_in_2001(journaled).await, "journal time kept");
+    stop_and_count(relay, &topic, 3);
+    let left = outbox.journaled_rows().await;
+    assert_eq!(left, 0);
+}

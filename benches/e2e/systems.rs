@@ -13,9 +13,15 @@ pub enum System {
     /// pg_recvlogical with pgoutput into /dev/null: the decode ceiling.
     #[value(name = "pg_recvlogical")]
     PgRecvlogical,
-    /// pgoutbox CDC, marking rows COMPLETED after Kafka acks (the default).
+    /// pgoutbox CDC, marking rows after Kafka acks (the default: a delivery
+    /// journal entry per batch, folded into `COMPLETED` when idle).
     #[value(name = "pgoutbox-cdc")]
     PgoutboxCdc,
+    /// pgoutbox CDC marking every row `COMPLETED` with an update before the
+    /// slot passes it (`OUTBOX_MARK_WITH=update`, the default until the
+    /// delivery journal).
+    #[value(name = "pgoutbox-cdc-update")]
+    PgoutboxCdcUpdate,
     /// pgoutbox CDC with `mark_completed = false`.
     #[value(name = "pgoutbox-cdc-nomark")]
     PgoutboxCdcNomark,
@@ -61,13 +67,14 @@ pub enum System {
 
 impl System {
     /// Every system, in the order they are measured.
-    pub const ALL: [System; 12] = [
+    pub const ALL: [System; 13] = [
         System::PgRecvlogical,
         System::PgoutboxCdcNomark,
         System::Debezium,
         System::DebeziumEos,
         System::PgoutboxCdcDbzfmt,
         System::PgoutboxCdc,
+        System::PgoutboxCdcUpdate,
         System::PgoutboxCdcEos,
         System::PgoutboxCdcEos10,
         System::PgoutboxCdcEos25,
@@ -81,6 +88,7 @@ impl System {
         match self {
             System::PgRecvlogical => "pg_recvlogical",
             System::PgoutboxCdc => "pgoutbox-cdc",
+            System::PgoutboxCdcUpdate => "pgoutbox-cdc-update",
             System::PgoutboxCdcNomark => "pgoutbox-cdc-nomark",
             System::PgoutboxCdcDbzfmt => "pgoutbox-cdc-dbzfmt",
             System::PgoutboxPoll1 => "pgoutbox-poll-1",
@@ -128,7 +136,8 @@ impl System {
     /// (and rows already marked change its own work), so each drains a
     /// backlog no other marking system touched.
     pub fn marks(self) -> bool {
-        self == System::PgoutboxCdc || self.eos_interval_ms().is_some()
+        matches!(self, System::PgoutboxCdc | System::PgoutboxCdcUpdate)
+            || self.eos_interval_ms().is_some()
     }
 
     /// The Kafka Connect worker is a JVM the harness looks up (scripts/debezium).
@@ -288,6 +297,7 @@ impl Setup {
             _ => {
                 let (mode, mark, workers) = match system {
                     System::PgoutboxCdc
+                    | System::PgoutboxCdcUpdate
                     | System::PgoutboxCdcEos
                     | System::PgoutboxCdcEos10
                     | System::PgoutboxCdcEos25
@@ -317,6 +327,9 @@ impl Setup {
                     .env("OUTBOX_CONCURRENCY", workers)
                     .env("OUTBOX_METRICS_LISTEN", "off")
                     .env("NO_COLOR", "1");
+                if system == System::PgoutboxCdcUpdate {
+                    cmd.env("OUTBOX_MARK_WITH", "update");
+                }
                 if let Some(interval) = system.eos_interval_ms() {
                     // A progress topic of the run's own (made by the
                     // harness, compacted): no record of an earlier run.

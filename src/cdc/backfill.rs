@@ -163,10 +163,21 @@ impl PendingRows for SnapshotRows {
                     let Some((schema, table, bytea)) = self.tables.pop() else {
                         return Ok(None);
                     };
+                    // A row the delivery journal lists was delivered: not
+                    // sent again (ARCHITECTURE.md, invariant 14).
+                    let undelivered = if crate::outbox::journal::usable(&self.client, &schema)
+                        .await
+                        .map_err(db)?
+                    {
+                        let j = crate::outbox::journal::Journal::new(&schema, &table);
+                        format!(" AND {}", j.undelivered("o"))
+                    } else {
+                        String::new()
+                    };
                     let sql = format!(
                         "DECLARE pgoutbox_backfill NO SCROLL CURSOR FOR \
                          SELECT {} FROM {}.{} AS o \
-                          WHERE o.status IN ('PENDING', 'PROCESSING', 'FAILED') \
+                          WHERE o.status IN ('PENDING', 'PROCESSING', 'FAILED'){undelivered} \
                           ORDER BY o.created_at, o.id",
                         select_list(&self.map, "o"),
                         quote_ident(&schema),

@@ -250,6 +250,7 @@ impl Session<'_> {
             &cfg.outbox.schema,
             &cfg.outbox.table,
             batching,
+            cfg.cdc.mark_with,
         );
         let pipeline = Pipeline::new(
             (Box::new(kafka.sink), kafka.deliveries),

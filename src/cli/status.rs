@@ -244,6 +244,12 @@ fn write_rows(out: &mut String, r: &RowsOverview) {
         _ => String::new(),
     };
     let _ = writeln!(out, "pending     {}{oldest}", r.pending);
+    if let Some(n) = r.journaled.filter(|n| *n > 0) {
+        let _ = writeln!(
+            out,
+            "journaled   {n} (delivered, not yet folded into COMPLETED)"
+        );
+    }
     let _ = writeln!(out, "processing  {}", r.processing);
     if r.failed > 0 {
         let _ = writeln!(out, "failed      {}", r.failed);

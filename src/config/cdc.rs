@@ -33,6 +33,14 @@ pub struct CdcConfig {
     /// least once only: exactly-once hands over a commit's rows at once and
     /// they are written without lingering.
     pub mark_linger_ms: u64,
+    /// How a delivered row is recorded (env `OUTBOX_MARK_WITH`):
+    /// `journal` (the default) inserts one row per batch into the delivery
+    /// journal `pgoutbox_delivered` and folds it into the rows' statuses
+    /// off the stream's critical path; `update` sets every row `COMPLETED`
+    /// before the slot may pass it, as poll mode does. Either way a crash
+    /// never leaves a delivered row undelivered in the table's eyes
+    /// (ARCHITECTURE.md, invariant 14).
+    pub mark_with: MarkWith,
     /// Relay table-less events written with `pg_logical_emit_message`
     /// (env `OUTBOX_MESSAGES`).
     pub messages: bool,
@@ -79,6 +87,31 @@ pub struct CdcConfig {
     pub failover_slot: Option<bool>,
 }
 
+/// `cdc.mark_with`: how the CDC relay records a delivered row.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MarkWith {
+    /// A journal row per batch, folded into the rows later.
+    #[default]
+    Journal,
+    /// `status = 'COMPLETED'` on every row, at once.
+    Update,
+}
+
+impl std::str::FromStr for MarkWith {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "journal" => Ok(MarkWith::Journal),
+            "update" => Ok(MarkWith::Update),
+            other => Err(format!(
+                "{other:?} is not a way of marking delivered rows: use \"journal\" or \"update\""
+            )),
+        }
+    }
+}
+
 /// `cdc.on_slot_lost`.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -117,6 +150,7 @@ impl Default for CdcConfig {
             max_backoff_ms: 30_000,
             mark_batch_size: 2000,
             mark_linger_ms: 20,
+            mark_with: MarkWith::Journal,
             messages: true,
             message_prefix: "outbox".into(),
             message_prefixes: Vec::new(),

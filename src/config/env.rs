@@ -33,6 +33,7 @@ pub const ENV_VARS: &[&str] = &[
     "OUTBOX_FALLBACK_TO_POLL",
     "OUTBOX_ON_SLOT_LOST",
     "OUTBOX_FAILOVER_SLOT",
+    "OUTBOX_MARK_WITH",
     "OUTBOX_SLOT",
     "OUTBOX_PUBLICATION",
     "OUTBOX_TOPIC",
@@ -240,6 +241,12 @@ fn apply_cdc(
     if let Some(v) = get("OUTBOX_FAILOVER_SLOT") {
         cdc.failover_slot = Some(parse_bool("OUTBOX_FAILOVER_SLOT", &v)?);
     }
+    if let Some(v) = get("OUTBOX_MARK_WITH") {
+        cdc.mark_with = v
+            .trim()
+            .parse()
+            .map_err(|e: String| ConfigError::new("OUTBOX_MARK_WITH", e))?;
+    }
     if let Some(v) = get("OUTBOX_SLOT") {
         cdc.slot = v;
     }
@@ -387,6 +394,20 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.field, "OUTBOX_BATCH_SIZE");
         assert!(e.to_string().contains("\"many\""));
+    }
+
+    #[test]
+    fn mark_with_is_read_and_a_bad_value_says_what_to_use() {
+        let mut c = valid();
+        assert_eq!(c.cdc.mark_with, crate::config::MarkWith::Journal);
+        c.apply_env(env(&[("OUTBOX_MARK_WITH", " update ")]))
+            .unwrap();
+        assert_eq!(c.cdc.mark_with, crate::config::MarkWith::Update);
+        let e = c
+            .apply_env(env(&[("OUTBOX_MARK_WITH", "rows")]))
+            .unwrap_err();
+        assert_eq!(e.field, "OUTBOX_MARK_WITH");
+        assert!(e.to_string().contains("\"journal\" or \"update\""), "{e}");
     }
 
     #[test]

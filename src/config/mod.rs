@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use cdc::{CdcConfig, SlotLostPolicy};
+pub use cdc::{CdcConfig, MarkWith, SlotLostPolicy};
 pub use columns::{
     ColumnMap, ColumnsConfig, Role, RoleColumn, TablePreset, MARKING_COLUMNS, ROW_STATE_COLUMNS,
 };

@@ -138,8 +138,11 @@ pub mod batch {
     pub const REPLICATION_READ: &str = "replication_read";
     /// Rows one claim statement returned (poll).
     pub const CLAIM: &str = "claim";
-    /// Rows one status update statement wrote (CDC).
+    /// Rows one status update statement wrote, or one delivery journal
+    /// entry recorded (CDC).
     pub const STATUS_UPDATE: &str = "status_update";
+    /// Rows one fold of the delivery journal set `COMPLETED` (CDC).
+    pub const JOURNAL_FOLD: &str = "journal_fold";
 }
 
 /// The `status` values of [`names::OUTBOX_ROWS`].
@@ -332,7 +335,12 @@ impl Metrics {
         for outcome in ["committed", "aborted"] {
             self.transactions.transactions.with_label_values(&[outcome]);
         }
-        for kind in [batch::REPLICATION_READ, batch::CLAIM, batch::STATUS_UPDATE] {
+        for kind in [
+            batch::REPLICATION_READ,
+            batch::CLAIM,
+            batch::STATUS_UPDATE,
+            batch::JOURNAL_FOLD,
+        ] {
             self.batch_size.with_label_values(&[kind]);
         }
     }

@@ -151,6 +151,10 @@ pub struct RowsOverview {
     /// Rows dead-lettered within `health.dead_letter_window_s` (`null`
     /// when the table has no `processed_at`).
     pub dead_letters_recent: Option<i64>,
+    /// Rows delivered and listed in the delivery journal, not yet folded
+    /// into their status (`null` when the schema has no journal). They are
+    /// not counted as pending.
+    pub journaled: Option<i64>,
 }
 
 /// The partitions of the outbox.
@@ -224,7 +228,7 @@ pub async fn read(client: &Client, config: &Config) -> Result<Overview, Error> {
             .map_err(db("reading the outbox table's columns"))?
             .ok_or_else(|| Error::Fatal(format!("the outbox table {name} does not exist")))?;
     let rows = if tracks_rows(&shape) {
-        let mut rows = read_rows(client, &table).await?;
+        let mut rows = read_rows(client, config, &table).await?;
         if shape.type_of("processed_at").is_some() {
             let sql = recent_dead_letters_sql(&table, config.health.dead_letter_window_s);
             let r = client
@@ -398,24 +402,46 @@ pub fn tracks_rows(shape: &crate::outbox::TableShape) -> bool {
     shape.type_of("status").is_some() && shape.type_of("created_at").is_some()
 }
 
-/// The rows of `table` (quoted) by status, and the oldest pending one.
-async fn read_rows(client: &Client, table: &str) -> Result<RowsOverview, Error> {
+/// The rows of `table` (quoted) by status, and the oldest pending one; a
+/// row the delivery journal lists is delivered, not pending.
+async fn read_rows(client: &Client, config: &Config, table: &str) -> Result<RowsOverview, Error> {
+    let schema = &config.outbox.schema;
+    let journal = crate::outbox::journal::usable(client, schema)
+        .await
+        .map_err(db("looking for the delivery journal"))?
+        .then(|| crate::outbox::journal::Journal::new(schema, &config.outbox.table));
+    let undelivered = journal
+        .as_ref()
+        .map(|j| format!(" AND {}", j.undelivered("o")))
+        .unwrap_or_default();
     let count = |s: &str| format!("(SELECT count(*) FROM {table} WHERE status = '{s}')");
     let rows_row = client
         .query_one(
             &format!(
-                "SELECT {}, {}, {}, {}, {}, extract(epoch FROM now() - o.oldest)::float8 \
-                   FROM (SELECT min(created_at) AS oldest FROM {table} WHERE status = 'PENDING') o",
-                count("PENDING"),
+                "SELECT (SELECT count(*) FROM {table} AS o WHERE status = 'PENDING'{undelivered}), \
+                        {}, {}, {}, {}, extract(epoch FROM now() - p.oldest)::float8 \
+                   FROM (SELECT (SELECT created_at FROM {table} AS o \
+                                  WHERE status = 'PENDING'{undelivered} \
+                                  ORDER BY created_at LIMIT 1) AS oldest) p",
                 count("PROCESSING"),
                 count("FAILED"),
                 count("DEAD_LETTER"),
-                rfc3339("o.oldest"),
+                rfc3339("p.oldest"),
             ),
             &[],
         )
         .await
         .map_err(db("counting the outbox rows by status"))?;
+    let journaled = match &journal {
+        Some(j) => Some(
+            client
+                .query_one(&j.rows_sql(), &[&j.outbox()])
+                .await
+                .map_err(db("counting the rows of the delivery journal"))?
+                .get::<_, i64>(0),
+        ),
+        None => None,
+    };
     Ok(RowsOverview {
         pending: rows_row.get(0),
         processing: rows_row.get(1),
@@ -424,6 +450,7 @@ async fn read_rows(client: &Client, table: &str) -> Result<RowsOverview, Error> 
         oldest_pending_created_at: rows_row.get(4),
         oldest_pending_age_s: rows_row.get(5),
         dead_letters_recent: None,
+        journaled,
     })
 }
 

@@ -301,6 +301,13 @@ pub async fn maintain(
     let Some(retain) = retain else {
         return Ok(report);
     };
+    // Delivered rows still in the delivery journal would count as PENDING
+    // and keep their partition (ARCHITECTURE.md, invariant 14).
+    if !options.dry_run {
+        crate::outbox::journal::fold_all(client, &config.outbox.schema, &config.outbox.table)
+            .await
+            .map_err(db("folding the delivery journal"))?;
+    }
     let (cutoff_text, cutoff) = retention_cutoff(client, now, retain).await?;
     report.cutoff = cutoff_text;
     let candidates = retention_candidates(client, &parent, cutoff).await?;

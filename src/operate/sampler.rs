@@ -11,7 +11,10 @@
 //!   `count(*)` matching one of the migrations' partial indexes, and the
 //!   oldest pending row's age (the first entry of the pending index).
 //!   Each count reads its partial index: the cost grows with the rows in
-//!   that status, not with the table (docs/metrics.md).
+//!   that status, not with the table (docs/metrics.md). Rows the delivery
+//!   journal lists are delivered, so the pending count and age leave them
+//!   out (an anti-join over the journal, which the relay keeps small by
+//!   folding it; ~0.3 s with 400,000 journaled rows).
 //!
 //! A failed query is counted in `pgoutbox_sample_errors_total` and logged
 //! at debug level; the sampler never stops the relay.
@@ -90,18 +93,25 @@ const SLOT_SQL: &str = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8, \
 /// the one of a partial index. The oldest pending row is found with `ORDER
 /// BY created_at LIMIT 1`, which reads one index entry (per partition at
 /// most), where `min(created_at)` would read them all.
-fn rows_sql(config: &Config) -> String {
+fn rows_sql(config: &Config, journal: bool) -> String {
     let t = format!(
         "{}.{}",
         quote_ident(&config.outbox.schema),
         quote_ident(&config.outbox.table)
     );
+    // Rows in the delivery journal are delivered, not pending.
+    let undelivered = if journal {
+        let j = crate::outbox::journal::Journal::new(&config.outbox.schema, &config.outbox.table);
+        format!(" AND {}", j.undelivered("o"))
+    } else {
+        String::new()
+    };
     format!(
-        "SELECT (SELECT count(*) FROM {t} WHERE status = 'PENDING'), \
+        "SELECT (SELECT count(*) FROM {t} AS o WHERE status = 'PENDING'{undelivered}), \
                 (SELECT count(*) FROM {t} WHERE status = 'PROCESSING'), \
                 (SELECT count(*) FROM {t} WHERE status = 'DEAD_LETTER'), \
                 coalesce(extract(epoch FROM now() - \
-                    (SELECT created_at FROM {t} WHERE status = 'PENDING' \
+                    (SELECT created_at FROM {t} AS o WHERE status = 'PENDING'{undelivered} \
                       ORDER BY created_at LIMIT 1)), 0)::float8"
     )
 }
@@ -111,7 +121,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
     let every = Duration::from_secs(config.metrics.sample_interval_s);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let rows = rows_sql(&config);
+    let mut rows = rows_sql(&config, false);
     let mut pg = match crate::database::settings(&config) {
         Ok(pg) => pg,
         Err(e) => {
@@ -163,6 +173,10 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) {
             {
                 Ok(shape) => {
                     tracks_rows = Some(shape.as_ref().is_some_and(super::overview::tracks_rows));
+                    match crate::outbox::journal::usable(c, &config.outbox.schema).await {
+                        Ok(journal) => rows = rows_sql(&config, journal),
+                        Err(e) => failed("looking for the delivery journal", &e),
+                    }
                     dead_letters_sql = shape
                         .is_some_and(|s| s.type_of("processed_at").is_some())
                         .then(|| {

@@ -8,6 +8,14 @@
 //! row's ticket is reported back once its update has committed: only then
 //! does the relay count the event as durable and let the flush LSN pass it.
 //!
+//! With `cdc.mark_with = "journal"` (the default) a batch's `COMPLETED`
+//! marks of the relay's own table are one insert into the delivery journal
+//! instead ([`super::journal`], ARCHITECTURE.md, invariant 14), durable once
+//! it commits; the writer folds the journal into the rows' statuses behind
+//! the marks, when a batch was not full or it has waited [`FOLD_IDLE`] for
+//! marks, and at once while the journal holds more than
+//! [`FOLD_AT_ROWS`] rows.
+//!
 //! When the database cannot be reached the writer says so on the same
 //! channel. The relay then ends its session: holding the replication
 //! connection open while unable to confirm would block PostgreSQL's own
@@ -24,8 +32,13 @@ const UNSEEN_PATIENCE: Duration = Duration::from_secs(30);
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::config::quote_ident;
+use super::journal::{self, Journal, FOLD_AT_ROWS, FOLD_ENTRIES};
+use crate::config::{quote_ident, MarkWith};
 use crate::Lsn;
+
+/// How long the writer waits for marks before it folds the journal while
+/// idle.
+const FOLD_IDLE: Duration = Duration::from_millis(50);
 
 /// A row's primary key, as text, and its table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,12 +115,17 @@ impl MarkWriter {
         schema: &str,
         table: &str,
         batching: Batching,
+        mark_with: MarkWith,
     ) -> (MarkWriter, mpsc::UnboundedReceiver<Result<u64, String>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (done, durable) = mpsc::unbounded_channel();
         let target = format!("{}.{}", quote_ident(schema), quote_ident(table));
         let dead = format!("{}.pgoutbox_dead_letters", quote_ident(schema));
-        tokio::spawn(run(pg, target, dead, batching, rx, done));
+        let journal = (mark_with == MarkWith::Journal).then(|| JournalUse {
+            schema: schema.to_owned(),
+            journal: Journal::new(schema, table),
+        });
+        tokio::spawn(run(pg, target, dead, journal, batching, rx, done));
         (MarkWriter { marks: tx }, durable)
     }
 
@@ -212,14 +230,91 @@ fn report_applied(
     retry
 }
 
+/// The journal a writer records its own table's deliveries in
+/// (`cdc.mark_with = "journal"`).
+struct JournalUse {
+    schema: String,
+    journal: Journal,
+}
+
+/// The writer's journal once connected: the statements, and how many rows
+/// it holds (what a previous run left, plus what this one journaled, less
+/// what was folded).
+struct JournalState {
+    journal: Journal,
+    insert: String,
+    fold: String,
+    /// Rows journaled and not folded yet; `None` until read at connect.
+    unfolded: Option<u64>,
+    /// The schema has no journal (migration 13 not applied): marks are
+    /// updates, as with `mark_with = "update"`.
+    missing: bool,
+    schema: String,
+}
+
+impl JournalState {
+    fn new(u: JournalUse) -> JournalState {
+        JournalState {
+            insert: u.journal.insert_sql(),
+            fold: u.journal.fold_sql(),
+            journal: u.journal,
+            unfolded: None,
+            missing: false,
+            schema: u.schema,
+        }
+    }
+
+    /// Whether the home table's deliveries go to the journal.
+    fn active(&self) -> bool {
+        !self.missing
+    }
+
+    /// Reads, on a new connection, whether the journal exists and what it
+    /// holds.
+    async fn connected(&mut self, c: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+        if !journal::usable(c, &self.schema).await? {
+            if !self.missing {
+                tracing::warn!(schema = %self.schema, "no usable delivery journal (pgoutbox_delivered missing, or this role may not SELECT, INSERT and DELETE on it): marking rows COMPLETED one by one; run `pgoutbox migrate` (with --relay-role for a least-privilege role) or `pgoutbox adopt`");
+            }
+            self.missing = true;
+            return Ok(());
+        }
+        self.missing = false;
+        let row = c
+            .query_one(&self.journal.rows_sql(), &[&self.journal.outbox()])
+            .await?;
+        self.unfolded = Some(row.get::<_, i64>(0).max(0) as u64);
+        Ok(())
+    }
+
+    fn has_unfolded(&self) -> bool {
+        self.active() && self.unfolded.is_some_and(|n| n > 0)
+    }
+
+    /// Folds the oldest entries once.
+    async fn fold(&mut self, c: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+        let f = self.journal.fold(c, &self.fold, FOLD_ENTRIES, true).await?;
+        crate::metrics::metrics()
+            .batch(crate::metrics::batch::JOURNAL_FOLD, f.rows.max(0) as usize);
+        if f.entries == 0 {
+            self.unfolded = Some(0);
+        } else if let Some(n) = &mut self.unfolded {
+            *n = n.saturating_sub(f.listed.max(1) as u64) + f.kept.max(0) as u64;
+        }
+        Ok(())
+    }
+}
+
 async fn run(
     pg: crate::database::Settings,
     target: String,
     dead_table: String,
+    journal: Option<JournalUse>,
     batching: Batching,
     mut rx: mpsc::UnboundedReceiver<Mark>,
     done: mpsc::UnboundedSender<Result<u64, String>>,
 ) {
+    let mut journal = journal.map(JournalState::new);
     let mut sql = Sql {
         home: statements(&target, &dead_table),
         home_name: target,
@@ -234,11 +329,20 @@ async fn run(
         if done.is_closed() {
             return;
         }
-        if batch.is_empty() && !gather(&mut rx, &mut batch, batching).await {
-            return;
+        let mut fold_now = false;
+        if batch.is_empty() {
+            if journal.as_ref().is_some_and(JournalState::has_unfolded) {
+                // Idle with journal entries to fold: fold unless marks come.
+                tokio::select! {
+                    more = gather(&mut rx, &mut batch, batching) => if !more { return },
+                    _ = tokio::time::sleep(FOLD_IDLE) => fold_now = true,
+                }
+            } else if !gather(&mut rx, &mut batch, batching).await {
+                return;
+            }
         }
         if client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-            match connect(&pg).await {
+            match connect(&pg, journal.as_mut()).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
                     let text = crate::error::postgres_text(&e);
@@ -255,7 +359,20 @@ async fn run(
         let Some((c, statements)) = client.as_mut() else {
             continue;
         };
-        match apply(c, statements, &mut sql, &batch).await {
+        if fold_now || batch.is_empty() {
+            let folded = match journal.as_mut().filter(|j| j.has_unfolded()) {
+                Some(j) => j.fold(c).await,
+                None => Ok(()),
+            };
+            if let Err(e) = folded {
+                tracing::warn!(error = %crate::error::postgres_text(&e), "folding the delivery journal failed; retrying");
+                client = None;
+                tokio::time::sleep(backoff).await;
+            }
+            continue;
+        }
+        let full = batch.len() >= batching.size.max(1);
+        match apply(c, statements, &mut sql, journal.as_mut(), &batch).await {
             Ok(unseen) => {
                 backoff = Duration::from_millis(100);
                 let gave_up = unseen_since.is_some_and(|t: Instant| t.elapsed() > UNSEEN_PATIENCE);
@@ -266,6 +383,19 @@ async fn run(
                     unseen_since.get_or_insert_with(Instant::now);
                     batch = retry;
                     tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                // Fold behind the marks when they leave room (a batch that
+                // was not full: the relay keeps up), or when the journal
+                // outgrew its bound.
+                let folded = match journal.as_mut().filter(|j| j.has_unfolded()) {
+                    Some(j) if !full || j.unfolded.is_some_and(|n| n > FOLD_AT_ROWS) => {
+                        j.fold(c).await
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(e) = folded {
+                    tracing::warn!(error = %crate::error::postgres_text(&e), "folding the delivery journal failed; retrying");
+                    client = None;
                 }
             }
             Err(e) => {
@@ -310,6 +440,7 @@ struct Statements {
 #[derive(Default)]
 struct Prepared {
     completed: Option<tokio_postgres::Statement>,
+    journal: Option<tokio_postgres::Statement>,
     dead: Option<tokio_postgres::Statement>,
     message: Option<tokio_postgres::Statement>,
 }
@@ -330,8 +461,12 @@ type PreparedByTable = HashMap<Option<Arc<str>>, Prepared>;
 
 async fn connect(
     pg: &crate::database::Settings,
+    journal: Option<&mut JournalState>,
 ) -> Result<(tokio_postgres::Client, PreparedByTable), tokio_postgres::Error> {
     let client = crate::database::connect(pg).await?;
+    if let Some(j) = journal {
+        j.connected(&client).await?;
+    }
     Ok((client, HashMap::new()))
 }
 
@@ -380,6 +515,7 @@ async fn apply(
     client: &tokio_postgres::Client,
     prepared_by_table: &mut PreparedByTable,
     sql: &mut Sql,
+    mut journal: Option<&mut JournalState>,
     batch: &[Mark],
 ) -> Result<Vec<(Option<Arc<str>>, String)>, tokio_postgres::Error> {
     let mut unseen = Vec::new();
@@ -432,7 +568,17 @@ async fn apply(
                 m.batch(crate::metrics::batch::STATUS_UPDATE, n);
             }
         }
-        if !marks.ids.is_empty() {
+        let journaled = table.is_none() && journal.as_ref().is_some_and(|j| j.active());
+        if !marks.ids.is_empty() && journaled {
+            let j = journal.as_mut().expect("journaled above");
+            let st = prepared(client, &mut prepared_here.journal, &j.insert).await?;
+            client
+                .execute(st, &[&j.journal.outbox(), &marks.ids, &marks.ats])
+                .await?;
+            if let Some(n) = &mut j.unfolded {
+                *n += marks.ids.len() as u64;
+            }
+        } else if !marks.ids.is_empty() {
             let st = prepared(client, &mut prepared_here.completed, &statements.completed).await?;
             for row in client.query(st, &[&marks.ids, &marks.ats]).await? {
                 unseen.push((table.clone(), row.get::<_, String>(0)));

@@ -73,13 +73,18 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "replays",
         include_str!("../../migrations/0012_replays.sql"),
     ),
+    (
+        13,
+        "delivery_journal",
+        include_str!("../../migrations/0013_delivery_journal.sql"),
+    ),
 ];
 
 /// The migrations that make only the relay's own objects beside an
 /// outbox table (the publication, the slot record, the dead letters of
 /// messages, the replay audit): what `pgoutbox adopt` applies to a table
 /// pgoutbox did not create.
-pub(super) const SUPPORT_MIGRATIONS: [(&str, &str); 6] = [
+pub(super) const SUPPORT_MIGRATIONS: [(&str, &str); 7] = [
     (
         "publication",
         include_str!("../../migrations/0002_publication.sql"),
@@ -101,6 +106,10 @@ pub(super) const SUPPORT_MIGRATIONS: [(&str, &str); 6] = [
         include_str!("../../migrations/adopt_publish_function.sql"),
     ),
     ("replays", include_str!("../../migrations/0012_replays.sql")),
+    (
+        "delivery_journal",
+        include_str!("../../migrations/0013_delivery_journal.sql"),
+    ),
 ];
 
 /// `template` rendered for `target`.

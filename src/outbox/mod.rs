@@ -15,6 +15,7 @@ pub mod convert;
 pub mod dead_letter;
 pub mod envelope;
 mod event;
+pub mod journal;
 pub mod lease;
 mod marks;
 mod migrate;

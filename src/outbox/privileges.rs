@@ -13,6 +13,7 @@
 //! | `UPDATE (status, processed_at, locked_until, lock_token, retry_count, last_error)` | status marks, claims, leases, retries, reaper, dead letters; no other column |
 //! | `SELECT, INSERT, UPDATE` on `pgoutbox_slot_state` | the record of the slot the relay created |
 //! | `INSERT` on `pgoutbox_dead_letters`, `USAGE` on its id sequence | logical messages that can never be published |
+//! | `SELECT, INSERT, DELETE` on `pgoutbox_delivered` | the delivery journal: batches of delivered rows, folded into the rows and deleted (migration 13) |
 //! | `SELECT` on `public.pgoutbox_migrations` | the start-up check that the schema is migrated |
 //! | `EXECUTE` on `pgoutbox_ensure_partitions` | partitions ahead, created by the SECURITY DEFINER function (migration 9; the `(regclass, int, text)` form of migration 10 for `partitions.interval`) |
 //!
@@ -217,6 +218,7 @@ pub fn grant_statements(target: &MigrationTarget, role: &str, scope: &GrantScope
     out.extend([
         format!("GRANT SELECT, INSERT, UPDATE ON TABLE {s}.pgoutbox_slot_state TO {r}"),
         format!("GRANT INSERT ON TABLE {s}.pgoutbox_dead_letters TO {r}"),
+        format!("GRANT SELECT, INSERT, DELETE ON TABLE {s}.pgoutbox_delivered TO {r}"),
         format!("GRANT SELECT ON TABLE public.pgoutbox_migrations TO {r}"),
     ]);
     if scope.partitions {
@@ -498,11 +500,15 @@ mod tests {
         assert!(sql.contains(
             "GRANT UPDATE (\"status\", \"processed_at\", \"locked_until\", \"lock_token\", \"retry_count\", \"last_error\") ON TABLE \"Shop\".\"outbox\""
         ), "{sql}");
-        for never in ["DELETE", "TRUNCATE", "ALL", "CREATE", "payload", "OWNER"] {
+        for never in ["TRUNCATE", "ALL", "CREATE", "payload", "OWNER"] {
             assert!(!sql.contains(never), "{never} in {sql}");
         }
-        // Only the two pgoutbox bookkeeping tables get INSERT.
-        assert_eq!(sql.matches("INSERT").count(), 2, "{sql}");
+        // DELETE only on the delivery journal (its folded entries).
+        let deletes: Vec<&str> = sql.lines().filter(|l| l.contains("DELETE")).collect();
+        assert_eq!(deletes.len(), 1, "{sql}");
+        assert!(deletes[0].contains("\"Shop\".pgoutbox_delivered"), "{sql}");
+        // Only the three pgoutbox bookkeeping tables get INSERT.
+        assert_eq!(sql.matches("INSERT").count(), 3, "{sql}");
     }
 
     #[test]

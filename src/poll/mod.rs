@@ -96,6 +96,7 @@ impl Poll {
     /// the listener until `shutdown` turns true (`Ok`, after the workers
     /// settled their batches) or a worker fails (`Err`).
     pub async fn serve(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
+        fold_journal(&self.shared).await?;
         let (mut sink, deliveries) = Sink::new(&self.shared.config.kafka, Mode::Poll)
             .map_err(|e| Error::Fatal(e.to_string()))?;
         sink.probe_cluster();
@@ -110,6 +111,29 @@ impl Poll {
         sink.flush(Duration::from_secs(5));
         outcome
     }
+}
+
+/// Folds the delivery journal a CDC relay left (ARCHITECTURE.md,
+/// invariant 14) into the rows before any claim: a row CDC delivered is
+/// `COMPLETED` then, never claimed and sent again. Runs under the serving
+/// lock, so no CDC relay of this table journals anything after it (the
+/// reaper folds what one that was just losing the lock still wrote).
+async fn fold_journal(shared: &worker::Shared) -> Result<(), Error> {
+    let config = &shared.config;
+    let client = crate::database::connect(&shared.pg)
+        .await
+        .map_err(|e| Error::postgres("connecting to PostgreSQL", &e))?;
+    let folded =
+        crate::outbox::journal::fold_all(&client, &config.outbox.schema, &config.outbox.table)
+            .await
+            .map_err(|e| Error::postgres("folding the delivery journal", &e))?;
+    if folded > 0 {
+        tracing::info!(
+            rows = folded,
+            "rows a CDC relay delivered (delivery journal) are COMPLETED now, before polling"
+        );
+    }
+    Ok(())
 }
 
 /// Runs the workers, the reaper and the listener until shutdown or the

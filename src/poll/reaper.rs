@@ -115,6 +115,15 @@ pub(super) async fn run(reaper: Reaper, mut shutdown: watch::Receiver<bool>) {
                 continue;
             }
         }
+        // Deliveries a CDC relay journaled while it was losing the serving
+        // lock: folded, so no worker claims them again.
+        match crate::outbox::journal::fold_all(c, &schema, &table).await {
+            Ok(0) => {}
+            Ok(rows) => tracing::info!(rows, "folded late delivery journal entries of a CDC relay"),
+            Err(e) => {
+                tracing::warn!(error = %crate::error::postgres_text(&e), "folding the delivery journal failed; retrying");
+            }
+        }
         if warned.is_some_and(|at| at.elapsed() < FOREIGN_LEASE_WARNING) {
             continue;
         }

@@ -523,6 +523,16 @@ impl TestOutbox {
         row.get(0)
     }
 
+    /// Rows the test schema's delivery journal lists (delivered by CDC, not
+    /// folded into `COMPLETED` yet).
+    pub async fn journaled_rows(&self) -> i64 {
+        let sql = format!(
+            "SELECT coalesce(sum(cardinality(ids)), 0)::bigint FROM {}.pgoutbox_delivered",
+            self.name
+        );
+        self.client.query_one(&sql, &[]).await.unwrap().get(0)
+    }
+
     /// Counts rows by status.
     pub async fn statuses(&self) -> HashMap<String, i64> {
         self.client
@@ -553,14 +563,17 @@ impl TestOutbox {
         row.and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0) as u64
     }
 
-    /// Holds every status update of `tables` (of the test's schema): a
-    /// trigger waits on an advisory lock the returned client holds, until
-    /// it unlocks ([`MARKS_LOCK`]) or drops.
+    /// Holds every status update of `tables` (of the test's schema) and
+    /// every entry of the schema's delivery journal (how CDC records
+    /// deliveries by default): a trigger waits on an advisory lock the
+    /// returned client holds, until it unlocks ([`MARKS_LOCK`]) or drops.
     pub async fn hold_marks(&self, tables: &[&str]) -> tokio_postgres::Client {
         let s = &self.name;
         let mut sql = format!(
             "CREATE OR REPLACE FUNCTION {s}.hold_marks() RETURNS trigger LANGUAGE plpgsql AS $$ \
-               BEGIN PERFORM pg_advisory_xact_lock_shared({MARKS_LOCK}); RETURN NEW; END $$;"
+               BEGIN PERFORM pg_advisory_xact_lock_shared({MARKS_LOCK}); RETURN NEW; END $$; \
+             CREATE TRIGGER hold_marks BEFORE INSERT ON {s}.pgoutbox_delivered \
+               FOR EACH ROW EXECUTE FUNCTION {s}.hold_marks();"
         );
         for t in tables {
             sql.push_str(&format!(

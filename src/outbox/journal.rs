@@ -1,0 +1,236 @@
+//! The delivery journal (`pgoutbox_delivered`, migration 13): how the CDC
+//! relay records delivered rows cheaply (ARCHITECTURE.md, invariant 14).
+//!
+//! Setting a row `COMPLETED` writes a new tuple, its index entries and about
+//! a kilobyte of WAL, which the slot then decodes as well; at 100 events a
+//! transaction that cost more than the decoding itself. The journal records
+//! a batch of delivered rows as one row holding their ids and `created_at`
+//! as arrays: a few bytes a row. A row is *delivered* when it is
+//! `COMPLETED` or listed in the journal.
+//!
+//! Entries are folded into the rows (`COMPLETED`, `processed_at` = when the
+//! entry was written) and deleted in the same statement: by the mark writer
+//! whenever it has room (its batches are not full, or it has been idle), at
+//! once when the journal holds more than [`FOLD_AT_ROWS`] rows, and by
+//! [`fold_all`] before anything that reads statuses to decide what to send
+//! or drop (poll mode's start, a backfill from a new slot, partition
+//! retention). Readers that only count (the sampler, `pgoutbox status`)
+//! leave journaled rows out with [`Journal::undelivered`].
+
+use tokio_postgres::GenericClient;
+
+use crate::config::quote_ident;
+
+/// The journal table's name, in the outbox table's schema.
+pub const JOURNAL_TABLE: &str = "pgoutbox_delivered";
+
+/// Journaled rows beyond which the writer folds even while it is busy, so
+/// that the journal (and the readers' anti-join over it) stays bounded.
+pub const FOLD_AT_ROWS: u64 = 1_000_000;
+
+/// Entries one fold statement takes at most (each holds at most
+/// `cdc.mark_batch_size` rows): short enough that marks never wait long
+/// behind a fold.
+pub const FOLD_ENTRIES: i64 = 8;
+
+/// How long a journaled row that the fold cannot see is kept for another
+/// fold, in seconds: logical decoding may hand a transaction over a moment
+/// before its commit is visible to other sessions. After that the entry is
+/// dropped (the row was deleted).
+const UNSEEN_PATIENCE_S: f64 = 30.0;
+
+/// The journal of one outbox table.
+#[derive(Clone, Debug)]
+pub struct Journal {
+    /// `schema.pgoutbox_delivered`, quoted.
+    journal: String,
+    /// `schema.table`, quoted.
+    target: String,
+    /// The outbox table's name, as the journal's `outbox` column holds it.
+    outbox: String,
+}
+
+/// What one fold statement did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Folded {
+    /// Journal entries taken (and deleted).
+    pub entries: i64,
+    /// Rows they listed.
+    pub listed: i64,
+    /// Rows set `COMPLETED` by them.
+    pub rows: i64,
+    /// Rows the fold could not see yet, journaled again for a later fold.
+    pub kept: i64,
+}
+
+impl Journal {
+    /// The journal of `schema.table`.
+    pub fn new(schema: &str, table: &str) -> Journal {
+        Journal {
+            journal: format!("{}.{JOURNAL_TABLE}", quote_ident(schema)),
+            target: format!("{}.{}", quote_ident(schema), quote_ident(table)),
+            outbox: table.to_owned(),
+        }
+    }
+
+    /// The `outbox` column's value for this table (`$1` of the statements).
+    pub fn outbox(&self) -> &str {
+        &self.outbox
+    }
+
+    /// Records delivered rows: `$1` outbox, `$2` ids, `$3` created_at (text
+    /// arrays, as the marks carry them).
+    pub fn insert_sql(&self) -> String {
+        format!(
+            "INSERT INTO {} (outbox, ids, created_ats) \
+             VALUES ($1, $2::text[]::bigint[], $3::text[]::timestamptz[])",
+            self.journal
+        )
+    }
+
+    /// Folds the oldest entries: `$1` outbox, `$2` entries at most, `$3`
+    /// seconds a row the fold cannot see is kept for (0: dropped). Returns
+    /// one row: entries taken, rows they listed, rows set `COMPLETED`, rows
+    /// kept. Two folds at
+    /// once are safe: an entry is folded by the statement whose `DELETE`
+    /// took it (the other waits on its row lock, then skips it); no
+    /// `FOR UPDATE`, which would need `UPDATE` on the journal.
+    pub fn fold_sql(&self) -> String {
+        let (j, t) = (&self.journal, &self.target);
+        format!(
+            "WITH e AS (DELETE FROM {j} WHERE seq IN \
+                          (SELECT seq FROM {j} WHERE outbox = $1 ORDER BY seq LIMIT $2) \
+                        RETURNING ids, created_ats, delivered_at), \
+                  k AS (SELECT u.id, u.created_at, e.delivered_at \
+                          FROM e, unnest(e.ids, e.created_ats) AS u(id, created_at)), \
+                  u AS (UPDATE {t} AS o SET status = 'COMPLETED', processed_at = k.delivered_at \
+                          FROM k WHERE o.id = k.id AND o.created_at = k.created_at \
+                           AND o.status IN ('PENDING', 'PROCESSING', 'FAILED') RETURNING 1), \
+                  kept AS (INSERT INTO {j} (outbox, ids, created_ats, delivered_at) \
+                          SELECT $1, array_agg(k.id), array_agg(k.created_at), min(k.delivered_at) \
+                            FROM k WHERE k.delivered_at > now() - make_interval(secs => $3) \
+                             AND NOT EXISTS (SELECT 1 FROM {t} AS o \
+                                  WHERE o.id = k.id AND o.created_at = k.created_at) \
+                          HAVING count(*) > 0 RETURNING cardinality(ids) AS n) \
+             SELECT (SELECT count(*) FROM e), (SELECT count(*) FROM k), (SELECT count(*) FROM u), \
+                    coalesce((SELECT sum(n) FROM kept), 0)::bigint"
+        )
+    }
+
+    /// Rows the journal holds for this table (`$1` outbox).
+    pub fn rows_sql(&self) -> String {
+        format!(
+            "SELECT coalesce(sum(cardinality(ids)), 0)::bigint FROM {} WHERE outbox = $1",
+            self.journal
+        )
+    }
+
+    /// A condition on `alias` (a row of the outbox table) that leaves out
+    /// the rows the journal lists: delivered, not folded yet. PostgreSQL
+    /// plans it as an anti-join (the journal's ids hashed once).
+    pub fn undelivered(&self, alias: &str) -> String {
+        format!(
+            "NOT EXISTS (SELECT 1 FROM {} AS j, unnest(j.ids, j.created_ats) AS d(id, created_at) \
+              WHERE j.outbox = {} AND d.id = {alias}.id AND d.created_at = {alias}.created_at)",
+            self.journal,
+            literal(&self.outbox)
+        )
+    }
+
+    /// Runs one fold statement.
+    pub async fn fold<C: GenericClient>(
+        &self,
+        client: &C,
+        statement: &str,
+        entries: i64,
+        keep_unseen: bool,
+    ) -> Result<Folded, tokio_postgres::Error> {
+        let patience = if keep_unseen { UNSEEN_PATIENCE_S } else { 0.0 };
+        let row = client
+            .query_one(statement, &[&self.outbox, &entries, &patience])
+            .await?;
+        Ok(Folded {
+            entries: row.get(0),
+            listed: row.get(1),
+            rows: row.get(2),
+            kept: row.get(3),
+        })
+    }
+}
+
+/// A SQL string literal.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Whether `schema` has the journal (migration 13 applied) and the current
+/// role may read, insert and delete its entries (a relay role granted its
+/// privileges before migration 13 may not: `pgoutbox migrate --relay-role`
+/// grants them). When not, the relay marks rows one by one, as
+/// `cdc.mark_with = "update"` does, and nothing reads the journal.
+pub async fn usable<C: GenericClient>(
+    client: &C,
+    schema: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN to_regclass(format('%I.%I', $1::text, $2::text)) IS NULL THEN false \
+                    ELSE has_table_privilege(format('%I.%I', $1::text, $2::text), 'SELECT') \
+                     AND has_table_privilege(format('%I.%I', $1::text, $2::text), 'INSERT') \
+                     AND has_table_privilege(format('%I.%I', $1::text, $2::text), 'DELETE') END",
+            &[&schema, &JOURNAL_TABLE],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Folds every entry of `schema.table`'s journal into its rows; returns the
+/// rows set `COMPLETED`. Rows the fold cannot see are dropped from the
+/// journal, not kept: this runs when no relay is recording deliveries
+/// (before polling, before a backfill), so such a row was deleted. Does
+/// nothing when the journal is not [`usable`].
+pub async fn fold_all<C: GenericClient>(
+    client: &C,
+    schema: &str,
+    table: &str,
+) -> Result<i64, tokio_postgres::Error> {
+    if !usable(client, schema).await? {
+        return Ok(0);
+    }
+    let journal = Journal::new(schema, table);
+    let sql = journal.fold_sql();
+    let mut rows = 0;
+    loop {
+        let f = journal.fold(client, &sql, 64, false).await?;
+        rows += f.rows;
+        if f.entries == 0 {
+            return Ok(rows);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_name_the_quoted_journal_and_table() {
+        let j = Journal::new("Shop", "out\"box");
+        assert!(j
+            .insert_sql()
+            .starts_with("INSERT INTO \"Shop\".pgoutbox_delivered"));
+        let fold = j.fold_sql();
+        assert!(
+            fold.contains("UPDATE \"Shop\".\"out\"\"box\" AS o"),
+            "{fold}"
+        );
+        assert!(
+            fold.contains("DELETE FROM \"Shop\".pgoutbox_delivered"),
+            "{fold}"
+        );
+        assert!(j.undelivered("o").contains("j.outbox = 'out\"box'"));
+        assert_eq!(j.outbox(), "out\"box");
+        let quoted = Journal::new("s", "it's");
+        assert!(quoted.undelivered("o").contains("'it''s'"));
+    }
+}
