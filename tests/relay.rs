@@ -498,6 +498,7 @@ async fn three_marks(
             linger: Duration::from_millis(20),
         },
         mark_with,
+        None,
     );
     for (ticket, k) in [
         (1, key(done_id, &done_at)),

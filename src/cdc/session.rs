@@ -251,6 +251,7 @@ impl Session<'_> {
             &cfg.outbox.table,
             batching,
             cfg.cdc.mark_with,
+            Some(&cfg.cdc.slot),
         );
         let pipeline = Pipeline::new(
             (Box::new(kafka.sink), kafka.deliveries),

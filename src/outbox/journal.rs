@@ -10,8 +10,9 @@
 //!
 //! Entries are folded into the rows (`COMPLETED`, `processed_at` = when the
 //! entry was written) and deleted in the same statement: by the mark writer
-//! whenever it has room (its batches are not full, or it has been idle), at
-//! once when the journal holds more than [`FOLD_AT_ROWS`] rows, and by
+//! whenever it has room (its walsender is within [`FOLD_LAG_BYTES`] of the
+//! server's WAL end, and its last batch was not full or it has been idle),
+//! at once when the journal holds more than [`FOLD_AT_ROWS`] rows, and by
 //! [`fold_all`] before anything that reads statuses to decide what to send
 //! or drop (poll mode's start, a backfill from a new slot, partition
 //! retention). Readers that only count (the sampler, `pgoutbox status`)
@@ -27,6 +28,19 @@ pub const JOURNAL_TABLE: &str = "pgoutbox_delivered";
 /// Journaled rows beyond which the writer folds even while it is busy, so
 /// that the journal (and the readers' anti-join over it) stays bounded.
 pub const FOLD_AT_ROWS: u64 = 1_000_000;
+
+/// How far (bytes of WAL) the relay's walsender may be behind the server's
+/// WAL end for the relay to count as caught up, and so to have room to
+/// fold: while it drains a backlog it is far behind, and folding would
+/// take PostgreSQL's time from decoding.
+pub const FOLD_LAG_BYTES: f64 = 16.0 * 1024.0 * 1024.0;
+
+/// How far behind the server's WAL end the walsender streaming `$1` (a
+/// slot) has sent, in bytes; 0 when no walsender streams it.
+pub const SENT_LAG_SQL: &str =
+    "SELECT coalesce((SELECT (pg_current_wal_lsn() - r.sent_lsn)::float8 \
+       FROM pg_replication_slots AS s JOIN pg_stat_replication AS r ON r.pid = s.active_pid \
+      WHERE s.slot_name = $1), 0)";
 
 /// Entries one fold statement takes at most (each holds at most
 /// `cdc.mark_batch_size` rows): short enough that marks never wait long

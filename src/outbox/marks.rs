@@ -13,8 +13,8 @@
 //! instead ([`super::journal`], ARCHITECTURE.md, invariant 14), durable once
 //! it commits; the writer folds the journal into the rows' statuses behind
 //! the marks, when a batch was not full or it has waited [`FOLD_IDLE`] for
-//! marks, and at once while the journal holds more than
-//! [`FOLD_AT_ROWS`] rows.
+//! marks, provided its walsender is caught up (no backlog to drain), and
+//! at once while the journal holds more than [`FOLD_AT_ROWS`] rows.
 //!
 //! When the database cannot be reached the writer says so on the same
 //! channel. The relay then ends its session: holding the replication
@@ -39,6 +39,9 @@ use crate::Lsn;
 /// How long the writer waits for marks before it folds the journal while
 /// idle.
 const FOLD_IDLE: Duration = Duration::from_millis(50);
+
+/// How often the writer asks whether its walsender is caught up.
+const CAUGHT_UP_EVERY: Duration = Duration::from_millis(250);
 
 /// A row's primary key, as text, and its table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,6 +119,7 @@ impl MarkWriter {
         table: &str,
         batching: Batching,
         mark_with: MarkWith,
+        slot: Option<&str>,
     ) -> (MarkWriter, mpsc::UnboundedReceiver<Result<u64, String>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (done, durable) = mpsc::unbounded_channel();
@@ -124,6 +128,7 @@ impl MarkWriter {
         let journal = (mark_with == MarkWith::Journal).then(|| JournalUse {
             schema: schema.to_owned(),
             journal: Journal::new(schema, table),
+            slot: slot.map(str::to_owned),
         });
         tokio::spawn(run(pg, target, dead, journal, batching, rx, done));
         (MarkWriter { marks: tx }, durable)
@@ -235,6 +240,9 @@ fn report_applied(
 struct JournalUse {
     schema: String,
     journal: Journal,
+    /// The relay's replication slot: folding waits while its walsender is
+    /// far behind (a backlog to drain). `None`: never waits.
+    slot: Option<String>,
 }
 
 /// The writer's journal once connected: the statements, and how many rows
@@ -250,6 +258,9 @@ struct JournalState {
     /// updates, as with `mark_with = "update"`.
     missing: bool,
     schema: String,
+    slot: Option<String>,
+    /// Whether the walsender was caught up when last asked, and when.
+    caught_up: Option<(Instant, bool)>,
 }
 
 impl JournalState {
@@ -261,7 +272,30 @@ impl JournalState {
             unfolded: None,
             missing: false,
             schema: u.schema,
+            slot: u.slot,
+            caught_up: None,
         }
+    }
+
+    /// Whether the relay has room to fold: its walsender is within
+    /// [`journal::FOLD_LAG_BYTES`] of the server's WAL end (asked at most
+    /// every [`CAUGHT_UP_EVERY`]).
+    async fn caught_up(
+        &mut self,
+        c: &tokio_postgres::Client,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let Some(slot) = &self.slot else {
+            return Ok(true);
+        };
+        if let Some((at, yes)) = self.caught_up {
+            if at.elapsed() < CAUGHT_UP_EVERY {
+                return Ok(yes);
+            }
+        }
+        let lag: f64 = c.query_one(journal::SENT_LAG_SQL, &[slot]).await?.get(0);
+        let yes = lag <= journal::FOLD_LAG_BYTES;
+        self.caught_up = Some((Instant::now(), yes));
+        Ok(yes)
     }
 
     /// Whether the home table's deliveries go to the journal.
@@ -291,8 +325,16 @@ impl JournalState {
         self.active() && self.unfolded.is_some_and(|n| n > 0)
     }
 
-    /// Folds the oldest entries once.
-    async fn fold(&mut self, c: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    /// Folds the oldest entries once, if the relay has room (`forced`:
+    /// whether or not).
+    async fn fold(
+        &mut self,
+        c: &tokio_postgres::Client,
+        forced: bool,
+    ) -> Result<(), tokio_postgres::Error> {
+        if !forced && !self.caught_up(c).await? {
+            return Ok(());
+        }
         let f = self.journal.fold(c, &self.fold, FOLD_ENTRIES, true).await?;
         crate::metrics::metrics()
             .batch(crate::metrics::batch::JOURNAL_FOLD, f.rows.max(0) as usize);
@@ -361,7 +403,7 @@ async fn run(
         };
         if fold_now || batch.is_empty() {
             let folded = match journal.as_mut().filter(|j| j.has_unfolded()) {
-                Some(j) => j.fold(c).await,
+                Some(j) => j.fold(c, false).await,
                 None => Ok(()),
             };
             if let Err(e) = folded {
@@ -388,9 +430,10 @@ async fn run(
                 // was not full: the relay keeps up), or when the journal
                 // outgrew its bound.
                 let folded = match journal.as_mut().filter(|j| j.has_unfolded()) {
-                    Some(j) if !full || j.unfolded.is_some_and(|n| n > FOLD_AT_ROWS) => {
-                        j.fold(c).await
+                    Some(j) if j.unfolded.is_some_and(|n| n > FOLD_AT_ROWS) => {
+                        j.fold(c, true).await
                     }
+                    Some(j) if !full => j.fold(c, false).await,
                     _ => Ok(()),
                 };
                 if let Err(e) = folded {
