@@ -452,6 +452,12 @@ impl Bench {
     }
 
     async fn quiet(&self) -> Result<(), BoxError> {
+        let (folded, seconds) = outbox::fold_journal(&self.db).await?;
+        if folded > 0 {
+            say(format!(
+                "folded {folded} journaled rows an earlier system left, in {seconds:.1} s (charged to no system)"
+            ));
+        }
         self.db.batch_execute("CHECKPOINT").await?;
         if self.args.quiet_wait > 0 {
             let (waited, pct) =

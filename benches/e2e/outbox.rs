@@ -284,6 +284,39 @@ pub async fn fill(
     })
 }
 
+/// Folds whatever delivery journal an earlier system left (ARCHITECTURE.md,
+/// invariant 14: a relay folds it once its backlog is drained, which may be
+/// after the harness stopped it), so that the next system does not fold it
+/// at its start and pay for another's deferred work. Returns the rows
+/// folded and how long it took.
+pub async fn fold_journal(db: &Client) -> Result<(u64, f64), BoxError> {
+    let exists: bool = db
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&format!("{SCHEMA}.pgoutbox_delivered")],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok((0, 0.0));
+    }
+    let t0 = Instant::now();
+    let rows = db
+        .execute(
+            &format!(
+                "WITH e AS (DELETE FROM {SCHEMA}.pgoutbox_delivered RETURNING ids, created_ats, delivered_at), \
+                      k AS (SELECT u.id, u.created_at, e.delivered_at \
+                              FROM e, unnest(e.ids, e.created_ats) AS u(id, created_at)) \
+                 UPDATE {SCHEMA}.outbox AS o SET status = 'COMPLETED', processed_at = k.delivered_at \
+                   FROM k WHERE o.id = k.id AND o.created_at = k.created_at \
+                    AND o.status IN ('PENDING', 'PROCESSING', 'FAILED')"
+            ),
+            &[],
+        )
+        .await?;
+    Ok((rows, t0.elapsed().as_secs_f64()))
+}
+
 /// Empties the outbox (between poll drains, which need PENDING rows).
 pub async fn truncate(db: &Client) -> Result<(), BoxError> {
     db.batch_execute(&format!("TRUNCATE {SCHEMA}.outbox"))
