@@ -552,6 +552,53 @@ async fn insert_late_row(outbox: &TestOutbox, id: i64, created_at: &str) {
         .expect("insert the late row");
 }
 
+/// The mark writer folds the delivery journal only while the relay's
+/// walsender streams the slot and has caught up (ARCHITECTURE.md, invariant
+/// 14): a slot nobody streams (a relay starting, reconnecting or
+/// backfilling) does not count as caught up, a database without the slot
+/// has nothing to wait for.
+#[tokio::test]
+async fn fold_waits_for_a_walsender_streaming_the_slot() {
+    use pgoutbox::outbox::journal::{sent_lag, SentLag};
+
+    let outbox = TestOutbox::new("fold_gate").await;
+    let client = common::harness::connect().await;
+    let slot = outbox.slot();
+    let before = sent_lag(&client, &slot).await.expect("sent lag");
+    assert_eq!(before, SentLag::NoSlot);
+    assert!(before.room_to_fold());
+
+    let relay = outbox.start_relay();
+    let streaming = wait_for(
+        "the relay's walsender streams the slot",
+        DEADLINE,
+        || async {
+            match sent_lag(&client, &slot).await.expect("sent lag") {
+                lag @ SentLag::Behind(_) => Some(lag),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert!(
+        streaming.room_to_fold(),
+        "an idle relay's walsender is caught up: {streaming:?}"
+    );
+
+    let status = relay.terminate();
+    assert!(status.success(), "relay exit: {status:?}");
+    let stopped = wait_for("the walsender to let the slot go", DEADLINE, || async {
+        match sent_lag(&client, &slot).await.expect("sent lag") {
+            SentLag::Behind(_) => None,
+            other => Some(other),
+        }
+    })
+    .await;
+    assert_eq!(stopped, SentLag::NotStreaming);
+    assert!(!stopped.room_to_fold());
+    outbox.drop_slot().await;
+}
+
 /// The mark writer on its own, against the real table: a key whose row
 /// is not visible yet is retried until it is (logical decoding can deliver
 /// a transaction a moment before its commit is visible), never reported

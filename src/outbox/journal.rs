@@ -35,12 +35,54 @@ pub const FOLD_AT_ROWS: u64 = 1_000_000;
 /// take PostgreSQL's time from decoding.
 pub const FOLD_LAG_BYTES: f64 = 16.0 * 1024.0 * 1024.0;
 
-/// How far behind the server's WAL end the walsender streaming `$1` (a
-/// slot) has sent, in bytes; 0 when no walsender streams it.
-pub const SENT_LAG_SQL: &str =
-    "SELECT coalesce((SELECT (pg_current_wal_lsn() - r.sent_lsn)::float8 \
-       FROM pg_replication_slots AS s JOIN pg_stat_replication AS r ON r.pid = s.active_pid \
-      WHERE s.slot_name = $1), 0)";
+/// Where the walsender of the relay's slot stands, as [`sent_lag`] reads it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SentLag {
+    /// The database has no such slot (the relay decodes elsewhere, or the
+    /// slot was dropped): nothing to wait for.
+    NoSlot,
+    /// The slot exists and no walsender streams it: the relay is starting,
+    /// reconnecting or backfilling, and a backlog may be waiting for it.
+    NotStreaming,
+    /// Bytes of WAL the walsender has still to send (0 when this role may
+    /// not see how far it has sent).
+    Behind(f64),
+}
+
+impl SentLag {
+    /// Whether the relay has room to fold: no slot to wait for, or a
+    /// walsender within [`FOLD_LAG_BYTES`] of the server's WAL end.
+    pub fn room_to_fold(self) -> bool {
+        match self {
+            SentLag::NoSlot => true,
+            SentLag::NotStreaming => false,
+            SentLag::Behind(bytes) => bytes <= FOLD_LAG_BYTES,
+        }
+    }
+}
+
+/// How far behind the server's WAL end the walsender streaming `slot` has
+/// sent (run on the primary: it reads `pg_current_wal_lsn()`).
+pub async fn sent_lag<C: GenericClient>(
+    client: &C,
+    slot: &str,
+) -> Result<SentLag, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT s.active_pid IS NOT NULL, \
+                    coalesce((pg_current_wal_lsn() - r.sent_lsn)::float8, 0) \
+               FROM pg_replication_slots AS s \
+               LEFT JOIN pg_stat_replication AS r ON r.pid = s.active_pid \
+              WHERE s.slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(match row {
+        None => SentLag::NoSlot,
+        Some(r) if !r.get::<_, bool>(0) => SentLag::NotStreaming,
+        Some(r) => SentLag::Behind(r.get(1)),
+    })
+}
 
 /// Entries one fold statement takes at most (each holds at most
 /// `cdc.mark_batch_size` rows): short enough that marks never wait long

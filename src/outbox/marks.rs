@@ -13,7 +13,8 @@
 //! instead ([`super::journal`], ARCHITECTURE.md, invariant 14), durable once
 //! it commits; the writer folds the journal into the rows' statuses behind
 //! the marks, when a batch was not full or it has waited [`FOLD_IDLE`] for
-//! marks, provided its walsender is caught up (no backlog to drain), and
+//! marks, provided its walsender streams the slot and is caught up (no
+//! backlog to drain), and
 //! at once while the journal holds more than [`FOLD_AT_ROWS`] rows.
 //!
 //! When the database cannot be reached the writer says so on the same
@@ -277,9 +278,11 @@ impl JournalState {
         }
     }
 
-    /// Whether the relay has room to fold: its walsender is within
-    /// [`journal::FOLD_LAG_BYTES`] of the server's WAL end (asked at most
-    /// every [`CAUGHT_UP_EVERY`]).
+    /// Whether the relay has room to fold: its walsender streams the slot
+    /// and is within [`journal::FOLD_LAG_BYTES`] of the server's WAL end
+    /// (asked at most every [`CAUGHT_UP_EVERY`]). A slot nobody streams yet
+    /// does not count as caught up: a relay that starts with a backlog
+    /// folds once it has drained it, not before.
     async fn caught_up(
         &mut self,
         c: &tokio_postgres::Client,
@@ -292,8 +295,7 @@ impl JournalState {
                 return Ok(yes);
             }
         }
-        let lag: f64 = c.query_one(journal::SENT_LAG_SQL, &[slot]).await?.get(0);
-        let yes = lag <= journal::FOLD_LAG_BYTES;
+        let yes = journal::sent_lag(c, slot).await?.room_to_fold();
         self.caught_up = Some((Instant::now(), yes));
         Ok(yes)
     }
