@@ -55,7 +55,7 @@ pub use format::{
     Place, Placement, RecordFormat,
 };
 pub use health::{HealthConfig, Levels};
-pub use identifier::{quote_ident, validate_identifier, validate_slot_name};
+pub use identifier::{quote_ident, quote_literal, validate_identifier, validate_slot_name};
 pub use kafka::{KafkaConfig, MANAGED_PROPERTIES};
 pub use log::LogConfig;
 pub use metrics::MetricsConfig;

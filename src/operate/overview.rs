@@ -22,6 +22,7 @@ use tokio_postgres::Client;
 use super::partitions::{rfc3339, BOUNDS_SQL};
 use crate::config::{quote_ident, Config};
 use crate::error::Error;
+use crate::outbox::journal::Journal;
 use crate::runner::serving::LOCK_CLASS;
 
 /// Everything `pgoutbox status` shows.
@@ -402,6 +403,37 @@ pub fn tracks_rows(shape: &crate::outbox::TableShape) -> bool {
     shape.type_of("status").is_some() && shape.type_of("created_at").is_some()
 }
 
+/// The subqueries over `table` (quoted) that count its pending rows and
+/// find the oldest one's `created_at`, for the sampler and `pgoutbox
+/// status`. A row `journal` lists is delivered, not pending. Each predicate
+/// is a partial index's; the oldest row is found with `ORDER BY created_at
+/// LIMIT 1`, which reads one index entry (per partition at most), where
+/// `min(created_at)` would read them all.
+pub(crate) struct PendingSql {
+    /// `(SELECT count(*) …)`: the pending rows.
+    pub count: String,
+    /// `(SELECT created_at … LIMIT 1)`: the oldest pending row's, or NULL.
+    pub oldest: String,
+}
+
+impl PendingSql {
+    /// The subqueries for `table`, leaving out what `journal` lists.
+    pub(crate) fn new(table: &str, journal: Option<&Journal>) -> PendingSql {
+        let undelivered = journal
+            .map(|j| format!(" AND {}", j.undelivered("o")))
+            .unwrap_or_default();
+        PendingSql {
+            count: format!(
+                "(SELECT count(*) FROM {table} AS o WHERE status = 'PENDING'{undelivered})"
+            ),
+            oldest: format!(
+                "(SELECT created_at FROM {table} AS o WHERE status = 'PENDING'{undelivered} \
+                   ORDER BY created_at LIMIT 1)"
+            ),
+        }
+    }
+}
+
 /// The rows of `table` (quoted) by status, and the oldest pending one; a
 /// row the delivery journal lists is delivered, not pending.
 async fn read_rows(client: &Client, config: &Config, table: &str) -> Result<RowsOverview, Error> {
@@ -409,24 +441,20 @@ async fn read_rows(client: &Client, config: &Config, table: &str) -> Result<Rows
     let journal = crate::outbox::journal::usable(client, schema)
         .await
         .map_err(db("looking for the delivery journal"))?
-        .then(|| crate::outbox::journal::Journal::new(schema, &config.outbox.table));
-    let undelivered = journal
-        .as_ref()
-        .map(|j| format!(" AND {}", j.undelivered("o")))
-        .unwrap_or_default();
+        .then(|| Journal::new(schema, &config.outbox.table));
+    let pending = PendingSql::new(table, journal.as_ref());
     let count = |s: &str| format!("(SELECT count(*) FROM {table} WHERE status = '{s}')");
     let rows_row = client
         .query_one(
             &format!(
-                "SELECT (SELECT count(*) FROM {table} AS o WHERE status = 'PENDING'{undelivered}), \
-                        {}, {}, {}, {}, extract(epoch FROM now() - p.oldest)::float8 \
-                   FROM (SELECT (SELECT created_at FROM {table} AS o \
-                                  WHERE status = 'PENDING'{undelivered} \
-                                  ORDER BY created_at LIMIT 1) AS oldest) p",
+                "SELECT {}, {}, {}, {}, {}, extract(epoch FROM now() - p.oldest)::float8 \
+                   FROM (SELECT {} AS oldest) p",
+                pending.count,
                 count("PROCESSING"),
                 count("FAILED"),
                 count("DEAD_LETTER"),
                 rfc3339("p.oldest"),
+                pending.oldest,
             ),
             &[],
         )

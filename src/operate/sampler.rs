@@ -24,9 +24,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
+use super::overview::PendingSql;
 use crate::config::{quote_ident, Config, Mode};
 use crate::metrics::condition::{self, Level, Measures};
 use crate::metrics::{metrics, WAL_STATUSES};
+use crate::outbox::journal::Journal;
 use crate::Lsn;
 
 /// The share of `max_slot_wal_keep_size` (or, when that is -1, the byte
@@ -89,30 +91,20 @@ const SLOT_SQL: &str = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8, \
         (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8 \
    FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots AS s ON s.slot_name = $1";
 
-/// The row-count statement for `schema.table`: each subquery's predicate is
-/// the one of a partial index. The oldest pending row is found with `ORDER
-/// BY created_at LIMIT 1`, which reads one index entry (per partition at
-/// most), where `min(created_at)` would read them all.
+/// The row-count statement for `schema.table` (the pending rows' subqueries
+/// are `pgoutbox status`'s, [`PendingSql`]); `journal`: whether the schema
+/// has a usable delivery journal, whose rows are delivered, not pending.
 fn rows_sql(config: &Config, journal: bool) -> String {
-    let t = format!(
-        "{}.{}",
-        quote_ident(&config.outbox.schema),
-        quote_ident(&config.outbox.table)
-    );
-    // Rows in the delivery journal are delivered, not pending.
-    let undelivered = if journal {
-        let j = crate::outbox::journal::Journal::new(&config.outbox.schema, &config.outbox.table);
-        format!(" AND {}", j.undelivered("o"))
-    } else {
-        String::new()
-    };
+    let (schema, table) = (&config.outbox.schema, &config.outbox.table);
+    let t = format!("{}.{}", quote_ident(schema), quote_ident(table));
+    let journal = journal.then(|| Journal::new(schema, table));
+    let pending = PendingSql::new(&t, journal.as_ref());
     format!(
-        "SELECT (SELECT count(*) FROM {t} AS o WHERE status = 'PENDING'{undelivered}), \
+        "SELECT {}, \
                 (SELECT count(*) FROM {t} WHERE status = 'PROCESSING'), \
                 (SELECT count(*) FROM {t} WHERE status = 'DEAD_LETTER'), \
-                coalesce(extract(epoch FROM now() - \
-                    (SELECT created_at FROM {t} AS o WHERE status = 'PENDING'{undelivered} \
-                      ORDER BY created_at LIMIT 1)), 0)::float8"
+                coalesce(extract(epoch FROM now() - {}), 0)::float8",
+        pending.count, pending.oldest
     )
 }
 

@@ -20,7 +20,7 @@
 
 use tokio_postgres::GenericClient;
 
-use crate::config::quote_ident;
+use crate::config::{quote_ident, quote_literal};
 
 /// The journal table's name, in the outbox table's schema.
 pub const JOURNAL_TABLE: &str = "pgoutbox_delivered";
@@ -189,7 +189,7 @@ impl Journal {
             "NOT EXISTS (SELECT 1 FROM {} AS j, unnest(j.ids, j.created_ats) AS d(id, created_at) \
               WHERE j.outbox = {} AND d.id = {alias}.id AND d.created_at = {alias}.created_at)",
             self.journal,
-            literal(&self.outbox)
+            quote_literal(&self.outbox)
         )
     }
 
@@ -214,11 +214,6 @@ impl Journal {
     }
 }
 
-/// A SQL string literal.
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 /// Whether `schema` has the journal (migration 13 applied) and the current
 /// role may read, insert and delete its entries (a relay role granted its
 /// privileges before migration 13 may not: `pgoutbox migrate --relay-role`
@@ -241,10 +236,8 @@ pub async fn usable<C: GenericClient>(
 }
 
 /// Folds every entry of `schema.table`'s journal into its rows; returns the
-/// rows set `COMPLETED`. Rows the fold cannot see are dropped from the
-/// journal, not kept: this runs when no relay is recording deliveries
-/// (before polling, before a backfill), so such a row was deleted. Does
-/// nothing when the journal is not [`usable`].
+/// rows set `COMPLETED` (see [`Journal::fold_all`]). Does nothing when the
+/// journal is not [`usable`].
 pub async fn fold_all<C: GenericClient>(
     client: &C,
     schema: &str,
@@ -253,14 +246,27 @@ pub async fn fold_all<C: GenericClient>(
     if !usable(client, schema).await? {
         return Ok(0);
     }
-    let journal = Journal::new(schema, table);
-    let sql = journal.fold_sql();
-    let mut rows = 0;
-    loop {
-        let f = journal.fold(client, &sql, 64, false).await?;
-        rows += f.rows;
-        if f.entries == 0 {
-            return Ok(rows);
+    Journal::new(schema, table).fold_all(client).await
+}
+
+impl Journal {
+    /// Folds every entry into the rows, on a connection where the journal
+    /// is known to be [`usable`]; returns the rows set `COMPLETED`. Rows
+    /// the fold cannot see are dropped from the journal, not kept: this
+    /// runs when no relay is recording deliveries (before polling, before a
+    /// backfill), so such a row was deleted.
+    pub async fn fold_all<C: GenericClient>(
+        &self,
+        client: &C,
+    ) -> Result<i64, tokio_postgres::Error> {
+        let sql = self.fold_sql();
+        let mut rows = 0;
+        loop {
+            let f = self.fold(client, &sql, 64, false).await?;
+            rows += f.rows;
+            if f.entries == 0 {
+                return Ok(rows);
+            }
         }
     }
 }

@@ -9,7 +9,7 @@
 
 use tokio_postgres::Client;
 
-use crate::config::quote_ident;
+use crate::config::{quote_ident, quote_literal};
 
 /// The migrations, in order: (version, name, SQL template).
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -131,10 +131,6 @@ pub struct MigrationTarget {
     pub message_prefix: String,
 }
 
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 impl MigrationTarget {
     /// The configured outbox table, publication and message prefix.
     pub fn from_config(config: &crate::config::Config) -> MigrationTarget {
@@ -166,17 +162,20 @@ impl MigrationTarget {
                 "{{failed_index}}",
                 &quote_ident(&format!("{}_failed_idx", self.table)),
             )
-            .replace("{{schema_literal}}", &literal(&self.schema))
-            .replace("{{table_literal}}", &literal(&self.table))
-            .replace("{{publication_literal}}", &literal(&self.publication))
-            .replace("{{message_prefix_literal}}", &literal(&self.message_prefix))
+            .replace("{{schema_literal}}", &quote_literal(&self.schema))
+            .replace("{{table_literal}}", &quote_literal(&self.table))
+            .replace("{{publication_literal}}", &quote_literal(&self.publication))
+            .replace(
+                "{{message_prefix_literal}}",
+                &quote_literal(&self.message_prefix),
+            )
             .replace(
                 "{{publish_function}}",
                 &quote_ident(&self.publish_function()),
             )
             .replace(
                 "{{publish_function_literal}}",
-                &literal(&self.publish_function()),
+                &quote_literal(&self.publish_function()),
             )
     }
 

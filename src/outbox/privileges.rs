@@ -33,7 +33,7 @@ use std::path::Path;
 use tokio_postgres::{Client, Transaction};
 
 use super::migrate::MigrationTarget;
-use crate::config::{quote_ident, validate_identifier, ConfigError};
+use crate::config::{quote_ident, quote_literal, validate_identifier, ConfigError};
 
 /// The environment variable holding the relay role's password.
 pub const RELAY_PASSWORD_ENV: &str = "PGOUTBOX_RELAY_PASSWORD";
@@ -172,10 +172,6 @@ fn db(context: &str) -> impl FnOnce(tokio_postgres::Error) -> PrivilegeError + '
     }
 }
 
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 /// Which objects of a table the relay role is granted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GrantScope {
@@ -269,7 +265,7 @@ pub async fn grant_relay_role(
         Some(attributes) => {
             report.warnings = attributes.check(&role.name, &r)?;
             if let Some(v) = &verifier {
-                tx.batch_execute(&format!("ALTER ROLE {r} PASSWORD {}", literal(v)))
+                tx.batch_execute(&format!("ALTER ROLE {r} PASSWORD {}", quote_literal(v)))
                     .await
                     .map_err(db("setting the relay role's password"))?;
                 report.password_set = true;
@@ -376,7 +372,7 @@ async fn create_role(
     verifier: Option<&str>,
 ) -> Result<(), PrivilegeError> {
     let password = verifier
-        .map(|v| format!(" PASSWORD {}", literal(v)))
+        .map(|v| format!(" PASSWORD {}", quote_literal(v)))
         .unwrap_or_default();
     tx.batch_execute(&format!(
         "CREATE ROLE {r} LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS{password}"

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use super::Stats;
 use crate::config::Mode;
 use crate::metrics::metrics;
+use crate::outbox::journal::{self, Journal};
 use crate::outbox::OutboxEvent;
 use crate::pipeline::RecordBuilder;
 
@@ -78,6 +79,9 @@ pub(super) async fn run(reaper: Reaper, mut shutdown: watch::Receiver<bool>) {
     } = reaper;
     let mut warned: Option<tokio::time::Instant> = None;
     let mut client: Option<tokio_postgres::Client> = None;
+    // The delivery journal, once this connection found it usable (asked
+    // each round until then: a schema may be migrated while polling).
+    let mut journal: Option<Journal> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -87,6 +91,7 @@ pub(super) async fn run(reaper: Reaper, mut shutdown: watch::Receiver<bool>) {
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = crate::database::connect(&pg).await.ok();
+            journal = None;
         }
         let Some(c) = &client else { continue };
         match c.query_one(&sql, &[]).await {
@@ -117,11 +122,26 @@ pub(super) async fn run(reaper: Reaper, mut shutdown: watch::Receiver<bool>) {
         }
         // Deliveries a CDC relay journaled while it was losing the serving
         // lock: folded, so no worker claims them again.
-        match crate::outbox::journal::fold_all(c, &schema, &table).await {
+        if journal.is_none() {
+            journal = match journal::usable(c, &schema).await {
+                Ok(true) => Some(Journal::new(&schema, &table)),
+                Ok(false) => None,
+                Err(e) => {
+                    tracing::warn!(error = %crate::error::postgres_text(&e), "looking for the delivery journal failed; retrying");
+                    None
+                }
+            };
+        }
+        let folded = match &journal {
+            Some(j) => j.fold_all(c).await,
+            None => Ok(0),
+        };
+        match folded {
             Ok(0) => {}
             Ok(rows) => tracing::info!(rows, "folded late delivery journal entries of a CDC relay"),
             Err(e) => {
                 tracing::warn!(error = %crate::error::postgres_text(&e), "folding the delivery journal failed; retrying");
+                journal = None;
             }
         }
         if warned.is_some_and(|at| at.elapsed() < FOREIGN_LEASE_WARNING) {

@@ -7,7 +7,7 @@
 
 use tokio_postgres::{Client, GenericClient};
 
-use crate::config::{quote_ident, Config, PollOrdering};
+use crate::config::{quote_ident, quote_literal, Config, PollOrdering};
 
 /// The trigger's name on the outbox table.
 pub const TRIGGER: &str = "pgoutbox_notify";
@@ -23,10 +23,6 @@ fn table(config: &Config) -> String {
         quote_ident(&config.outbox.schema),
         quote_ident(&config.outbox.table)
     )
-}
-
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// Brings the trigger, the ordering index and the column default in line
@@ -51,7 +47,7 @@ pub async fn apply(
             "CREATE TRIGGER {} AFTER INSERT ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {}.pgoutbox_notify({})",
             quote_ident(TRIGGER),
             quote_ident(&config.outbox.schema),
-            literal(&super::wakeup::channel(config)),
+            quote_literal(&super::wakeup::channel(config)),
         ))
         .await?;
         changed.push("created the wake-up trigger (poll.notify = true)".to_owned());
