@@ -453,6 +453,7 @@ async fn sigkill_mid_stream_loses_nothing_and_resends_only_unconfirmed_events() 
 async fn three_marks(
     name: &str,
     mark_with: pgoutbox::config::MarkWith,
+    stream: Option<pgoutbox::outbox::StreamProgress>,
 ) -> (
     TestOutbox,
     pgoutbox::outbox::MarkWriter,
@@ -498,7 +499,7 @@ async fn three_marks(
             linger: Duration::from_millis(20),
         },
         mark_with,
-        None,
+        stream,
     );
     for (ticket, k) in [
         (1, key(done_id, &done_at)),
@@ -552,62 +553,79 @@ async fn insert_late_row(outbox: &TestOutbox, id: i64, created_at: &str) {
         .expect("insert the late row");
 }
 
-/// The mark writer folds the delivery journal only while the relay's
-/// walsender streams the slot and has caught up (ARCHITECTURE.md, invariant
-/// 14): a slot nobody streams (a relay starting, reconnecting or
-/// backfilling) does not count as caught up, a database without the slot
-/// has nothing to wait for.
-#[tokio::test]
-async fn fold_waits_for_a_walsender_streaming_the_slot() {
-    use pgoutbox::outbox::journal::{sent_lag, SentLag};
+/// The mark writer folds the delivery journal only once the relay has
+/// decoded its stream to near the server's WAL end (ARCHITECTURE.md,
+/// invariant 14): while the relay has read nothing (starting,
+/// reconnecting, backfilling) or is far behind (draining a backlog), the
+/// entries stay journaled; once it has caught up they are folded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fold_waits_until_the_relay_has_decoded_to_near_the_wal_end() {
+    use pgoutbox::outbox::journal::{FOLD_LAG_BYTES, WAL_END_SQL};
+    use pgoutbox::outbox::StreamProgress;
+    use pgoutbox::Lsn;
 
-    let outbox = TestOutbox::new("fold_gate").await;
-    let client = common::harness::connect().await;
-    let slot = outbox.slot();
-    let before = sent_lag(&client, &slot).await.expect("sent lag");
-    assert_eq!(before, SentLag::NoSlot);
-    assert!(before.room_to_fold());
-
-    let relay = outbox.start_relay();
-    let streaming = wait_for(
-        "the relay's walsender streams the slot",
+    let stream = StreamProgress::default();
+    let (outbox, _writer, mut done_rx, (_, _, pending_id), _) = three_marks(
+        "fold_gate",
+        pgoutbox::config::MarkWith::Journal,
+        Some(stream.clone()),
+    )
+    .await;
+    durable_tickets(&mut done_rx, 3).await;
+    let wal_end = || async {
+        let end: i64 = outbox
+            .client
+            .query_one(WAL_END_SQL, &[])
+            .await
+            .expect("WAL end")
+            .get(0);
+        end as u64
+    };
+    // A gate can only be shown shut over a while: each state is held for
+    // longer than the writer waits before an idle fold (50 ms) plus how
+    // often it asks for the WAL end (250 ms), several times over.
+    let shut_for = Duration::from_millis(900);
+    tokio::time::sleep(shut_for).await;
+    assert_eq!(
+        outbox.journaled_rows().await,
+        3,
+        "nothing decoded yet: nothing folded"
+    );
+    let behind = wal_end()
+        .await
+        .saturating_sub(FOLD_LAG_BYTES + (1 << 20))
+        .max(1);
+    stream.set(Lsn(behind));
+    tokio::time::sleep(shut_for).await;
+    assert_eq!(
+        outbox.journaled_rows().await,
+        3,
+        "more than FOLD_LAG_BYTES behind: nothing folded"
+    );
+    stream.set(Lsn(wal_end().await));
+    wait_for(
+        "the journal folded once the relay caught up",
         DEADLINE,
         || async {
-            match sent_lag(&client, &slot).await.expect("sent lag") {
-                lag @ SentLag::Behind(_) => Some(lag),
-                _ => None,
-            }
+            let status: String = outbox
+                .client
+                .query_one(
+                    &format!("SELECT status FROM {}.outbox WHERE id = $1", outbox.name),
+                    &[&pending_id],
+                )
+                .await
+                .expect("status")
+                .get(0);
+            (status == "COMPLETED").then_some(())
         },
     )
     .await;
-    assert!(
-        streaming.room_to_fold(),
-        "an idle relay's walsender is caught up: {streaming:?}"
-    );
-
-    let status = relay.terminate();
-    assert!(status.success(), "relay exit: {status:?}");
-    let stopped = wait_for("the walsender to let the slot go", DEADLINE, || async {
-        match sent_lag(&client, &slot).await.expect("sent lag") {
-            SentLag::Behind(_) => None,
-            other => Some(other),
-        }
-    })
-    .await;
-    assert_eq!(stopped, SentLag::NotStreaming);
-    assert!(!stopped.room_to_fold());
-    outbox.drop_slot().await;
 }
 
-/// The mark writer on its own, against the real table: a key whose row
-/// is not visible yet is retried until it is (logical decoding can deliver
-/// a transaction a moment before its commit is visible), never reported
-/// durable before its row is marked; a row already `COMPLETED` is left as
-/// it was and reported at once; a pending row is marked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mark_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alone() {
     let (outbox, _writer, mut done_rx, (done_id, later_id, pending_id), pending_at) =
-        three_marks("mark_unseen", pgoutbox::config::MarkWith::Update).await;
+        three_marks("mark_unseen", pgoutbox::config::MarkWith::Update, None).await;
     let schema = outbox.name.clone();
     let durable = durable_tickets(&mut done_rx, 2).await;
     assert_eq!(durable, vec![1, 3], "the invisible row is not durable yet");
@@ -653,7 +671,7 @@ async fn mark_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alon
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mark_writer_journals_deliveries_and_folds_them_into_the_rows_when_idle() {
     let (outbox, writer, mut done_rx, (done_id, later_id, pending_id), pending_at) =
-        three_marks("mark_journal", pgoutbox::config::MarkWith::Journal).await;
+        three_marks("mark_journal", pgoutbox::config::MarkWith::Journal, None).await;
     let schema = outbox.name.clone();
     let durable = durable_tickets(&mut done_rx, 3).await;
     assert_eq!(

@@ -72,19 +72,23 @@ impl Kafka {
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let led = tokio::task::block_in_place(|| {
-                self.offsets
-                    .fetch_watermarks(topic, 0, Duration::from_secs(5))
-            });
-            match led {
-                Ok(_) => return Ok(()),
-                Err(e) if std::time::Instant::now() > deadline => {
-                    return Err(
-                        format!("topic {topic} is not usable 60 s after its creation: {e}").into(),
-                    )
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            // Metadata asked for by name first, as in `create_topic`.
+            let why = match self.leaders(topic, 1) {
+                Ok(()) => match tokio::task::block_in_place(|| {
+                    self.offsets
+                        .fetch_watermarks(topic, 0, Duration::from_secs(5))
+                }) {
+                    Ok(_) => return Ok(()),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e,
+            };
+            if std::time::Instant::now() > deadline {
+                return Err(
+                    format!("topic {topic} is not usable 60 s after its creation: {why}").into(),
+                );
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -101,7 +105,7 @@ impl Kafka {
         loop {
             // Ask for the topic's metadata by name: librdkafka otherwise
             // may keep answering from a cache that predates the topic.
-            let why = match self.leaders(topic) {
+            let why = match self.leaders(topic, self.partitions) {
                 Ok(()) => match self.end_offsets(topic) {
                     Ok(_) => return Ok(()),
                     Err(e) => e.to_string(),
@@ -117,9 +121,9 @@ impl Kafka {
         }
     }
 
-    /// Ok when every partition of `topic` has a leader, per a metadata
+    /// Ok when all `partitions` of `topic` have a leader, per a metadata
     /// request for that topic.
-    fn leaders(&self, topic: &str) -> Result<(), String> {
+    fn leaders(&self, topic: &str, partitions: i32) -> Result<(), String> {
         let metadata = tokio::task::block_in_place(|| {
             self.offsets
                 .fetch_metadata(Some(topic), Duration::from_secs(5))
@@ -134,11 +138,8 @@ impl Kafka {
             return Err(format!("metadata of {topic}: {e:?}"));
         }
         let led = t.partitions().iter().filter(|p| p.leader() >= 0).count();
-        if led < self.partitions as usize {
-            return Err(format!(
-                "{led} of {} partitions have a leader",
-                self.partitions
-            ));
+        if led < partitions as usize {
+            return Err(format!("{led} of {partitions} partitions have a leader"));
         }
         Ok(())
     }

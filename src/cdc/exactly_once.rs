@@ -68,12 +68,22 @@ pub(super) async fn kafka_side(
     // depend on each other: both run at once (each is a broker round trip
     // or several on a client of its own). The topic is read only after the
     // fencing, which aborts a predecessor's open transaction.
+    let started = std::time::Instant::now();
     let (sink, deliveries) = {
+        // A task of its own: reading the cluster's metadata blocks its
+        // thread for a moment, which must not hold up the fencing.
+        let topic_cfg = cfg.clone();
+        let preparing = tokio::spawn(async move { prepare_progress_topic(&topic_cfg).await });
         let prepare = async {
-            prepare_progress_topic(cfg).await.map_err(|e| match e {
-                ProgressTopicError::Unreachable(why) => Error::Transient(why),
-                ProgressTopicError::Refused(why) => Error::Fatal(why),
-            })
+            match preparing.await {
+                Ok(r) => r.map_err(|e| match e {
+                    ProgressTopicError::Unreachable(why) => Error::Transient(why),
+                    ProgressTopicError::Refused(why) => Error::Fatal(why),
+                }),
+                Err(e) => Err(Error::Transient(format!(
+                    "preparing the progress topic: {e}"
+                ))),
+            }
         };
         let fence = async {
             let (mut sink, deliveries) =
@@ -110,12 +120,18 @@ pub(super) async fn kafka_side(
         prepared.expect("both finished")?;
         fenced.expect("both finished")?
     };
+    let fenced_in = started.elapsed();
     let reader = cfg.clone();
     let reader_key = key.clone();
     let value = tokio::task::spawn_blocking(move || read_progress(&reader, &reader_key))
         .await
         .map_err(|e| Error::Transient(format!("reading the progress topic: {e}")))?
         .map_err(Error::Transient)?;
+    tracing::debug!(
+        fence_and_topic_ms = fenced_in.as_millis() as u64,
+        read_ms = (started.elapsed() - fenced_in).as_millis() as u64,
+        "exactly-once producer ready"
+    );
     let topic = &cfg.progress_topic;
     let resume = match value {
         None => {

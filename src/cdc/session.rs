@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::health::Phase;
 use crate::metrics::{self, health, metrics};
-use crate::outbox::MarkWriter;
+use crate::outbox::{MarkWriter, StreamProgress};
 use crate::pgoutput::Decoder;
 use crate::pipeline::{Limits, Pipeline, RecordBuilder};
 use crate::replication::{
@@ -131,8 +131,13 @@ impl Session<'_> {
             .await
             .map_err(|e| replication_error("opening the replication connection", e))?;
         let kafka = super::exactly_once::kafka_side(cfg, &mut repl).await?;
+        // How far this session has decoded its stream, for the mark writer
+        // (it folds the delivery journal only once no backlog waits).
+        let progress = StreamProgress::default();
         let pipeline = match state {
-            SlotState::Ready { confirmed_flush } => self.pipeline(kafka, confirmed_flush),
+            SlotState::Ready { confirmed_flush } => {
+                self.pipeline(kafka, confirmed_flush, &progress)
+            }
             SlotState::Create { drop_first } => {
                 wait_for_foreign_leases(&client, cfg, shutdown).await?;
                 if drop_first {
@@ -172,7 +177,7 @@ impl Session<'_> {
                         tracing::info!(slot = %cfg.cdc.slot, consistent_point = %created.consistent_point, failover, "created replication slot")
                     }
                 }
-                let mut pipeline = self.pipeline(kafka, created.consistent_point);
+                let mut pipeline = self.pipeline(kafka, created.consistent_point, &progress);
                 let snapshot = created.snapshot_name.clone().ok_or_else(|| {
                     Error::Fatal("the server exported no snapshot for the new slot".into())
                 })?;
@@ -218,7 +223,7 @@ impl Session<'_> {
             .await
             .map_err(|e| replication_error("starting replication", e))?;
         health().set_phase(Phase::Serving, "streaming");
-        self.stream(stream, negotiated.proto, pipeline, shutdown)
+        self.stream(stream, negotiated.proto, pipeline, progress, shutdown)
             .await
     }
 
@@ -231,7 +236,12 @@ impl Session<'_> {
             .map_err(|e| Error::Fatal(e.to_string()))
     }
 
-    fn pipeline(&self, kafka: super::exactly_once::KafkaSide, confirmed: Lsn) -> Pipeline {
+    fn pipeline(
+        &self,
+        kafka: super::exactly_once::KafkaSide,
+        confirmed: Lsn,
+        progress: &StreamProgress,
+    ) -> Pipeline {
         let cfg = self.config;
         // At least once, marks trickle in with Kafka's acks and are
         // gathered for a statement. Exactly once, a commit hands over all
@@ -251,7 +261,7 @@ impl Session<'_> {
             &cfg.outbox.table,
             batching,
             cfg.cdc.mark_with,
-            Some(&cfg.cdc.slot),
+            Some(progress.clone()),
         );
         let pipeline = Pipeline::new(
             (Box::new(kafka.sink), kafka.deliveries),
@@ -275,6 +285,7 @@ impl Session<'_> {
         mut stream: crate::replication::ReplicationStream,
         proto: u32,
         pipeline: Pipeline,
+        progress: StreamProgress,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), Error> {
         let filter = self.config.cdc.messages.then(|| MessageFilter {
@@ -294,6 +305,7 @@ impl Session<'_> {
                 ),
             ),
             received: pipeline.flushed(),
+            progress,
             pipeline,
         };
         let mut batch = Vec::with_capacity(READ_BATCH);
@@ -368,6 +380,8 @@ struct Streaming {
     pipeline: Pipeline,
     /// The highest WAL position received (data or keepalive).
     received: Lsn,
+    /// `received` once applied, for the mark writer.
+    progress: StreamProgress,
 }
 
 impl Streaming {
@@ -425,6 +439,7 @@ impl Streaming {
         }
         metrics().received_lsn(self.received);
         metrics().server_lsn(server_end);
+        self.progress.set(self.received);
         Ok(())
     }
 

@@ -10,8 +10,9 @@
 //!
 //! Entries are folded into the rows (`COMPLETED`, `processed_at` = when the
 //! entry was written) and deleted in the same statement: by the mark writer
-//! whenever it has room (its walsender is within [`FOLD_LAG_BYTES`] of the
-//! server's WAL end, and its last batch was not full or it has been idle),
+//! whenever it has room (its decoding is within [`FOLD_LAG_BYTES`] of the
+//! server's WAL end, [`room_to_fold`], and its last batch was not full or
+//! it has been idle),
 //! at once when the journal holds more than [`FOLD_AT_ROWS`] rows, and by
 //! [`fold_all`] before anything that reads statuses to decide what to send
 //! or drop (poll mode's start, a backfill from a new slot, partition
@@ -21,6 +22,7 @@
 use tokio_postgres::GenericClient;
 
 use crate::config::{quote_ident, quote_literal};
+use crate::Lsn;
 
 /// The journal table's name, in the outbox table's schema.
 pub const JOURNAL_TABLE: &str = "pgoutbox_delivered";
@@ -29,59 +31,24 @@ pub const JOURNAL_TABLE: &str = "pgoutbox_delivered";
 /// that the journal (and the readers' anti-join over it) stays bounded.
 pub const FOLD_AT_ROWS: u64 = 1_000_000;
 
-/// How far (bytes of WAL) the relay's walsender may be behind the server's
+/// How far (bytes of WAL) the relay's decoding may be behind the server's
 /// WAL end for the relay to count as caught up, and so to have room to
 /// fold: while it drains a backlog it is far behind, and folding would
 /// take PostgreSQL's time from decoding.
-pub const FOLD_LAG_BYTES: f64 = 16.0 * 1024.0 * 1024.0;
+pub const FOLD_LAG_BYTES: u64 = 16 * 1024 * 1024;
 
-/// Where the walsender of the relay's slot stands, as [`sent_lag`] reads it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum SentLag {
-    /// The database has no such slot (the relay decodes elsewhere, or the
-    /// slot was dropped): nothing to wait for.
-    NoSlot,
-    /// The slot exists and no walsender streams it: the relay is starting,
-    /// reconnecting or backfilling, and a backlog may be waiting for it.
-    NotStreaming,
-    /// Bytes of WAL the walsender has still to send (0 when this role may
-    /// not see how far it has sent).
-    Behind(f64),
-}
+/// The server's WAL end as a byte position (run on the primary).
+pub const WAL_END_SQL: &str = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8";
 
-impl SentLag {
-    /// Whether the relay has room to fold: no slot to wait for, or a
-    /// walsender within [`FOLD_LAG_BYTES`] of the server's WAL end.
-    pub fn room_to_fold(self) -> bool {
-        match self {
-            SentLag::NoSlot => true,
-            SentLag::NotStreaming => false,
-            SentLag::Behind(bytes) => bytes <= FOLD_LAG_BYTES,
-        }
-    }
-}
-
-/// How far behind the server's WAL end the walsender streaming `slot` has
-/// sent (run on the primary: it reads `pg_current_wal_lsn()`).
-pub async fn sent_lag<C: GenericClient>(
-    client: &C,
-    slot: &str,
-) -> Result<SentLag, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
-            "SELECT s.active_pid IS NOT NULL, \
-                    coalesce((pg_current_wal_lsn() - r.sent_lsn)::float8, 0) \
-               FROM pg_replication_slots AS s \
-               LEFT JOIN pg_stat_replication AS r ON r.pid = s.active_pid \
-              WHERE s.slot_name = $1",
-            &[&slot],
-        )
-        .await?;
-    Ok(match row {
-        None => SentLag::NoSlot,
-        Some(r) if !r.get::<_, bool>(0) => SentLag::NotStreaming,
-        Some(r) => SentLag::Behind(r.get(1)),
-    })
+/// Whether a relay that has decoded its stream up to `received` has room
+/// to fold while the server's WAL ends at `wal_end`: it has read something
+/// (a relay starting, reconnecting or backfilling has not, and a backlog
+/// may be waiting for it) and is within [`FOLD_LAG_BYTES`] of the end.
+/// The position is the relay's own, not the walsender's: a walsender runs
+/// ahead of the relay by what the socket and the relay's read buffer hold,
+/// tens of megabytes at the end of a drain.
+pub fn room_to_fold(received: Lsn, wal_end: Lsn) -> bool {
+    received > Lsn::ZERO && wal_end.0.saturating_sub(received.0) <= FOLD_LAG_BYTES
 }
 
 /// Entries one fold statement takes at most (each holds at most
@@ -274,6 +241,19 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn room_to_fold_needs_a_relay_that_has_read_to_near_the_end() {
+        let end = Lsn(100 * 1024 * 1024);
+        assert!(!room_to_fold(Lsn::ZERO, end), "nothing read yet");
+        assert!(!room_to_fold(Lsn(end.0 - FOLD_LAG_BYTES - 1), end));
+        assert!(room_to_fold(Lsn(end.0 - FOLD_LAG_BYTES), end));
+        assert!(room_to_fold(end, end));
+        assert!(
+            room_to_fold(Lsn(end.0 + 10), end),
+            "a position past a stale end"
+        );
+    }
 
     #[test]
     fn statements_name_the_quoted_journal_and_table() {

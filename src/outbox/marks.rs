@@ -13,8 +13,8 @@
 //! instead ([`super::journal`], ARCHITECTURE.md, invariant 14), durable once
 //! it commits; the writer folds the journal into the rows' statuses behind
 //! the marks, when a batch was not full or it has waited [`FOLD_IDLE`] for
-//! marks, provided its walsender streams the slot and is caught up (no
-//! backlog to drain), and
+//! marks, provided the relay has decoded its stream to near the server's
+//! WAL end ([`StreamProgress`]: no backlog to drain), and
 //! at once while the journal holds more than [`FOLD_AT_ROWS`] rows.
 //!
 //! When the database cannot be reached the writer says so on the same
@@ -23,6 +23,7 @@
 //! shutdown, which waits for the client to confirm everything sent.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -120,7 +121,7 @@ impl MarkWriter {
         table: &str,
         batching: Batching,
         mark_with: MarkWith,
-        slot: Option<&str>,
+        stream: Option<StreamProgress>,
     ) -> (MarkWriter, mpsc::UnboundedReceiver<Result<u64, String>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (done, durable) = mpsc::unbounded_channel();
@@ -129,7 +130,7 @@ impl MarkWriter {
         let journal = (mark_with == MarkWith::Journal).then(|| JournalUse {
             schema: schema.to_owned(),
             journal: Journal::new(schema, table),
-            slot: slot.map(str::to_owned),
+            stream,
         });
         tokio::spawn(run(pg, target, dead, journal, batching, rx, done));
         (MarkWriter { marks: tx }, durable)
@@ -138,6 +139,25 @@ impl MarkWriter {
     /// Queues an update. Returns false if the writer has stopped.
     pub fn mark(&self, mark: Mark) -> bool {
         self.marks.send(mark).is_ok()
+    }
+}
+
+/// How far the relay has decoded its replication stream, shared by the
+/// session (which moves it) with the mark writer (which folds the delivery
+/// journal only when no backlog waits: ARCHITECTURE.md, invariant 14).
+#[derive(Clone, Debug, Default)]
+pub struct StreamProgress(Arc<AtomicU64>);
+
+impl StreamProgress {
+    /// The stream has been decoded up to `lsn`.
+    pub fn set(&self, lsn: Lsn) {
+        self.0.fetch_max(lsn.0, Ordering::Relaxed);
+    }
+
+    /// Where decoding stands; [`Lsn::ZERO`] until the stream delivered
+    /// anything.
+    pub fn received(&self) -> Lsn {
+        Lsn(self.0.load(Ordering::Relaxed))
     }
 }
 
@@ -241,9 +261,10 @@ fn report_applied(
 struct JournalUse {
     schema: String,
     journal: Journal,
-    /// The relay's replication slot: folding waits while its walsender is
-    /// far behind (a backlog to drain). `None`: never waits.
-    slot: Option<String>,
+    /// How far the relay has decoded its stream: folding waits while it is
+    /// far behind the server's WAL end (a backlog to drain). `None`: never
+    /// waits.
+    stream: Option<StreamProgress>,
 }
 
 /// The writer's journal once connected: the statements, and how many rows
@@ -259,8 +280,8 @@ struct JournalState {
     /// updates, as with `mark_with = "update"`.
     missing: bool,
     schema: String,
-    slot: Option<String>,
-    /// Whether the walsender was caught up when last asked, and when.
+    stream: Option<StreamProgress>,
+    /// Whether the relay was caught up when last asked, and when.
     caught_up: Option<(Instant, bool)>,
 }
 
@@ -273,21 +294,22 @@ impl JournalState {
             unfolded: None,
             missing: false,
             schema: u.schema,
-            slot: u.slot,
+            stream: u.stream,
             caught_up: None,
         }
     }
 
-    /// Whether the relay has room to fold: its walsender streams the slot
-    /// and is within [`journal::FOLD_LAG_BYTES`] of the server's WAL end
-    /// (asked at most every [`CAUGHT_UP_EVERY`]). A slot nobody streams yet
-    /// does not count as caught up: a relay that starts with a backlog
-    /// folds once it has drained it, not before.
+    /// Whether the relay has room to fold: it has decoded its stream to
+    /// within [`journal::FOLD_LAG_BYTES`] of the server's WAL end
+    /// ([`journal::room_to_fold`]; asked at most every
+    /// [`CAUGHT_UP_EVERY`]). A relay that has read nothing yet (starting,
+    /// reconnecting, backfilling) is not caught up: one that starts with a
+    /// backlog folds once it has drained it, not before.
     async fn caught_up(
         &mut self,
         c: &tokio_postgres::Client,
     ) -> Result<bool, tokio_postgres::Error> {
-        let Some(slot) = &self.slot else {
+        let Some(stream) = &self.stream else {
             return Ok(true);
         };
         if let Some((at, yes)) = self.caught_up {
@@ -295,7 +317,8 @@ impl JournalState {
                 return Ok(yes);
             }
         }
-        let yes = journal::sent_lag(c, slot).await?.room_to_fold();
+        let end: i64 = c.query_one(journal::WAL_END_SQL, &[]).await?.get(0);
+        let yes = journal::room_to_fold(stream.received(), Lsn(end.max(0) as u64));
         self.caught_up = Some((Instant::now(), yes));
         Ok(yes)
     }

@@ -29,7 +29,7 @@ pub use columns::{ColumnError, OutboxColumns};
 #[cfg(test)]
 pub(crate) use event::sample_event;
 pub use event::{select_list, select_width, OutboxEvent, TraceContext, OUTBOX_COLUMNS};
-pub use marks::{key_table, Batching, Mark, MarkKind, MarkWriter, RowKey};
+pub use marks::{key_table, Batching, Mark, MarkKind, MarkWriter, RowKey, StreamProgress};
 pub use migrate::{is_foreign_table, migrate, MigrationTarget, MIGRATIONS};
 pub use privileges::{
     grant_relay_role, GrantScope, Password, PasswordSource, PrivilegeError, RelayRole,

@@ -174,11 +174,29 @@ pub enum ProgressTopicError {
 /// `kafka.transaction_timeout_ms` against the brokers'
 /// `transaction.max.timeout.ms`. Errors say what to change.
 pub async fn prepare_progress_topic(cfg: &KafkaConfig) -> Result<(), ProgressTopicError> {
-    use ProgressTopicError::{Refused, Unreachable};
+    use ProgressTopicError::Refused;
     let (client, secrets) = client_config(cfg).map_err(|e| Refused(e.to_string()))?;
     let admin: AdminClient<DefaultClientContext> = client
         .create()
         .map_err(|e| Refused(hide(format!("kafka admin client: {e}"), &secrets)))?;
+    let prepared = prepare_with(&admin, cfg).await;
+    let_go(admin);
+    prepared
+}
+
+/// Drops a Kafka client on a thread of its own: closing one waits for its
+/// polling thread's next wake-up, about 100 ms, which a session start (a
+/// relay taking over, say) has no reason to wait for.
+fn let_go<T: Send + 'static>(client: T) {
+    std::thread::spawn(move || drop(client));
+}
+
+/// [`prepare_progress_topic`] with its admin client.
+async fn prepare_with(
+    admin: &AdminClient<DefaultClientContext>,
+    cfg: &KafkaConfig,
+) -> Result<(), ProgressTopicError> {
+    use ProgressTopicError::{Refused, Unreachable};
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
     let topic = cfg.progress_topic.as_str();
     let metadata = admin
@@ -361,5 +379,6 @@ pub fn read_progress_topic(
             Some(Err(e)) => return Err(format!("reading the progress topic {topic:?}: {e}")),
         }
     }
+    let_go(consumer);
     Ok(latest)
 }
