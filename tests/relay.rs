@@ -553,6 +553,50 @@ async fn insert_late_row(outbox: &TestOutbox, id: i64, created_at: &str) {
         .expect("insert the late row");
 }
 
+/// A relay that resumes at the WAL end of an idle database receives
+/// nothing from its walsender, not even a keepalive; it still counts as
+/// caught up (it has decoded everything before its start) and folds what
+/// an earlier relay journaled (ARCHITECTURE.md, invariant 14).
+#[tokio::test]
+async fn a_relay_resuming_at_the_wal_end_folds_what_an_earlier_one_journaled() {
+    let outbox = TestOutbox::new("fold_resume").await;
+    // The slot, made by a first run on an empty table.
+    let first = outbox.start_relay();
+    wait_for("the first relay's slot", DEADLINE, || async {
+        (outbox.confirmed_flush().await > 0).then_some(())
+    })
+    .await;
+    assert!(first.terminate().success());
+    // Rows an earlier relay delivered and journaled but did not fold, and a
+    // slot confirmed past all of it, as that relay would have left them.
+    let s = &outbox.name;
+    outbox
+        .client
+        .batch_execute(&format!(
+            "SELECT {s}.outbox_publish('acct', gen_random_uuid(), 'opened', '{{}}') FROM generate_series(1, 50); \
+             INSERT INTO {s}.pgoutbox_delivered (outbox, ids, created_ats) \
+               SELECT 'outbox', array_agg(id), array_agg(created_at) FROM {s}.outbox; \
+             SELECT pg_replication_slot_advance('{slot}', pg_current_wal_lsn());",
+            slot = outbox.slot()
+        ))
+        .await
+        .expect("journal rows and advance the slot");
+    assert_eq!(outbox.journaled_rows().await, 50);
+    let relay = outbox.start_relay();
+    wait_for(
+        "the journal folded by the resumed relay",
+        DEADLINE,
+        || async {
+            let s = outbox.statuses().await;
+            (s.get("COMPLETED") == Some(&50) && s.len() == 1).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(outbox.journaled_rows().await, 0);
+    assert!(relay.terminate().success());
+    outbox.drop_slot().await;
+}
+
 /// The mark writer folds the delivery journal only once the relay has
 /// decoded its stream to near the server's WAL end (ARCHITECTURE.md,
 /// invariant 14): while the relay has read nothing (starting,

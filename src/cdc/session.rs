@@ -306,8 +306,14 @@ impl Session<'_> {
             ),
             received: pipeline.flushed(),
             progress,
+            heard: false,
             pipeline,
         };
+        // Everything before the stream's start is decoded: a relay resuming
+        // at the WAL end of an idle database may receive nothing at all
+        // (the walsender has nothing to send, not even a keepalive), and
+        // must still count as caught up.
+        s.progress.set(s.received);
         let mut batch = Vec::with_capacity(READ_BATCH);
         let mut ticker = tokio::time::interval(self.status_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -323,7 +329,7 @@ impl Session<'_> {
                     if s.pipeline.sink_failed() {
                         return Err(Error::Transient("the Kafka producer failed fatally; rebuilding it".into()));
                     }
-                    s.send_status("sending a status update").await?;
+                    s.tick_status().await?;
                 }
                 _ = report.tick() => last_report = s.report(last_report),
                 n = stream.recv_many(&mut batch, READ_BATCH), if s.pipeline.has_room() => {
@@ -382,11 +388,14 @@ struct Streaming {
     received: Lsn,
     /// `received` once applied, for the mark writer.
     progress: StreamProgress,
+    /// Whether anything arrived since the last periodic status update.
+    heard: bool,
 }
 
 impl Streaming {
     /// The standby status to send now. Every status sent is also what the
-    /// flushed LSN gauge shows; the relay never asks the server for a reply.
+    /// flushed LSN gauge shows; it asks for no reply ([`Self::tick_status`]
+    /// does).
     fn status(&self) -> StandbyStatus {
         let flushed = self.pipeline.flushed();
         metrics().flushed_lsn(flushed);
@@ -396,6 +405,23 @@ impl Streaming {
             apply: flushed,
             reply_requested: false,
         }
+    }
+
+    /// The periodic status update. When nothing arrived since the last
+    /// one, it asks the server for a reply: a keepalive carrying how far
+    /// the walsender has read. A walsender sends nothing while it skips WAL
+    /// the publication does not cover (another table's writes, the relay's
+    /// own marks), and a keepalive only when it waits for WAL; asked, it
+    /// tells where it is, and the relay's decoded position (what the mark
+    /// writer folds by) follows it rather than staying where the stream
+    /// started.
+    async fn tick_status(&mut self) -> Result<(), Error> {
+        let mut status = self.status();
+        status.reply_requested = !std::mem::take(&mut self.heard);
+        self.feedback
+            .send_status(status)
+            .await
+            .map_err(|e| replication_error("sending a status update", e))
     }
 
     async fn send_status(&self, doing: &str) -> Result<(), Error> {
@@ -412,6 +438,7 @@ impl Streaming {
         batch: &mut Vec<Result<ReplicationMessage, ReplicationError>>,
     ) -> Result<(), Error> {
         let mut server_end = Lsn::ZERO;
+        self.heard |= !batch.is_empty();
         for msg in batch.drain(..) {
             let msg = msg.map_err(|e| replication_error("reading the replication stream", e))?;
             match msg {

@@ -41,9 +41,9 @@ pub const FOLD_LAG_BYTES: u64 = 16 * 1024 * 1024;
 pub const WAL_END_SQL: &str = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8";
 
 /// Whether a relay that has decoded its stream up to `received` has room
-/// to fold while the server's WAL ends at `wal_end`: it has read something
-/// (a relay starting, reconnecting or backfilling has not, and a backlog
-/// may be waiting for it) and is within [`FOLD_LAG_BYTES`] of the end.
+/// to fold while the server's WAL ends at `wal_end`: it streams (`received`
+/// is zero while a relay starts, reconnects or backfills, and a backlog may
+/// be waiting for it) and is within [`FOLD_LAG_BYTES`] of the end.
 /// The position is the relay's own, not the walsender's: a walsender runs
 /// ahead of the relay by what the socket and the relay's read buffer hold,
 /// tens of megabytes at the end of a drain.

@@ -154,8 +154,9 @@ impl StreamProgress {
         self.0.fetch_max(lsn.0, Ordering::Relaxed);
     }
 
-    /// Where decoding stands; [`Lsn::ZERO`] until the stream delivered
-    /// anything.
+    /// Where decoding stands: [`Lsn::ZERO`] until the session streams
+    /// (while it starts or backfills), then where its stream started, then
+    /// the latest message it decoded.
     pub fn received(&self) -> Lsn {
         Lsn(self.0.load(Ordering::Relaxed))
     }
@@ -302,9 +303,9 @@ impl JournalState {
     /// Whether the relay has room to fold: it has decoded its stream to
     /// within [`journal::FOLD_LAG_BYTES`] of the server's WAL end
     /// ([`journal::room_to_fold`]; asked at most every
-    /// [`CAUGHT_UP_EVERY`]). A relay that has read nothing yet (starting,
-    /// reconnecting, backfilling) is not caught up: one that starts with a
-    /// backlog folds once it has drained it, not before.
+    /// [`CAUGHT_UP_EVERY`]). A relay that does not stream yet (starting,
+    /// reconnecting, backfilling) is not caught up, and one that starts
+    /// with a backlog folds once it has drained it, not before.
     async fn caught_up(
         &mut self,
         c: &tokio_postgres::Client,
