@@ -398,7 +398,14 @@ async fn run(
             return;
         }
         let mut fold_now = false;
-        if batch.is_empty() {
+        // What the journal holds is read at connect: a writer that has not
+        // connected yet does so at once rather than on its first mark, or
+        // a relay with nothing new to deliver would never fold what an
+        // earlier one left.
+        let unread = journal
+            .as_ref()
+            .is_some_and(|j| j.active() && j.unfolded.is_none());
+        if batch.is_empty() && !unread {
             if journal.as_ref().is_some_and(JournalState::has_unfolded) {
                 // Idle with journal entries to fold: fold unless marks come.
                 tokio::select! {
