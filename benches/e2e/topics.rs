@@ -66,30 +66,7 @@ impl Kafka {
     pub async fn create_progress_topic(&self, topic: &str) -> Result<(), BoxError> {
         let new =
             NewTopic::new(topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact");
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        for r in self.admin.create_topics([&new], &opts).await? {
-            r.map_err(|(t, e)| format!("creating topic {t}: {e}"))?;
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            // Metadata asked for by name first, as in `create_topic`.
-            let why = match self.leaders(topic, 1) {
-                Ok(()) => match tokio::task::block_in_place(|| {
-                    self.offsets
-                        .fetch_watermarks(topic, 0, Duration::from_secs(5))
-                }) {
-                    Ok(_) => return Ok(()),
-                    Err(e) => e.to_string(),
-                },
-                Err(e) => e,
-            };
-            if std::time::Instant::now() > deadline {
-                return Err(
-                    format!("topic {topic} is not usable 60 s after its creation: {why}").into(),
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.create_and_wait(new, 1).await
     }
 
     /// Creates `topic` with log-append timestamps and waits until every
@@ -97,6 +74,13 @@ impl Kafka {
     pub async fn create_topic(&self, topic: &str) -> Result<(), BoxError> {
         let new = NewTopic::new(topic, self.partitions, TopicReplication::Fixed(1))
             .set("message.timestamp.type", "LogAppendTime");
+        self.create_and_wait(new, self.partitions).await
+    }
+
+    /// Creates `new` and waits (up to 60 s) until each of its `partitions`
+    /// has a leader and answers for its offsets.
+    async fn create_and_wait(&self, new: NewTopic<'_>, partitions: i32) -> Result<(), BoxError> {
+        let topic = new.name;
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         for r in self.admin.create_topics([&new], &opts).await? {
             r.map_err(|(t, e)| format!("creating topic {t}: {e}"))?;
@@ -105,16 +89,22 @@ impl Kafka {
         loop {
             // Ask for the topic's metadata by name: librdkafka otherwise
             // may keep answering from a cache that predates the topic.
-            let why = match self.leaders(topic, self.partitions) {
-                Ok(()) => match self.end_offsets(topic) {
-                    Ok(_) => return Ok(()),
+            let why = match self.leaders(topic, partitions) {
+                Ok(()) => match tokio::task::block_in_place(|| {
+                    (0..partitions).try_for_each(|p| {
+                        self.offsets
+                            .fetch_watermarks(topic, p, Duration::from_secs(5))
+                            .map(|_| ())
+                    })
+                }) {
+                    Ok(()) => return Ok(()),
                     Err(e) => e.to_string(),
                 },
                 Err(e) => e,
             };
             if std::time::Instant::now() > deadline {
                 return Err(
-                    format!("topic {topic} has no leaders 60 s after its creation: {why}").into(),
+                    format!("topic {topic} is not usable 60 s after its creation: {why}").into(),
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
