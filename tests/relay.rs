@@ -569,18 +569,27 @@ async fn a_relay_resuming_at_the_wal_end_folds_what_an_earlier_one_journaled() {
     assert!(first.terminate().success());
     // Rows an earlier relay delivered and journaled but did not fold, and a
     // slot confirmed past all of it, as that relay would have left them.
+    // The slot is advanced in a transaction of its own: past the commit of
+    // the rows (in the same one it would stop before that commit, and the
+    // resumed relay would send the rows again and fold its own marks).
     let s = &outbox.name;
     outbox
         .client
         .batch_execute(&format!(
             "SELECT {s}.outbox_publish('acct', gen_random_uuid(), 'opened', '{{}}') FROM generate_series(1, 50); \
              INSERT INTO {s}.pgoutbox_delivered (outbox, ids, created_ats) \
-               SELECT 'outbox', array_agg(id), array_agg(created_at) FROM {s}.outbox; \
-             SELECT pg_replication_slot_advance('{slot}', pg_current_wal_lsn());",
-            slot = outbox.slot()
+               SELECT 'outbox', array_agg(id), array_agg(created_at) FROM {s}.outbox;"
         ))
         .await
-        .expect("journal rows and advance the slot");
+        .expect("journal rows");
+    outbox
+        .client
+        .execute(
+            "SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())",
+            &[&outbox.slot()],
+        )
+        .await
+        .expect("advance the slot past them");
     assert_eq!(outbox.journaled_rows().await, 50);
     let relay = outbox.start_relay();
     wait_for(

@@ -230,9 +230,16 @@ fn report_applied(
     done: &mpsc::UnboundedSender<Result<u64, String>>,
     sql: &Sql,
 ) -> Vec<Mark> {
+    let mut retry = Vec::new();
+    if unseen.is_empty() {
+        // Every row was there: the common case, without a lookup per mark.
+        for m in batch.drain(..) {
+            let _ = done.send(Ok(m.ticket));
+        }
+        return retry;
+    }
     let unseen: std::collections::HashSet<(Option<Arc<str>>, String)> =
         unseen.into_iter().collect();
-    let mut retry = Vec::new();
     for m in batch.drain(..) {
         let missing = match &m.kind {
             MarkKind::Completed(k) | MarkKind::DeadLetter(k, _) => {

@@ -117,6 +117,10 @@ impl Marker for crate::outbox::MarkWriter {
 /// The answers of a [`Marker`]: a durable ticket, or why marking stopped.
 pub type MarkVerdict = Result<u64, String>;
 
+/// How many waiting acknowledgements (and as many marks) one
+/// [`Pipeline::next`] applies after the one it waited for.
+const VERDICT_BATCH: usize = 1024;
+
 /// Where an event came from: what to mark once Kafka has its verdict.
 #[derive(Clone, Debug)]
 pub enum Source {
@@ -361,11 +365,10 @@ impl Pipeline {
                 return Ok(());
             }
         }
-        let record = match self.builder.build(&event) {
+        let record = match self.builder.build_owned(event) {
             Ok(r) => r,
-            Err(e) => {
+            Err((e, topic)) => {
                 // Counted under its topic when it has one (too large, say).
-                let topic = self.builder.topic(&event).unwrap_or_default();
                 let ticket = self.window.push(
                     0,
                     InFlight {
@@ -531,8 +534,8 @@ impl Pipeline {
         let has_commit = committing.is_some();
         tokio::select! {
             biased;
-            Some(d) = self.deliveries.recv() => { self.on_delivery(d)?; Ok(true) }
-            Some(t) = self.durable.recv() => { self.on_durable(t)?; Ok(true) }
+            Some(d) = self.deliveries.recv() => { self.on_delivery(d)?; self.drain_some()?; Ok(true) }
+            Some(t) = self.durable.recv() => { self.on_durable(t)?; self.drain_some()?; Ok(true) }
             r = async { committing.expect("guarded").await }, if has_commit => {
                 let r = r.unwrap_or_else(|e| Err(TxnFailure::Abort(format!("the commit task failed: {e}"))));
                 self.on_committed(r).await?;
@@ -544,6 +547,26 @@ impl Pipeline {
             }
             else => Ok(false),
         }
+    }
+
+    /// Applies up to [`VERDICT_BATCH`] more acknowledgements and marks that
+    /// are already waiting: verdicts come one per event, and taking each
+    /// through its own `select!` (here and in the session's loop) cost more
+    /// than handling it.
+    fn drain_some(&mut self) -> Result<(), Error> {
+        for _ in 0..VERDICT_BATCH {
+            match self.deliveries.try_recv() {
+                Ok(d) => self.on_delivery(d)?,
+                Err(_) => break,
+            }
+        }
+        for _ in 0..VERDICT_BATCH {
+            match self.durable.try_recv() {
+                Ok(t) => self.on_durable(t)?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
     }
 
     /// Applies every verdict already waiting, without blocking.

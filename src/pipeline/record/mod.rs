@@ -266,10 +266,30 @@ impl RecordBuilder {
     /// The record for `event`, or why it can never be published.
     pub fn build(&self, event: &OutboxEvent) -> Result<KafkaRecord, RecordError> {
         let record = match &self.layout {
-            Layout::Pgoutbox => self.pgoutbox(event)?,
+            Layout::Pgoutbox => self.pgoutbox(event.clone())?,
             Layout::Debezium(router) => router.build_on(event, self.topic(event)?)?,
             Layout::CloudEvents(ce) => ce.build(event, self.topic(event)?)?,
         };
+        self.within_limit(record)
+    }
+
+    /// [`build`](Self::build), taking the event: in pgoutbox's own format
+    /// its fields move into the record rather than being shared with it
+    /// (the streaming path, one event at a time). On failure, the error
+    /// and the topic the event routes to (empty when it has none).
+    pub fn build_owned(&self, event: OutboxEvent) -> Result<KafkaRecord, (RecordError, String)> {
+        if !matches!(self.layout, Layout::Pgoutbox) {
+            return self
+                .build(&event)
+                .map_err(|e| (e, self.topic(&event).unwrap_or_default()));
+        }
+        let record = self.pgoutbox(event).map_err(|e| (e, String::new()))?;
+        let topic = record.topic.clone();
+        self.within_limit(record).map_err(|e| (e, topic))
+    }
+
+    /// `record`, unless it is larger than `kafka.message_max_bytes`.
+    fn within_limit(&self, record: KafkaRecord) -> Result<KafkaRecord, RecordError> {
         let size = record.size();
         if size > self.max_bytes {
             return Err(RecordError::TooLarge {
@@ -280,30 +300,42 @@ impl RecordBuilder {
         Ok(record)
     }
 
-    /// The record in pgoutbox's own format.
-    fn pgoutbox(&self, event: &OutboxEvent) -> Result<KafkaRecord, RecordError> {
-        let topic = self.topic(event)?;
+    /// The record in pgoutbox's own format; the event's fields move into it.
+    fn pgoutbox(&self, event: OutboxEvent) -> Result<KafkaRecord, RecordError> {
+        let topic = self.topic(&event)?;
+        let trace = event.trace_context();
+        let OutboxEvent {
+            tracking_id,
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            created_at,
+            payload,
+            payload_null,
+            metadata,
+            ..
+        } = event;
+        let key = aggregate_id.clone();
         let mut headers = Vec::with_capacity(7);
         let mut push =
             |name: &'static str, value: Bytes| headers.push((Cow::Borrowed(name), Some(value)));
-        push(header::TRACKING_ID, event.tracking_id.clone());
-        push(header::AGGREGATE_TYPE, event.aggregate_type.clone());
-        push(header::AGGREGATE_ID, event.aggregate_id.clone());
-        push(header::EVENT_TYPE, event.event_type.clone());
-        push(header::CREATED_AT, event.created_at.clone());
-        let trace = event.trace_context();
+        push(header::TRACKING_ID, tracking_id);
+        push(header::AGGREGATE_TYPE, aggregate_type);
+        push(header::AGGREGATE_ID, aggregate_id);
+        push(header::EVENT_TYPE, event_type);
+        push(header::CREATED_AT, created_at);
         if let Some(tp) = trace.traceparent {
             push(header::TRACEPARENT, Bytes::from(tp));
         }
         if let Some(ts) = trace.tracestate {
             push(header::TRACESTATE, Bytes::from(ts));
         }
-        metadata_headers(event, &self.metadata_headers, &mut headers);
+        metadata_headers(metadata.as_ref(), &self.metadata_headers, &mut headers);
         Ok(KafkaRecord {
             topic,
-            key: event.aggregate_id.clone(),
-            value: event.payload.clone(),
-            tombstone: event.payload_null,
+            key,
+            value: payload,
+            tombstone: payload_null,
             headers,
             partition: None,
             timestamp: None,
@@ -311,16 +343,16 @@ impl RecordBuilder {
     }
 }
 
-/// The top-level keys of `event`'s `metadata` object that `which` selects,
+/// The top-level keys of an event's `metadata` object that `which` selects,
 /// as headers (a string as the string, anything else as its JSON text),
 /// sorted by key; never one of pgoutbox's own ([`header::RESERVED`]).
 /// Metadata that is not a JSON object adds none.
 fn metadata_headers(
-    event: &OutboxEvent,
+    metadata: Option<&Bytes>,
     which: &MetadataHeaders,
     headers: &mut Vec<(HeaderName, Option<Bytes>)>,
 ) {
-    let Some(meta) = &event.metadata else { return };
+    let Some(meta) = metadata else { return };
     if *which == MetadataHeaders::None {
         return;
     }
@@ -584,5 +616,37 @@ mod tests {
         );
         b.max_bytes = size;
         assert!(b.build(&e).is_ok());
+    }
+
+    #[test]
+    fn taking_the_event_builds_the_same_record_and_names_the_topic_of_a_refusal() {
+        let mut b = builder("{aggregate_type}.{event_type}");
+        let mut e = sample_event();
+        e.metadata = Some(Bytes::from_static(
+            br#"{"traceparent": "00-abc-def-01", "tenant": "acme"}"#,
+        ));
+        let shared = b.build(&e).unwrap();
+        assert_eq!(b.build_owned(e.clone()).unwrap(), shared);
+        let names: Vec<&str> = shared.headers.iter().map(|(k, _)| k.as_ref()).collect();
+        assert_eq!(
+            names[..6],
+            [
+                header::TRACKING_ID,
+                header::AGGREGATE_TYPE,
+                header::AGGREGATE_ID,
+                header::EVENT_TYPE,
+                header::CREATED_AT,
+                header::TRACEPARENT
+            ]
+        );
+        assert!(names.contains(&"tenant"), "{names:?}");
+        assert_eq!(shared.key, e.aggregate_id);
+        b.max_bytes = shared.size() - 1;
+        let (err, topic) = b.build_owned(e.clone()).unwrap_err();
+        assert!(matches!(err, RecordError::TooLarge { .. }), "{err}");
+        assert_eq!(topic, shared.topic);
+        e.event_type = Bytes::from_static(b"not a topic!");
+        let (_, topic) = b.build_owned(e).unwrap_err();
+        assert_eq!(topic, "", "no topic to count a refusal under");
     }
 }
