@@ -147,7 +147,7 @@ impl Changes {
             }
             LogicalMessage::Insert(ins) => {
                 let sub = ins.xid;
-                if let Some(item) = self.insert(&ins)? {
+                if let Some(item) = self.insert(ins)? {
                     self.route(sub, item, pipeline).await?;
                 }
             }
@@ -219,7 +219,7 @@ impl Changes {
     }
 
     /// The item an insert stands for, if any.
-    fn insert(&self, ins: &Insert) -> Result<Option<Item>, Error> {
+    fn insert(&self, mut ins: Insert) -> Result<Option<Item>, Error> {
         let cols = self.relations.get(&ins.relation_id).ok_or_else(|| {
             Error::Fatal(format!(
                 "Insert for relation {} before its Relation message",
@@ -231,7 +231,14 @@ impl Changes {
             return Ok(None);
         }
         let key = cols.row_key(&ins.new);
-        Ok(Some(match (cols.event(&ins.new), key) {
+        // With a key, an unreadable row is dead-lettered by its key alone,
+        // so the event may take the tuple's values; without one, the dead
+        // letter holds the row's text.
+        let event = match key {
+            Some(_) => cols.take_event(&mut ins.new),
+            None => cols.event(&ins.new),
+        };
+        Ok(Some(match (event, key) {
             (Ok(event), Some(key)) => Item::Event(event, Source::Row(key)),
             (Ok(event), None) => {
                 let source = Source::Unmarked {

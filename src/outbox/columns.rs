@@ -33,6 +33,9 @@ pub struct OutboxColumns {
     bytea_payload: bool,
     /// [`super::RowKey::table`] of its rows (`None`: the relay's own table).
     key_table: Option<std::sync::Arc<str>>,
+    /// Some column fills more than one field of the event, so reading one
+    /// cannot take its values out of the tuple.
+    shared: bool,
 }
 
 /// Why a row could not be read as an outbox event.
@@ -96,12 +99,24 @@ impl OutboxColumns {
         let bytea_payload = roles[payload_index()]
             .as_ref()
             .is_some_and(|(at, _)| relation.columns[*at].type_oid == BYTEA_OID);
+        let id = find("id").filter(|&i| INTEGER_OIDS.contains(&relation.columns[i].type_oid));
+        let mut read: Vec<usize> = roles
+            .iter()
+            .flatten()
+            .map(|(at, _)| *at)
+            .chain(id)
+            .chain(additional.iter().copied())
+            .collect();
+        let fields = read.len();
+        read.sort_unstable();
+        read.dedup();
         Ok(OutboxColumns {
             table: Bytes::copy_from_slice(relation.name.as_bytes()),
             qualified,
             roles,
             additional,
-            id: find("id").filter(|&i| INTEGER_OIDS.contains(&relation.columns[i].type_oid)),
+            shared: read.len() < fields,
+            id,
             created_at: find("created_at"),
             status: find("status"),
             bytea_payload,
@@ -143,12 +158,12 @@ impl OutboxColumns {
 
     /// The role's value: an error for a NULL essential role, empty for
     /// another NULL role or an absent optional one.
-    fn role(&self, tuple: &Tuple, role: Role) -> Result<Option<Bytes>, ColumnError> {
+    fn role(&self, read: &mut Read<'_>, role: Role) -> Result<Option<Bytes>, ColumnError> {
         let Some((at, name)) = &self.roles[Role::ALL.iter().position(|r| *r == role).unwrap_or(0)]
         else {
             return Ok(None);
         };
-        match text(tuple, *at, name) {
+        match read(*at, name) {
             Ok(b) => Ok(Some(b)),
             Err(ColumnError::NotText { kind: "NULL", .. }) if role.may_be_null() => Ok(None),
             Err(e) => Err(e),
@@ -157,8 +172,28 @@ impl OutboxColumns {
 
     /// Reads the event from an inserted row.
     pub fn event(&self, tuple: &Tuple) -> Result<OutboxEvent, ColumnError> {
-        let value = |role| self.role(tuple, role).map(Option::unwrap_or_default);
-        let payload_text = self.role(tuple, Role::Payload)?;
+        self.read_event(&mut |i, column| text(tuple, i, column))
+    }
+
+    /// [`event`](Self::event), taking the values out of `tuple` (left
+    /// `NULL`) instead of sharing them, unless a column fills more than
+    /// one field. After an error the tuple may have lost values.
+    pub fn take_event(&self, tuple: &mut Tuple) -> Result<OutboxEvent, ColumnError> {
+        if self.shared {
+            return self.event(tuple);
+        }
+        self.read_event(&mut |i, column| match tuple.0.get_mut(i) {
+            Some(v @ TupleValue::Text(_)) => match std::mem::replace(v, TupleValue::Null) {
+                TupleValue::Text(b) => Ok(b),
+                _ => unreachable!("matched as text above"),
+            },
+            _ => text(tuple, i, column),
+        })
+    }
+
+    /// The event, each column's text read through `read`.
+    fn read_event(&self, read: &mut Read<'_>) -> Result<OutboxEvent, ColumnError> {
+        let payload_text = self.role(read, Role::Payload)?;
         let payload_null = payload_text.is_none();
         let mut payload = payload_text.unwrap_or_default();
         if self.bytea_payload {
@@ -170,28 +205,26 @@ impl OutboxColumns {
                 kind: "not bytea text",
             })?;
         }
+        let value =
+            |read: &mut Read<'_>, role| self.role(read, role).map(Option::unwrap_or_default);
+        let created_at = value(read, Role::Timestamp)?;
+        let tracking_id = value(read, Role::EventId)?;
+        let aggregate_id = value(read, Role::AggregateId)?;
+        let aggregate_type = value(read, Role::AggregateType)?;
+        let event_type = value(read, Role::EventType)?;
+        let metadata = self.role(read, Role::TraceContext)?;
         Ok(OutboxEvent {
             table: self.table.clone(),
-            id: self
-                .id
-                .and_then(|i| text(tuple, i, "id").ok())
-                .unwrap_or_default(),
-            created_at: value(Role::Timestamp)?,
-            tracking_id: value(Role::EventId)?,
-            aggregate_id: value(Role::AggregateId)?,
-            aggregate_type: value(Role::AggregateType)?,
-            event_type: value(Role::EventType)?,
+            id: self.id.and_then(|i| read(i, "id").ok()).unwrap_or_default(),
+            created_at,
+            tracking_id,
+            aggregate_id,
+            aggregate_type,
+            event_type,
             payload,
             payload_null,
-            metadata: self.role(tuple, Role::TraceContext)?,
-            additional: self
-                .additional
-                .iter()
-                .map(|&i| match tuple.0.get(i) {
-                    Some(TupleValue::Text(b)) => Some(b.clone()),
-                    _ => None,
-                })
-                .collect(),
+            metadata,
+            additional: self.additional.iter().map(|&i| read(i, "").ok()).collect(),
         })
     }
 
@@ -218,6 +251,10 @@ fn payload_index() -> usize {
         .position(|r| *r == Role::Payload)
         .unwrap_or(0)
 }
+
+/// How [`OutboxColumns::read_event`] gets the text of column `index`
+/// (named `column` in errors).
+type Read<'a> = dyn FnMut(usize, &str) -> Result<Bytes, ColumnError> + 'a;
 
 fn text(tuple: &Tuple, index: usize, column: &str) -> Result<Bytes, ColumnError> {
     let not_text = |kind| ColumnError::NotText {
@@ -350,6 +387,50 @@ mod tests {
         assert!(cols.row_key(&t).is_some());
         let short = tuple(&[Some("1")]);
         assert!(matches!(cols.event(&short), Err(ColumnError::Short { .. })));
+    }
+
+    #[test]
+    fn taking_the_event_reads_what_sharing_does_and_leaves_shared_columns() {
+        let row = [
+            Some("1"),
+            Some("t"),
+            Some("a"),
+            Some("A"),
+            Some("e"),
+            Some("{}"),
+            Some("{\"k\":1}"),
+            Some("PENDING"),
+            Some("c"),
+        ];
+        let cols =
+            OutboxColumns::from_relation(&relation(COLS), &ColumnMap::pgoutbox(), HOME).unwrap();
+        let mut t = tuple(&row);
+        let shared = cols.event(&t).unwrap();
+        assert_eq!(cols.take_event(&mut t).unwrap(), shared);
+        let left: Vec<_> =
+            t.0.iter()
+                .map(|v| matches!(v, TupleValue::Text(_)))
+                .collect();
+        assert_eq!(
+            left,
+            [false, false, false, false, false, false, false, true, false],
+            "every value the event holds was taken; status stays"
+        );
+        // The aggregate id doubling as the event type: both fields read it.
+        let map = crate::config::ColumnsConfig {
+            event_type: Some("aggregate_id".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let cols = OutboxColumns::from_relation(&relation(COLS), &map, HOME).unwrap();
+        let mut t = tuple(&row);
+        let e = cols.take_event(&mut t).unwrap();
+        assert_eq!(
+            (&e.aggregate_id[..], &e.event_type[..]),
+            (&b"a"[..], &b"a"[..])
+        );
+        assert_eq!(e, cols.event(&tuple(&row)).unwrap());
     }
 
     #[test]
