@@ -22,18 +22,22 @@ impl Pipeline {
             return Ok(());
         }
         debug_assert!(t.committing.is_none(), "offered while a commit runs");
-        if let Err(e) = self.sink.begin_transaction() {
-            return Err(transaction_error("beginning a Kafka transaction", e));
-        }
         let opened = t
             .held_since
             .take()
             .unwrap_or_else(tokio::time::Instant::now);
-        t.open = Some(OpenTxn {
+        let open = OpenTxn {
             opened,
             tickets: Vec::new(),
             rows: Vec::new(),
-        });
+        };
+        // What the last commit recorded, again: the commit of this one
+        // supersedes it in the same transaction.
+        let progress = progress_record(t, &open);
+        if let Err(e) = self.sink.begin_transaction(progress) {
+            return Err(transaction_error("beginning a Kafka transaction", e));
+        }
+        t.open = Some(open);
         Ok(())
     }
 
@@ -92,20 +96,10 @@ impl Pipeline {
         let Some(t) = &mut self.eos else { return };
         let Some(open) = t.open.take() else { return };
         t.reached = t.reached.max(t.offered);
-        let record = t.record(&open);
+        let progress = progress_record(t, &open);
         if let Some((_, rows)) = &mut t.backfill {
             *rows += open.rows.len() as u64;
         }
-        let value = serde_json::to_vec(&record).unwrap_or_default();
-        let progress = KafkaRecord {
-            topic: t.start.topic.clone(),
-            key: Bytes::from(t.start.key.clone().into_bytes()),
-            value: Bytes::from(value),
-            tombstone: false,
-            headers: Vec::new(),
-            partition: None,
-            timestamp: None,
-        };
         let future = self.sink.commit_transaction(progress);
         t.committing = Some(Committing {
             started: tokio::time::Instant::now(),
@@ -213,6 +207,20 @@ impl Pipeline {
                 why,
             )),
         }
+    }
+}
+
+/// The progress record a commit of `open` writes, as a Kafka record.
+fn progress_record(t: &exactly_once::Transactions, open: &OpenTxn) -> KafkaRecord {
+    let value = serde_json::to_vec(&t.record(open)).unwrap_or_default();
+    KafkaRecord {
+        topic: t.start.topic.clone(),
+        key: Bytes::from(t.start.key.clone().into_bytes()),
+        value: Bytes::from(value),
+        tombstone: false,
+        headers: Vec::new(),
+        partition: None,
+        timestamp: None,
     }
 }
 

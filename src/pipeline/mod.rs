@@ -84,8 +84,12 @@ pub trait RecordSink: Send + Sync {
     /// Waits up to `timeout` for everything enqueued to be delivered.
     fn flush(&self, timeout: Duration) -> bool;
     /// Exactly-once: opens a Kafka transaction (local; records sent until
-    /// the commit belong to it).
-    fn begin_transaction(&self) -> Result<(), TxnFailure> {
+    /// the commit belong to it) and sends `progress` in it at once, so
+    /// that the progress topic's partition joins the transaction with the
+    /// first records' partitions rather than in a round trip of its own
+    /// at commit; the progress record the commit sends supersedes it.
+    fn begin_transaction(&self, progress: KafkaRecord) -> Result<(), TxnFailure> {
+        let _ = progress;
         Err(TxnFailure::Fatal("this sink has no transactions".into()))
     }
     /// Exactly-once: sends `progress` in the open transaction and commits

@@ -26,6 +26,8 @@ pub(crate) struct FakeSink {
     auto_ack: Option<mpsc::UnboundedSender<Delivery>>,
     /// Transactions: "begin", and the progress record of each commit.
     transactions: Shared<Vec<Option<KafkaRecord>>>,
+    /// The progress record each transaction was opened with.
+    opened_with: Shared<Vec<KafkaRecord>>,
     /// Outcomes of the next commits (`Ok` when none is queued).
     commit_outcomes: Shared<VecDeque<Result<(), TxnFailure>>>,
     /// How long each commit takes.
@@ -55,7 +57,8 @@ impl RecordSink for FakeSink {
         true
     }
 
-    fn begin_transaction(&self) -> Result<(), TxnFailure> {
+    fn begin_transaction(&self, progress: KafkaRecord) -> Result<(), TxnFailure> {
+        self.opened_with.lock().unwrap().push(progress);
         self.transactions.lock().unwrap().push(None);
         Ok(())
     }
@@ -106,6 +109,7 @@ pub(crate) struct Rig {
     acks: mpsc::UnboundedSender<Delivery>,
     durable: mpsc::UnboundedSender<MarkVerdict>,
     transactions: Shared<Vec<Option<KafkaRecord>>>,
+    opened_with: Shared<Vec<KafkaRecord>>,
     commit_outcomes: Shared<VecDeque<Result<(), TxnFailure>>>,
     commit_time: Shared<Duration>,
 }
@@ -144,6 +148,7 @@ impl Rig {
         let (acks, deliveries) = mpsc::unbounded_channel();
         let (durable, verdicts) = mpsc::unbounded_channel();
         let transactions = Shared::default();
+        let opened_with = Shared::default();
         let commit_outcomes = Shared::default();
         let commit_time = Shared::default();
         let sink = FakeSink {
@@ -151,6 +156,7 @@ impl Rig {
             refusals: refusals.clone(),
             auto_ack: options.instant.then(|| acks.clone()),
             transactions: Arc::clone(&transactions),
+            opened_with: Arc::clone(&opened_with),
             commit_outcomes: Arc::clone(&commit_outcomes),
             commit_time: Arc::clone(&commit_time),
         };
@@ -181,6 +187,7 @@ impl Rig {
             acks,
             durable,
             transactions,
+            opened_with,
             commit_outcomes,
             commit_time,
         }
@@ -197,6 +204,11 @@ impl Rig {
     /// Begins (`None`) and the progress record of each commit, in order.
     pub fn transactions(&self) -> Vec<Option<KafkaRecord>> {
         self.transactions.lock().unwrap().clone()
+    }
+
+    /// The progress record each transaction was opened with, in order.
+    pub fn opened_with(&self) -> Vec<KafkaRecord> {
+        self.opened_with.lock().unwrap().clone()
     }
 
     /// Every commit from now on takes `time` before it ends.

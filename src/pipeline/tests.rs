@@ -313,6 +313,39 @@ mod exactly_once {
     }
 
     #[tokio::test]
+    async fn each_transaction_opens_with_the_progress_already_committed() {
+        let mut r = rig(None);
+        let a = r.pipeline.begin(Lsn(500));
+        r.pipeline.offer(a, event(1, "x"), row(1)).await.unwrap();
+        r.pipeline.offer(a, event(2, "y"), row(2)).await.unwrap();
+        r.pipeline.commit(a, Lsn(600));
+        r.ack(0);
+        r.ack(1);
+        r.pipeline.commit_now();
+        run_for(&mut r, 50).await.unwrap();
+        let b = r.pipeline.begin(Lsn(700));
+        r.pipeline.offer(b, event(3, "x"), row(3)).await.unwrap();
+        let opened: Vec<ProgressRecord> = r
+            .opened_with()
+            .iter()
+            .map(|p| ProgressRecord::parse(&p.value).expect("a progress record"))
+            .collect();
+        assert_eq!(opened.len(), 2, "one per transaction");
+        assert_eq!(
+            opened[0].position(),
+            None,
+            "nothing committed before the first"
+        );
+        let committed = record(&r, 0);
+        assert_eq!(opened[1].position(), committed.position());
+        assert_eq!(
+            opened[1].rows, committed.rows,
+            "rows whose marks are not durable yet are listed again"
+        );
+        assert_eq!(r.opened_with()[1].topic, "progress");
+    }
+
+    #[tokio::test]
     async fn replayed_events_kafka_has_are_skipped_but_still_marked() {
         let mut r = rig(Some((500, 0, vec![1])));
         let a = r.pipeline.begin(Lsn(500));

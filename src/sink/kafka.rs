@@ -538,8 +538,8 @@ impl RecordSink for Sink {
         Sink::flush(self, timeout)
     }
 
-    fn begin_transaction(&self) -> Result<(), crate::pipeline::TxnFailure> {
-        Sink::begin_transaction(self)
+    fn begin_transaction(&self, progress: KafkaRecord) -> Result<(), crate::pipeline::TxnFailure> {
+        Sink::begin_transaction(self, progress)
     }
 
     fn commit_transaction(&self, progress: KafkaRecord) -> CommitFuture {

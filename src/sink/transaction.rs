@@ -94,11 +94,27 @@ impl Sink {
         })
     }
 
-    /// Opens a transaction (local to the producer).
-    pub fn begin_transaction(&self) -> Result<(), TxnFailure> {
+    /// Opens a transaction (local to the producer) and enqueues `progress`
+    /// in it: the progress partition is then registered with the
+    /// transaction together with the first records' partitions (one
+    /// `AddPartitionsToTxn` per transaction instead of a second one at
+    /// commit, which the commit waited for). Its value is the position
+    /// already committed, and the commit's own progress record comes later
+    /// in the same transaction, so readers (the latest record per key)
+    /// never see it alone. Not enqueued when the producer's queue is
+    /// full: the commit's record registers the partition then.
+    pub fn begin_transaction(&self, progress: KafkaRecord) -> Result<(), TxnFailure> {
         self.producer
             .begin_transaction()
-            .map_err(|e| failure("beginning a Kafka transaction", &e))
+            .map_err(|e| failure("beginning a Kafka transaction", &e))?;
+        let record =
+            rdkafka::producer::BaseRecord::with_opaque_to(&progress.topic, PROGRESS_TICKET)
+                .key(&progress.key[..])
+                .payload(&progress.value[..]);
+        if let Err((e, _)) = self.producer.send(record) {
+            tracing::debug!(error = %e, "progress record not sent at the transaction's start; the commit sends it");
+        }
+        Ok(())
     }
 
     /// Sends `progress` in the open transaction and commits it, off the
