@@ -80,6 +80,32 @@ fn decode(c: &mut Criterion) {
         })
     });
     group.finish();
+
+    // One event as the e2e benchmark writes it (a traced application's:
+    // `metadata` holds a traceparent), built into its Kafka record.
+    let mut group = c.benchmark_group("record");
+    group.throughput(Throughput::Elements(1));
+    let event = pgoutbox::outbox::OutboxEvent {
+        table: Bytes::from_static(b"outbox"),
+        id: Bytes::from_static(b"1234567"),
+        created_at: Bytes::from_static(b"2026-12-04 19:20:00.123456+00"),
+        tracking_id: Bytes::from_static(b"7d1f4b52-9a3e-4c1b-8f0e-2b6a5c9d0e11"),
+        aggregate_id: Bytes::from_static(b"0b7f5e4c-1d2a-4e3b-9c8d-7f6e5d4c3b2a"),
+        aggregate_type: Bytes::from_static(b"BenchOrder"),
+        event_type: Bytes::from_static(b"OrderPlaced"),
+        payload: Bytes::from_static(
+            br#"{"t_us": 1764876000123456, "items": [{"qty": 2, "sku": "SKU-01234", "price_cents": 4321}], "status": "PLACED", "currency": "EUR", "order_id": "5c0e8a7b-2f4d-4b6a-9e1c-3d2f1a0b9c8d", "total_cents": 8642}"#,
+        ),
+        payload_null: false,
+        metadata: Some(Bytes::from_static(
+            br#"{"traceparent": "00-5f2b8c1d9e3a4f6b7c8d9e0f1a2b3c4d-1a2b3c4d5e6f7a8b-01"}"#,
+        )),
+        additional: Vec::new(),
+    };
+    group.bench_function("build_traced_event", |b| {
+        b.iter(|| std::hint::black_box(builder.build_owned(event.clone()).expect("record")))
+    });
+    group.finish();
 }
 
 criterion_group!(benches, decode);

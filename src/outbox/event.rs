@@ -178,6 +178,45 @@ impl OutboxEvent {
     }
 }
 
+impl TraceContext {
+    /// Takes the trace context out of a metadata object already parsed
+    /// (its `traceparent`, `tracestate` and `traceContext` entries): the
+    /// answer [`OutboxEvent::trace_context`] gives for the same text, so
+    /// that a record builder that reads the object for its headers anyway
+    /// parses it once. A `traceparent`, `tracestate` or `traceContext` of
+    /// the wrong JSON type means no trace context, as there.
+    pub fn take_from(object: &mut serde_json::Map<String, serde_json::Value>) -> TraceContext {
+        use serde_json::{Map, Value};
+        /// `Ok(None)` for absent or null, `Err` for a value that is not text.
+        fn text(object: &mut Map<String, Value>, key: &str) -> Result<Option<String>, ()> {
+            match object.remove(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s)),
+                Some(_) => Err(()),
+            }
+        }
+        let mut read = || -> Result<TraceContext, ()> {
+            let top = TraceContext {
+                traceparent: text(object, "traceparent")?,
+                tracestate: text(object, "tracestate")?,
+            };
+            let nested = match object.remove("traceContext") {
+                None | Some(Value::Null) => None,
+                Some(Value::Object(mut inner)) => Some(TraceContext {
+                    traceparent: text(&mut inner, "traceparent")?,
+                    tracestate: text(&mut inner, "tracestate")?,
+                }),
+                Some(_) => return Err(()),
+            };
+            Ok(match nested {
+                Some(inner) if top == TraceContext::default() => inner,
+                _ => top,
+            })
+        };
+        read().unwrap_or_default()
+    }
+}
+
 /// `traceparent` / `tracestate` from `java.util.Properties` text: one
 /// `key=value` (or `key: value`) per line, `#` and `!` comment lines.
 fn properties_trace_context(text: &[u8]) -> TraceContext {
@@ -235,6 +274,36 @@ pub(crate) fn sample_event() -> OutboxEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parsed_object_gives_the_same_trace_context_as_the_text() {
+        let cases: [&[u8]; 12] = [
+            br#"{"traceparent": "00-a-b-01"}"#,
+            br#"{"traceparent": "00-a-b-01", "tracestate": "k=v", "tenant": "x"}"#,
+            br#"{"tracestate": "k=v"}"#,
+            br#"{"traceContext": {"traceparent": "00-n-b-01", "tracestate": "n=1"}}"#,
+            br#"{"traceparent": "00-top-b-01", "traceContext": {"traceparent": "00-n-b-01"}}"#,
+            br#"{"traceparent": null, "traceContext": {"traceparent": "00-n-b-01"}}"#,
+            br#"{"traceparent": 5}"#,
+            br#"{"tracestate": ["k"]}"#,
+            br#"{"traceContext": "00-a-b-01"}"#,
+            br#"{"traceContext": {"traceparent": 7}, "traceparent": "00-a-b-01"}"#,
+            br#"{"traceContext": null, "tracestate": "k=v"}"#,
+            br#"{"other": {"traceparent": "00-a-b-01"}}"#,
+        ];
+        let mut e = sample_event();
+        for text in cases {
+            e.metadata = Some(Bytes::from_static(text));
+            let mut object: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(text).unwrap();
+            assert_eq!(
+                TraceContext::take_from(&mut object),
+                e.trace_context(),
+                "{}",
+                String::from_utf8_lossy(text)
+            );
+        }
+    }
 
     #[test]
     fn trace_context_comes_from_metadata() {

@@ -35,7 +35,7 @@ use crate::config::{
     ColumnMap, ConfigError, KafkaConfig, MetadataHeaders, RecordFormat, TopicError, TopicField,
     TopicTemplate,
 };
-use crate::outbox::OutboxEvent;
+use crate::outbox::{OutboxEvent, TraceContext};
 
 /// Kafka header names set on records.
 pub mod header {
@@ -303,7 +303,16 @@ impl RecordBuilder {
     /// The record in pgoutbox's own format; the event's fields move into it.
     fn pgoutbox(&self, event: OutboxEvent) -> Result<KafkaRecord, RecordError> {
         let topic = self.topic(&event)?;
-        let trace = event.trace_context();
+        // One parse of the metadata serves the trace context and the
+        // headers taken from it (each event of a traced application has
+        // both).
+        let mut object = metadata_object(event.metadata.as_ref(), &self.metadata_headers);
+        let trace = match &mut object {
+            // Its trace entries are reserved names: never headers of
+            // their own, so they may leave the object.
+            Some(map) => TraceContext::take_from(map),
+            None => event.trace_context(),
+        };
         let OutboxEvent {
             tracking_id,
             aggregate_type,
@@ -312,7 +321,6 @@ impl RecordBuilder {
             created_at,
             payload,
             payload_null,
-            metadata,
             ..
         } = event;
         let key = aggregate_id.clone();
@@ -330,7 +338,9 @@ impl RecordBuilder {
         if let Some(ts) = trace.tracestate {
             push(header::TRACESTATE, Bytes::from(ts));
         }
-        metadata_headers(metadata.as_ref(), &self.metadata_headers, &mut headers);
+        if let Some(map) = object {
+            metadata_headers(map, &self.metadata_headers, &mut headers);
+        }
         Ok(KafkaRecord {
             topic,
             key,
@@ -343,27 +353,34 @@ impl RecordBuilder {
     }
 }
 
-/// The top-level keys of an event's `metadata` object that `which` selects,
-/// as headers (a string as the string, anything else as its JSON text),
-/// sorted by key; never one of pgoutbox's own ([`header::RESERVED`]).
-/// Metadata that is not a JSON object adds none.
-fn metadata_headers(
+/// An event's `metadata` as a JSON object, when `which` takes headers
+/// from it and it is a non-empty object; `None` otherwise (and for text
+/// that is not JSON).
+fn metadata_object(
     metadata: Option<&Bytes>,
     which: &MetadataHeaders,
-    headers: &mut Vec<(HeaderName, Option<Bytes>)>,
-) {
-    let Some(meta) = metadata else { return };
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let meta = metadata?;
     if *which == MetadataHeaders::None {
-        return;
+        return None;
     }
     let body = meta.trim_ascii();
     if body.first() != Some(&b'{') || body == b"{}" {
-        return;
+        return None;
     }
-    let Ok(map) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) else {
-        return;
-    };
-    for (key, value) in map {
+    serde_json::from_slice(body).ok()
+}
+
+/// The top-level keys of an event's `metadata` object that `which` selects,
+/// as headers (a string as the string, anything else as its JSON text),
+/// sorted by key; never one of pgoutbox's own ([`header::RESERVED`]).
+/// Metadata that is not a JSON object adds none (see [`metadata_object`]).
+fn metadata_headers(
+    object: serde_json::Map<String, serde_json::Value>,
+    which: &MetadataHeaders,
+    headers: &mut Vec<(HeaderName, Option<Bytes>)>,
+) {
+    for (key, value) in object {
         if header::RESERVED.contains(&key.as_str()) || !which.includes(&key) {
             continue;
         }
