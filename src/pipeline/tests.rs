@@ -282,15 +282,21 @@ mod exactly_once {
         ProgressRecord::parse(&commits[n].value).expect("a progress record")
     }
 
-    #[tokio::test]
-    async fn rows_are_marked_only_after_the_commit_and_confirmed_after_their_marks() {
-        let mut r = rig(None);
+    /// Rows 1 and 2 in a transaction committing at 500 (ending at 600),
+    /// both acknowledged by Kafka (tickets 0 and 1), no Kafka commit yet.
+    async fn two_acked_rows(r: &mut Rig) {
         let a = r.pipeline.begin(Lsn(500));
         r.pipeline.offer(a, event(1, "x"), row(1)).await.unwrap();
         r.pipeline.offer(a, event(2, "y"), row(2)).await.unwrap();
         r.pipeline.commit(a, Lsn(600));
         r.ack(0);
         r.ack(1);
+    }
+
+    #[tokio::test]
+    async fn rows_are_marked_only_after_the_commit_and_confirmed_after_their_marks() {
+        let mut r = rig(None);
+        two_acked_rows(&mut r).await;
         run_for(&mut r, 50).await.unwrap();
         assert!(r.marks().is_empty(), "acked is not committed");
         assert_eq!(r.pipeline.flushed(), Lsn(100));
@@ -315,12 +321,7 @@ mod exactly_once {
     #[tokio::test]
     async fn each_transaction_opens_with_the_progress_already_committed() {
         let mut r = rig(None);
-        let a = r.pipeline.begin(Lsn(500));
-        r.pipeline.offer(a, event(1, "x"), row(1)).await.unwrap();
-        r.pipeline.offer(a, event(2, "y"), row(2)).await.unwrap();
-        r.pipeline.commit(a, Lsn(600));
-        r.ack(0);
-        r.ack(1);
+        two_acked_rows(&mut r).await;
         r.pipeline.commit_now();
         run_for(&mut r, 50).await.unwrap();
         let b = r.pipeline.begin(Lsn(700));
