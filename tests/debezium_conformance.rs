@@ -708,7 +708,7 @@ impl Scenario {
             rest_port: 18090 + n,
         };
         // A worker an earlier (killed) run left in this state dir.
-        let _ = sc.debezium(&["stop"], Duration::from_secs(90));
+        let _ = sc.debezium(&["stop"], Duration::from_secs(180));
         for slot in [sc.pgo_slot(), sc.dbz_slot()] {
             sc.drop_slot_when_idle(&slot).await;
         }
@@ -1390,7 +1390,7 @@ async fn conformance(name: &str, n: u16, converter: Converter, options: Options)
     };
     let read_in = t_read.elapsed();
 
-    let out = sc.debezium(&["stop"], Duration::from_secs(90));
+    let out = sc.debezium(&["stop"], Duration::from_secs(180));
     assert!(
         out.status.success(),
         "scripts/debezium stop failed:\n{}",

@@ -313,6 +313,19 @@ impl Scenario {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// The JVM's thread dump `scripts/debezium stop` asked for when the
+    /// worker was slow to stop (the first 150 lines), or why there is none.
+    fn thread_dump(&self) -> String {
+        let text = std::fs::read_to_string(self.state.join("connect.out")).unwrap_or_default();
+        match text.rfind("Full thread dump") {
+            Some(at) => {
+                let dump: Vec<&str> = text[at..].lines().take(150).collect();
+                dump.join("\n")
+            }
+            None => "no thread dump in connect.out".to_owned(),
+        }
+    }
+
     /// Starts Debezium (RUNNING) and waits until its slot exists and is
     /// streaming; returns how long that took.
     async fn start_debezium(&self) -> Duration {
@@ -348,7 +361,9 @@ impl Scenario {
         let t0 = Instant::now();
         match how {
             Stop::Clean => {
-                let out = self.debezium(&["stop"], Duration::from_secs(90));
+                // scripts/debezium waits up to 120 s (Debezium's own
+                // shutdown allows its streaming thread 90 s).
+                let out = self.debezium(&["stop"], Duration::from_secs(180));
                 assert!(
                     out.status.success(),
                     "scripts/debezium stop failed:\n{}",
@@ -357,8 +372,14 @@ impl Scenario {
                 let said = String::from_utf8_lossy(&out.stderr);
                 assert!(
                     !said.contains("SIGKILL"),
-                    "Debezium did not stop on SIGTERM: {said}"
+                    "Debezium did not stop on SIGTERM: {said}\n--- connect.log:\n{}\n--- {}",
+                    self.debezium_log(40),
+                    self.thread_dump()
                 );
+                if said.contains("thread dump") {
+                    // Slow but clean: say so, with where it waited.
+                    eprintln!("{said}--- {}", self.thread_dump());
+                }
             }
             Stop::Kill => {
                 let pid = self.debezium_pid();
