@@ -370,6 +370,13 @@ async fn sigkill_mid_stream_loses_nothing_and_resends_only_unconfirmed_events() 
         .push(("OUTBOX_MARK_COMPLETED".into(), "false".into()));
     let probe = CommitLog::start(&outbox).await;
     let relay = outbox.start_relay();
+    // Streaming before the writer starts: rows written while the relay
+    // still made its slot would be backfilled, and a relay killed during
+    // its first backfill redoes it (not what this test is about).
+    let warm = outbox
+        .publish("Warm", Uuid::new_v4(), "Warm", &json!({}))
+        .await;
+    read_until_all(vec![outbox.topic("Warm")], vec![warm], DEADLINE).await;
     let schema = outbox.name.clone();
     // Writer: transactions of 10 events, recording each transaction's xid.
     let writer = tokio::spawn(async move {
