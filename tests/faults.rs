@@ -172,6 +172,26 @@ async fn postgres_restart_mid_stream(mode: &str) {
     assert_eq!(missing, 0, "no event lost across a {mode} restart");
     let dups = counts.values().filter(|&&n| n > 1).count();
     eprintln!("pg restart {mode}: {} events, {dups} re-sent", ids.len());
+    // Every row Kafka has ends delivered in the table's eyes: no mark the
+    // relay counted (and confirmed the slot past) was lost in the restart
+    // (ARCHITECTURE.md, invariant 15).
+    let journal = pgoutbox::outbox::journal::Journal::new(&outbox.name, "outbox");
+    let undelivered_sql = format!(
+        "SELECT count(*) FROM {}.outbox AS o WHERE o.status <> 'COMPLETED' AND {}",
+        outbox.name,
+        journal.undelivered("o")
+    );
+    // (The scenario's own client died with the restart.)
+    let client = common::harness::connect().await;
+    wait_for(
+        "every relayed row delivered in the table",
+        DEADLINE,
+        || async {
+            let n: i64 = client.query_one(&undelivered_sql, &[]).await.ok()?.get(0);
+            (n == 0).then_some(())
+        },
+    )
+    .await;
     let mut relay = relay;
     assert!(
         relay.running(),
@@ -188,4 +208,128 @@ async fn postgres_fast_restart_mid_stream_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_immediate_restart_mid_stream_loses_nothing() {
     postgres_restart_mid_stream("immediate").await;
+}
+
+/// Holds the server's WAL writer off (`wal_writer_delay`) while alive, and
+/// resets it when dropped, even if the test panics half-way.
+struct WalWriterHeldOff;
+
+/// `ALTER SYSTEM` `change` of `wal_writer_delay` (needs superuser), then a
+/// reload.
+async fn alter_wal_writer_delay(change: &str) {
+    let client = common::harness::connect().await;
+    for sql in [
+        format!("ALTER SYSTEM {change}"),
+        "SELECT pg_reload_conf()".to_owned(),
+    ] {
+        client
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+}
+
+impl WalWriterHeldOff {
+    async fn set() -> WalWriterHeldOff {
+        alter_wal_writer_delay("SET wal_writer_delay = '10s'").await;
+        WalWriterHeldOff
+    }
+}
+
+impl Drop for WalWriterHeldOff {
+    fn drop(&mut self) {
+        // A runtime of its own: Drop cannot await the test's.
+        let _ = std::thread::spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(alter_wal_writer_delay("RESET wal_writer_delay"));
+        })
+        .join();
+    }
+}
+
+/// A mark reported durable survives a crash of PostgreSQL right after the
+/// report (ARCHITECTURE.md, invariant 15). The mark writer commits without
+/// waiting for the WAL flush; with the server's WAL writer held off and
+/// nothing else committing, nothing but the writer's own wait for the flush
+/// (here: the synchronous commit it makes when no one else flushes in time)
+/// puts the journal entry on disk before the report. The crash then finds
+/// the row delivered; had the writer reported at its commit, the entry would
+/// be lost with the row still `PENDING` while the relay had moved on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mark_reported_durable_survives_a_crash_right_after() {
+    use pgoutbox::outbox::{Batching, Mark, MarkKind, MarkWriter, RowKey};
+
+    let _serial = SERIAL.lock().await;
+    let outbox = TestOutbox::new("fault_mark_flush").await;
+    let schema = outbox.name.clone();
+    let held_off = WalWriterHeldOff::set().await;
+    let row = outbox
+        .client
+        .query_one(
+            &format!(
+                "INSERT INTO {schema}.outbox (aggregate_id, aggregate_type, event_type, payload) \
+                 VALUES (gen_random_uuid(), 'acct', 'opened', '{{}}') RETURNING id, created_at::text"
+            ),
+            &[],
+        )
+        .await
+        .expect("insert a row");
+    let (id, created_at): (i64, String) = (row.get(0), row.get(1));
+    let settings =
+        common::harness::database_settings(&common::services().database_url).expect("settings");
+    let (writer, mut done) = MarkWriter::spawn(
+        settings,
+        &schema,
+        "outbox",
+        Batching {
+            size: 100,
+            linger: Duration::ZERO,
+        },
+        pgoutbox::config::MarkWith::Journal,
+        None,
+    );
+    assert!(writer.mark(Mark {
+        ticket: 7,
+        kind: MarkKind::Completed(RowKey {
+            table: None,
+            id: id.to_string().into(),
+            created_at: created_at.into(),
+        }),
+    }));
+    let reported = tokio::time::timeout(DEADLINE, done.recv())
+        .await
+        .expect("the mark reported in time")
+        .expect("the writer running");
+    assert_eq!(reported, Ok(7));
+    drop(writer);
+    drop(done);
+    services("pg-restart", Some("immediate"));
+    drop(held_off);
+
+    let client = common::harness::connect().await;
+    let journal = pgoutbox::outbox::journal::Journal::new(&schema, "outbox");
+    let undelivered: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {schema}.outbox AS o WHERE o.status <> 'COMPLETED' AND {}",
+                journal.undelivered("o")
+            ),
+            &[],
+        )
+        .await
+        .expect("count undelivered rows")
+        .get(0);
+    let rows: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {schema}.outbox"), &[])
+        .await
+        .expect("count rows")
+        .get(0);
+    assert_eq!(rows, 1, "the row itself survived the crash");
+    assert_eq!(
+        undelivered, 0,
+        "the mark reported durable was lost in the crash: the row is neither COMPLETED nor journaled"
+    );
 }

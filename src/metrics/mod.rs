@@ -143,6 +143,9 @@ pub mod batch {
     pub const STATUS_UPDATE: &str = "status_update";
     /// Rows one fold of the delivery journal set `COMPLETED` (CDC).
     pub const JOURNAL_FOLD: &str = "journal_fold";
+    /// Marks one synchronous commit of the mark writer made durable, when
+    /// nothing else flushed the WAL past them in time (CDC).
+    pub const FORCED_FLUSH: &str = "forced_wal_flush";
 }
 
 /// The `status` values of [`names::OUTBOX_ROWS`].

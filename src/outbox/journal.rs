@@ -111,6 +111,21 @@ impl Journal {
         )
     }
 
+    /// One transaction that commits synchronously (to the local disk; a
+    /// synchronous standby is not waited for) and writes an empty entry,
+    /// which the folds delete with the others: it returns once the server's
+    /// WAL is flushed past it, and so past every earlier commit of the
+    /// connection (ARCHITECTURE.md, invariant 15). A transaction that wrote
+    /// nothing but its commit record would commit without the flush.
+    pub fn flush_sql(&self) -> String {
+        format!(
+            "BEGIN; SET LOCAL synchronous_commit = local; \
+             INSERT INTO {} (outbox, ids, created_ats) VALUES ({}, '{{}}', '{{}}'); COMMIT",
+            self.journal,
+            quote_literal(&self.outbox)
+        )
+    }
+
     /// Folds the oldest entries: `$1` outbox, `$2` entries at most, `$3`
     /// seconds a row the fold cannot see is kept for (0: dropped). Returns
     /// one row: entries taken, rows they listed, rows set `COMPLETED`, rows

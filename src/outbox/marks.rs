@@ -5,8 +5,10 @@
 //!
 //! Updates are batched (one statement per batch, up to `cdc.mark_batch_size`
 //! rows, gathered for up to `cdc.mark_linger_ms`) on a connection of their own, retried until they succeed, and each
-//! row's ticket is reported back once its update has committed: only then
-//! does the relay count the event as durable and let the flush LSN pass it.
+//! row's ticket is reported back once its update has committed and the
+//! server's WAL is flushed past that commit ([`super::wal_flush`]: the
+//! connection commits without waiting for the flush): only then does the
+//! relay count the event as durable and let the flush LSN pass it.
 //!
 //! With `cdc.mark_with = "journal"` (the default) a batch's `COMPLETED`
 //! marks of the relay's own table are one insert into the delivery journal
@@ -35,6 +37,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::journal::{self, Journal, FOLD_AT_ROWS, FOLD_ENTRIES};
+use super::wal_flush::{self, Unflushed};
 use crate::config::{quote_ident, MarkWith};
 use crate::Lsn;
 
@@ -220,26 +223,23 @@ async fn gather(
     true
 }
 
-/// Reports the marks of an applied batch durable, except rows the update
-/// could not see yet (`unseen`), which are returned to be tried again
-/// (unless the writer has waited for them for [`UNSEEN_PATIENCE`]).
-fn report_applied(
+/// Splits an applied batch into the marks that are done once their commit
+/// is flushed and the rows the update could not see yet (`unseen`), which
+/// are tried again (unless the writer has waited for them for
+/// [`UNSEEN_PATIENCE`]).
+fn sort_applied(
     batch: &mut Vec<Mark>,
     unseen: Vec<(Option<Arc<str>>, String)>,
     gave_up: bool,
-    done: &mpsc::UnboundedSender<Result<u64, String>>,
     sql: &Sql,
-) -> Vec<Mark> {
-    let mut retry = Vec::new();
+) -> (Vec<Mark>, Vec<Mark>) {
     if unseen.is_empty() {
         // Every row was there: the common case, without a lookup per mark.
-        for m in batch.drain(..) {
-            let _ = done.send(Ok(m.ticket));
-        }
-        return retry;
+        return (std::mem::take(batch), Vec::new());
     }
     let unseen: std::collections::HashSet<(Option<Arc<str>>, String)> =
         unseen.into_iter().collect();
+    let (mut applied, mut retry) = (Vec::new(), Vec::new());
     for m in batch.drain(..) {
         let missing = match &m.kind {
             MarkKind::Completed(k) | MarkKind::DeadLetter(k, _) => {
@@ -254,14 +254,38 @@ fn report_applied(
             Some(_) if !gave_up => retry.push(m),
             Some(id) => {
                 tracing::warn!(id, "outbox row not found after {UNSEEN_PATIENCE:?}; was it deleted? not marking it");
-                let _ = done.send(Ok(m.ticket));
+                applied.push(m);
             }
-            None => {
-                let _ = done.send(Ok(m.ticket));
-            }
+            None => applied.push(m),
         }
     }
-    retry
+    (applied, retry)
+}
+
+/// Reports marks durable.
+fn report(marks: Vec<Mark>, done: &mpsc::UnboundedSender<Result<u64, String>>) {
+    for m in marks {
+        let _ = done.send(Ok(m.ticket));
+    }
+}
+
+/// Reports the marks whose commits the WAL flush has passed; with `force`,
+/// first flushes the WAL itself if anything still waits.
+async fn settle(
+    c: &tokio_postgres::Client,
+    unflushed: &mut Unflushed<Mark>,
+    force: Option<&Journal>,
+    done: &mpsc::UnboundedSender<Result<u64, String>>,
+) -> Result<(), tokio_postgres::Error> {
+    let flushed: i64 = c.query_one(wal_flush::FLUSHED_SQL, &[]).await?.get(0);
+    report(unflushed.release(wal_flush::lsn_of(flushed)), done);
+    if let Some(journal) = force.filter(|_| !unflushed.is_empty()) {
+        c.batch_execute(&journal.flush_sql()).await?;
+        let marks = unflushed.take_all();
+        crate::metrics::metrics().batch(crate::metrics::batch::FORCED_FLUSH, marks.len());
+        report(marks, done);
+    }
+    Ok(())
 }
 
 /// The journal a writer records its own table's deliveries in
@@ -400,6 +424,7 @@ async fn run(
     let mut batch: Vec<Mark> = Vec::with_capacity(batching.size.max(1));
     let mut backoff = Duration::from_millis(100);
     let mut unseen_since: Option<Instant> = None;
+    let mut unflushed: Unflushed<Mark> = Unflushed::default();
     loop {
         if done.is_closed() {
             return;
@@ -412,18 +437,41 @@ async fn run(
         let unread = journal
             .as_ref()
             .is_some_and(|j| j.active() && j.unfolded.is_none());
-        if batch.is_empty() && !unread {
-            if journal.as_ref().is_some_and(JournalState::has_unfolded) {
-                // Idle with journal entries to fold: fold unless marks come.
-                tokio::select! {
+        // Marks have waited long enough for someone else to flush the WAL.
+        let mut flush_now = unflushed
+            .oldest()
+            .is_some_and(|t| t.elapsed() >= wal_flush::FLUSH_PATIENCE);
+        if batch.is_empty() && !unread && !flush_now {
+            // Idle with journal entries to fold: fold unless marks come.
+            // With marks waiting for the WAL flush: flush it unless it is
+            // flushed by then.
+            let fold_at = journal
+                .as_ref()
+                .is_some_and(JournalState::has_unfolded)
+                .then(|| Instant::now() + FOLD_IDLE);
+            let flush_at = unflushed.oldest().map(|t| t + wal_flush::FLUSH_PATIENCE);
+            match fold_at.into_iter().chain(flush_at).min() {
+                Some(at) => tokio::select! {
                     more = gather(&mut rx, &mut batch, batching) => if !more { return },
-                    _ = tokio::time::sleep(FOLD_IDLE) => fold_now = true,
+                    _ = tokio::time::sleep_until(at.into()) => {
+                        flush_now = flush_at.is_some_and(|f| f <= at);
+                        fold_now = !flush_now;
+                    }
+                },
+                None => {
+                    if !gather(&mut rx, &mut batch, batching).await {
+                        return;
+                    }
                 }
-            } else if !gather(&mut rx, &mut batch, batching).await {
-                return;
             }
         }
         if client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            // Marks committed on a connection that is gone may be gone with
+            // the server: apply them again (wal_flush).
+            let again = unflushed.take_all();
+            if !again.is_empty() {
+                batch.splice(0..0, again);
+            }
             match connect(&pg, journal.as_mut()).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
@@ -441,6 +489,18 @@ async fn run(
         let Some((c, statements)) = client.as_mut() else {
             continue;
         };
+        if flush_now || (batch.is_empty() && !unflushed.is_empty()) {
+            let force = journal.as_ref().filter(|_| flush_now).map(|j| &j.journal);
+            if let Err(e) = settle(c, &mut unflushed, force, &done).await {
+                tracing::warn!(error = %crate::error::postgres_text(&e), "waiting for the WAL flush failed; marking again");
+                client = None;
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+            if batch.is_empty() && !fold_now {
+                continue;
+            }
+        }
         if fold_now || batch.is_empty() {
             let folded = match journal.as_mut().filter(|j| j.has_unfolded()) {
                 Some(j) => j.fold(c, false).await,
@@ -458,7 +518,30 @@ async fn run(
             Ok(unseen) => {
                 backoff = Duration::from_millis(100);
                 let gave_up = unseen_since.is_some_and(|t: Instant| t.elapsed() > UNSEEN_PATIENCE);
-                let retry = report_applied(&mut batch, unseen, gave_up, &done, &sql);
+                let (applied, retry) = sort_applied(&mut batch, unseen, gave_up, &sql);
+                let positions = if journal.as_ref().is_some_and(JournalState::active) {
+                    // Committed without waiting for the flush (wal_flush).
+                    c.query_one(wal_flush::POSITIONS_SQL, &[]).await.map(Some)
+                } else {
+                    // Committed and flushed.
+                    Ok(None)
+                };
+                match positions {
+                    Ok(None) => report(applied, &done),
+                    Ok(Some(row)) => {
+                        let (committed, flushed) = (row.get(0), row.get(1));
+                        unflushed.push(wal_flush::lsn_of(committed), applied, Instant::now());
+                        report(unflushed.release(wal_flush::lsn_of(flushed)), &done);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error::postgres_text(&e), "reading the WAL position after marking failed; marking again");
+                        batch = applied;
+                        batch.extend(retry);
+                        client = None;
+                        tokio::time::sleep(backoff).await;
+                        continue;
+                    }
+                }
                 if retry.is_empty() {
                     unseen_since = None;
                 } else {
@@ -549,6 +632,9 @@ async fn connect(
     let client = crate::database::connect(pg).await?;
     if let Some(j) = journal {
         j.connected(&client).await?;
+        if j.active() {
+            client.batch_execute(wal_flush::ASYNC_COMMIT_SQL).await?;
+        }
     }
     Ok((client, HashMap::new()))
 }

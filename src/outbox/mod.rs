@@ -23,6 +23,7 @@ pub mod partitioning;
 mod privileges;
 pub mod replay;
 mod shape;
+pub mod wal_flush;
 
 pub use adopt::{adopt, AdoptError, AdoptReport, ADOPTED};
 pub use columns::{ColumnError, OutboxColumns};
