@@ -19,6 +19,12 @@ impl Lsn {
     pub fn is_zero(self) -> bool {
         self.0 == 0
     }
+
+    /// A byte position as SQL returns it (`(lsn - '0/0'::pg_lsn)::int8`);
+    /// a negative one reads as `0/0`.
+    pub fn from_position(position: i64) -> Lsn {
+        Lsn(position.max(0) as u64)
+    }
 }
 
 impl fmt::Display for Lsn {
@@ -63,6 +69,12 @@ impl<'de> serde::Deserialize<'de> for Lsn {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn negative_byte_positions_read_as_zero() {
+        assert_eq!(super::Lsn::from_position(-5), super::Lsn::ZERO);
+        assert_eq!(super::Lsn::from_position(42), super::Lsn(42));
+    }
+
     use super::*;
 
     #[test]

@@ -324,7 +324,7 @@ async fn sample_slot(
 fn record_slot(config: &Config, s: &SlotSample, alarm: &mut RetentionAlarm) {
     let m = metrics();
     if metrics().mode() == Some(Mode::Cdc) {
-        m.server_lsn(Lsn(s.wal_end.max(0) as u64));
+        m.server_lsn(Lsn::from_position(s.wal_end));
     }
     let slot = config.cdc.slot.as_str();
     if !s.exists {

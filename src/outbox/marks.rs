@@ -278,7 +278,7 @@ async fn settle(
     done: &mpsc::UnboundedSender<Result<u64, String>>,
 ) -> Result<(), tokio_postgres::Error> {
     let flushed: i64 = c.query_one(wal_flush::FLUSHED_SQL, &[]).await?.get(0);
-    report(unflushed.release(wal_flush::lsn_of(flushed)), done);
+    report(unflushed.release(Lsn::from_position(flushed)), done);
     if let Some(journal) = force.filter(|_| !unflushed.is_empty()) {
         c.batch_execute(&journal.flush_sql()).await?;
         let marks = unflushed.take_all();
@@ -350,7 +350,7 @@ impl JournalState {
             }
         }
         let end: i64 = c.query_one(journal::WAL_END_SQL, &[]).await?.get(0);
-        let yes = journal::room_to_fold(stream.received(), Lsn(end.max(0) as u64));
+        let yes = journal::room_to_fold(stream.received(), Lsn::from_position(end));
         self.caught_up = Some((Instant::now(), yes));
         Ok(yes)
     }
@@ -530,8 +530,8 @@ async fn run(
                     Ok(None) => report(applied, &done),
                     Ok(Some(row)) => {
                         let (committed, flushed) = (row.get(0), row.get(1));
-                        unflushed.push(wal_flush::lsn_of(committed), applied, Instant::now());
-                        report(unflushed.release(wal_flush::lsn_of(flushed)), &done);
+                        unflushed.push(Lsn::from_position(committed), applied, Instant::now());
+                        report(unflushed.release(Lsn::from_position(flushed)), &done);
                     }
                     Err(e) => {
                         tracing::warn!(error = %crate::error::postgres_text(&e), "reading the WAL position after marking failed; marking again");

@@ -43,11 +43,6 @@ pub const FLUSHED_SQL: &str = "SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_ls
 /// writer flushes it itself.
 pub const FLUSH_PATIENCE: Duration = Duration::from_millis(5);
 
-/// An `int8` byte position from [`POSITIONS_SQL`] or [`FLUSHED_SQL`].
-pub fn lsn_of(position: i64) -> Lsn {
-    Lsn(position.max(0) as u64)
-}
-
 /// Committed marks waiting for the WAL flush, oldest first.
 #[derive(Debug)]
 pub struct Unflushed<T> {
@@ -139,11 +134,5 @@ mod tests {
         assert_eq!(u.release(Lsn(450)), Vec::<char>::new());
         assert_eq!(u.take_all(), vec!['a', 'b']);
         assert!(u.is_empty());
-    }
-
-    #[test]
-    fn negative_positions_read_as_zero() {
-        assert_eq!(lsn_of(-5), Lsn(0));
-        assert_eq!(lsn_of(42), Lsn(42));
     }
 }
