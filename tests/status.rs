@@ -573,3 +573,125 @@ async fn journaled_rows_are_delivered_to_status_backfill_and_a_switch_to_polling
     let left = outbox.journaled_rows().await;
     assert_eq!(left, 0);
 }
+
+/// The pending count and the oldest pending row leave out what the delivery
+/// journal lists wherever those rows sit in `created_at` order, at a cost
+/// bounded by the journal (not the backlog): exact up to
+/// `EXACT_OLDEST_ROWS` journaled rows, and above it the pending row just
+/// past the journaled ones when they are the oldest (a relay catching up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_oldest_pending_row_is_the_oldest_one_not_journaled() {
+    let outbox = TestOutbox::new("status_oldest_journal").await;
+    let s = outbox.name.clone();
+    // Six rows, oldest first (ids grow with age falling).
+    for age in [600.0, 500.0, 400.0, 300.0, 200.0, 100.0] {
+        insert(&outbox, "PENDING", 1, age).await;
+    }
+    let stamp = |sql: String| {
+        let outbox = &outbox;
+        async move {
+            outbox
+                .client
+                .query_one(
+                    &format!(
+                        "SELECT to_char(created_at AT TIME ZONE 'UTC', \
+                                'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM ({sql}) AS r"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    // Journals the rows (id, created_at) that `rows` selects.
+    let journal = |rows: String| {
+        let outbox = &outbox;
+        let s = s.clone();
+        async move {
+            outbox
+                .client
+                .batch_execute(&format!(
+                    "INSERT INTO {s}.pgoutbox_delivered (outbox, ids, created_ats) \
+                     SELECT 'outbox', array_agg(id), array_agg(created_at) FROM ({rows}) AS r"
+                ))
+                .await
+                .expect("journal rows");
+        }
+    };
+    // The rows at these places in id order (0 = oldest).
+    let at = |places: &[i64]| {
+        format!(
+            "SELECT id, created_at FROM (SELECT id, created_at, \
+                    row_number() OVER (ORDER BY id) - 1 AS place FROM {s}.outbox) AS p \
+              WHERE place IN ({})",
+            places
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let place =
+        |n: i64| format!("SELECT created_at FROM {s}.outbox ORDER BY id OFFSET {n} LIMIT 1");
+
+    // Each step journals more rows (places in id order), then status must
+    // show this many pending and the oldest at this place (None: no row).
+    // First the oldest and the fourth: the second is the oldest pending.
+    // Then four of six, the two oldest rows not journaled among them: the
+    // answer is the fifth, just past as many rows as are journaled.
+    let steps: [(Vec<i64>, i64, Option<i64>); 3] = [
+        (vec![0, 3], 4, Some(1)),
+        (vec![1, 2], 2, Some(4)),
+        (vec![4, 5], 0, None),
+    ];
+    for (places, pending, oldest) in steps {
+        journal(at(&places)).await;
+        let o = status_json(&outbox);
+        assert_eq!(o["rows"]["pending"], pending, "{o}");
+        let want = match oldest {
+            Some(n) => Value::from(stamp(place(n)).await),
+            None => Value::Null,
+        };
+        assert_eq!(o["rows"]["oldest_pending_created_at"], want, "{o}");
+    }
+
+    // Above EXACT_OLDEST_ROWS journaled rows, the oldest of them first (as
+    // a relay draining a backlog journals them): the row just past them.
+    outbox
+        .client
+        .batch_execute(&format!(
+            "DELETE FROM {s}.pgoutbox_delivered; DELETE FROM {s}.outbox"
+        ))
+        .await
+        .expect("empty the table");
+    const MORE: i64 = 100_010;
+    outbox
+        .client
+        .execute(
+            &format!(
+                "INSERT INTO {s}.outbox (aggregate_id, aggregate_type, event_type, payload, created_at) \
+                 SELECT gen_random_uuid(), 'Order', 'OrderCreated', '{{}}', \
+                        now() - interval '2 hours' + make_interval(secs => i / 1000.0) \
+                   FROM generate_series(1, $1::bigint + 20) AS i"
+            ),
+            &[&MORE],
+        )
+        .await
+        .expect("insert rows");
+    journal(format!(
+        "SELECT id, created_at FROM {s}.outbox WHERE created_at < now() - interval '1 hour' \
+          ORDER BY created_at LIMIT {MORE}"
+    ))
+    .await;
+    let o = status_json(&outbox);
+    assert_eq!(o["rows"]["pending"], 20, "{o}");
+    assert_eq!(
+        o["rows"]["oldest_pending_created_at"],
+        stamp(format!(
+            "SELECT created_at FROM {s}.outbox WHERE created_at < now() - interval '1 hour' \
+              ORDER BY created_at OFFSET {MORE} LIMIT 1"
+        ))
+        .await
+    );
+}

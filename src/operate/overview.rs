@@ -419,17 +419,18 @@ pub(crate) struct PendingSql {
 impl PendingSql {
     /// The subqueries for `table`, leaving out what `journal` lists.
     pub(crate) fn new(table: &str, journal: Option<&Journal>) -> PendingSql {
-        let undelivered = journal
-            .map(|j| format!(" AND {}", j.undelivered("o")))
-            .unwrap_or_default();
-        PendingSql {
-            count: format!(
-                "(SELECT count(*) FROM {table} AS o WHERE status = 'PENDING'{undelivered})"
-            ),
-            oldest: format!(
-                "(SELECT created_at FROM {table} AS o WHERE status = 'PENDING'{undelivered} \
-                   ORDER BY created_at LIMIT 1)"
-            ),
+        match journal {
+            Some(j) => PendingSql {
+                count: j.pending_count_sql(),
+                oldest: j.oldest_pending_sql(),
+            },
+            None => PendingSql {
+                count: format!("(SELECT count(*) FROM {table} WHERE status = 'PENDING')"),
+                oldest: format!(
+                    "(SELECT created_at FROM {table} WHERE status = 'PENDING' \
+                       ORDER BY created_at LIMIT 1)"
+                ),
+            },
         }
     }
 }

@@ -13,8 +13,11 @@
 //!   Each count reads its partial index: the cost grows with the rows in
 //!   that status, not with the table (docs/metrics.md). Rows the delivery
 //!   journal lists are delivered, so the pending count and age leave them
-//!   out (an anti-join over the journal, which the relay keeps small by
-//!   folding it; ~0.3 s with 400,000 journaled rows).
+//!   out, at a cost bounded by the journal's size
+//!   ([`Journal::pending_count_sql`], [`Journal::oldest_pending_sql`]).
+//!
+//! The connection runs without parallel workers or JIT: a sample never
+//! takes more than one core from the database it watches.
 //!
 //! A failed query is counted in `pgoutbox_sample_errors_total` and logged
 //! at debug level; the sampler never stops the relay.
@@ -298,8 +301,12 @@ async fn connect(
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let client = crate::database::connect(pg).await?;
     let timeout_ms = every.min(Duration::from_secs(10)).as_millis();
+    // A sample is a background chore: one core at most, and no JIT
+    // compilation for statements that run once per interval.
     client
-        .batch_execute(&format!("SET statement_timeout = {timeout_ms}"))
+        .batch_execute(&format!(
+            "SET statement_timeout = {timeout_ms}; SET max_parallel_workers_per_gather = 0; SET jit = off"
+        ))
         .await?;
     Ok(client)
 }

@@ -17,7 +17,8 @@
 //! [`fold_all`] before anything that reads statuses to decide what to send
 //! or drop (poll mode's start, a backfill from a new slot, partition
 //! retention). Readers that only count (the sampler, `pgoutbox status`)
-//! leave journaled rows out with [`Journal::undelivered`].
+//! leave journaled rows out with [`Journal::pending_count_sql`] and
+//! [`Journal::oldest_pending_sql`], at a cost bounded by the journal's size.
 
 use tokio_postgres::GenericClient;
 
@@ -30,6 +31,10 @@ pub const JOURNAL_TABLE: &str = "pgoutbox_delivered";
 /// Journaled rows beyond which the writer folds even while it is busy, so
 /// that the journal (and the readers' anti-join over it) stays bounded.
 pub const FOLD_AT_ROWS: u64 = 1_000_000;
+
+/// Journaled rows up to which [`Journal::oldest_pending_sql`] is exact
+/// (about 0.15 s of PostgreSQL's time per sample at this size).
+pub const EXACT_OLDEST_ROWS: u64 = 100_000;
 
 /// How far (bytes of WAL) the relay's decoding may be behind the server's
 /// WAL end for the relay to count as caught up, and so to have room to
@@ -160,6 +165,63 @@ impl Journal {
         format!(
             "SELECT coalesce(sum(cardinality(ids)), 0)::bigint FROM {} WHERE outbox = $1",
             self.journal
+        )
+    }
+
+    /// The journaled rows of this table, `coalesce(sum(cardinality(ids)))`:
+    /// a scalar subquery reading one short tuple per entry, not the arrays'
+    /// elements.
+    fn journaled_sql(&self) -> String {
+        format!(
+            "(SELECT coalesce(sum(cardinality(ids)), 0) FROM {} WHERE outbox = {})",
+            self.journal,
+            quote_literal(&self.outbox)
+        )
+    }
+
+    /// A scalar subquery: the table's `PENDING` rows minus the rows the
+    /// journal lists (delivered, not folded yet), at least 0. Costs a count
+    /// of the pending index and a sum over the journal's entries, never a
+    /// join: a relay draining a backlog of a million rows journals a
+    /// million, and the anti-join that counted exactly took several
+    /// CPU-seconds of PostgreSQL per sample (BENCHMARKS.md, "Session 19").
+    /// Exact unless a row is journaled twice (a mark batch applied again
+    /// after a lost connection), which undercounts until the next fold.
+    pub fn pending_count_sql(&self) -> String {
+        format!(
+            "(SELECT greatest((SELECT count(*) FROM {} WHERE status = 'PENDING') - jn.n, 0)::bigint \
+               FROM (SELECT {} AS n) AS jn)",
+            self.target,
+            self.journaled_sql()
+        )
+    }
+
+    /// A scalar subquery: the `created_at` of the oldest `PENDING` row the
+    /// journal does not list, or NULL. With `n` journaled rows the answer
+    /// is among the first `n + 1` pending rows in `created_at` order (at
+    /// most `n` of them are journaled), so it reads those and takes away
+    /// the journal's rows as a set (`EXCEPT ALL`: hashed or sorted, never
+    /// a nested loop): cost in proportion to the journal, not the backlog.
+    /// Above [`EXACT_OLDEST_ROWS`] journaled rows (a relay catching up,
+    /// which folds once caught up) it reads the pending row at offset `n`
+    /// instead: exact when rows are delivered in `created_at` order, and
+    /// never older than the true answer.
+    pub fn oldest_pending_sql(&self) -> String {
+        let (j, t) = (&self.journal, &self.target);
+        format!(
+            "(SELECT CASE WHEN jn.n <= {EXACT_OLDEST_ROWS} THEN \
+                 (SELECT min(c.created_at) FROM \
+                    ((SELECT id, created_at FROM {t} WHERE status = 'PENDING' \
+                       ORDER BY created_at LIMIT jn.n + 1) \
+                     EXCEPT ALL \
+                     (SELECT d.id, d.created_at FROM {j} AS e, \
+                             unnest(e.ids, e.created_ats) AS d(id, created_at) \
+                       WHERE e.outbox = {o})) AS c) \
+               ELSE (SELECT created_at FROM {t} WHERE status = 'PENDING' \
+                      ORDER BY created_at OFFSET jn.n LIMIT 1) END \
+               FROM (SELECT {n} AS n) AS jn)",
+            o = quote_literal(&self.outbox),
+            n = self.journaled_sql()
         )
     }
 
