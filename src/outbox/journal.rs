@@ -29,7 +29,7 @@ use crate::Lsn;
 pub const JOURNAL_TABLE: &str = "pgoutbox_delivered";
 
 /// Journaled rows beyond which the writer folds even while it is busy, so
-/// that the journal (and the readers' anti-join over it) stays bounded.
+/// that the journal (and what readers spend on it) stays bounded.
 pub const FOLD_AT_ROWS: u64 = 1_000_000;
 
 /// Journaled rows up to which [`Journal::oldest_pending_sql`] is exact
@@ -162,20 +162,22 @@ impl Journal {
 
     /// Rows the journal holds for this table (`$1` outbox).
     pub fn rows_sql(&self) -> String {
-        format!(
-            "SELECT coalesce(sum(cardinality(ids)), 0)::bigint FROM {} WHERE outbox = $1",
-            self.journal
-        )
+        self.count_rows("$1")
     }
 
-    /// The journaled rows of this table, `coalesce(sum(cardinality(ids)))`:
-    /// a scalar subquery reading one short tuple per entry, not the arrays'
-    /// elements.
+    /// The journaled rows of this table as a scalar subquery (the outbox
+    /// name as a literal), for statements that take no parameters.
     fn journaled_sql(&self) -> String {
+        format!("({})", self.count_rows(&quote_literal(&self.outbox)))
+    }
+
+    /// `SELECT` of the rows the journal lists for the outbox `outbox` (an
+    /// SQL expression): one short tuple read per entry, not the arrays'
+    /// elements.
+    fn count_rows(&self, outbox: &str) -> String {
         format!(
-            "(SELECT coalesce(sum(cardinality(ids)), 0) FROM {} WHERE outbox = {})",
-            self.journal,
-            quote_literal(&self.outbox)
+            "SELECT coalesce(sum(cardinality(ids)), 0)::bigint FROM {} WHERE outbox = {outbox}",
+            self.journal
         )
     }
 
