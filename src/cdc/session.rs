@@ -268,7 +268,7 @@ impl Session<'_> {
             (Box::new(marker), durable),
             self.builder.clone(),
             Limits {
-                max_events: cfg.kafka.max_in_flight_events,
+                max_events: cfg.kafka.window_events(),
                 max_bytes: cfg.kafka.max_in_flight_bytes,
                 mark_completed: cfg.outbox.mark_completed,
             },

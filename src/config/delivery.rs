@@ -188,6 +188,25 @@ mod tests {
     }
 
     #[test]
+    fn the_window_defaults_by_delivery_and_a_setting_wins() {
+        let mut c = valid();
+        assert_eq!(c.kafka.window_events(), crate::config::WINDOW_EVENTS);
+        c.kafka.delivery = Delivery::ExactlyOnce;
+        assert_eq!(
+            c.kafka.window_events(),
+            crate::config::WINDOW_EVENTS_EXACTLY_ONCE
+        );
+        assert!(crate::config::WINDOW_EVENTS_EXACTLY_ONCE > c.kafka.transaction_max_events);
+        c.kafka.max_in_flight_events = Some(5_000);
+        assert_eq!(c.kafka.window_events(), 5_000);
+        c.kafka.max_in_flight_events = Some(0);
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "kafka.max_in_flight_events"
+        );
+    }
+
+    #[test]
     fn transaction_settings_are_checked() {
         let mut c = valid();
         c.kafka.transaction_max_events = 0;
@@ -200,7 +219,7 @@ mod tests {
         for delivery in [Delivery::AtLeastOnce, Delivery::ExactlyOnce] {
             let mut c = valid();
             c.kafka.delivery = delivery;
-            c.kafka.max_in_flight_events = 100;
+            c.kafka.max_in_flight_events = Some(100);
             c.validate().unwrap();
         }
         let mut c = valid();

@@ -287,7 +287,11 @@ fn apply_kafka(
         kafka.linger_ms = parse_env("KAFKA_LINGER_MS", &v, "a whole number")?;
     }
     if let Some(v) = get("KAFKA_MAX_IN_FLIGHT_EVENTS") {
-        kafka.max_in_flight_events = parse_env("KAFKA_MAX_IN_FLIGHT_EVENTS", &v, "a whole number")?;
+        kafka.max_in_flight_events = Some(parse_env(
+            "KAFKA_MAX_IN_FLIGHT_EVENTS",
+            &v,
+            "a whole number",
+        )?);
     }
     if let Some(v) = get("KAFKA_MAX_IN_FLIGHT_BYTES") {
         kafka.max_in_flight_bytes = parse_env("KAFKA_MAX_IN_FLIGHT_BYTES", &v, "a whole number")?;
@@ -378,7 +382,7 @@ mod tests {
             ("KAFKA_MAX_IN_FLIGHT_BYTES", "1048576"),
         ]))
         .unwrap();
-        assert_eq!(c.kafka.max_in_flight_events, 20_000);
+        assert_eq!(c.kafka.max_in_flight_events, Some(20_000));
         assert_eq!(c.kafka.max_in_flight_bytes, 1 << 20);
         let e = c
             .apply_env(env(&[("KAFKA_MAX_IN_FLIGHT_EVENTS", "10k")]))

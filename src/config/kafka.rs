@@ -47,9 +47,10 @@ pub struct KafkaConfig {
     /// Largest message the broker accepts (`message.max.bytes`); larger rows
     /// are dead-lettered before they are sent.
     pub message_max_bytes: usize,
-    /// Events sent but not yet acknowledged, at most (env
-    /// `KAFKA_MAX_IN_FLIGHT_EVENTS`).
-    pub max_in_flight_events: usize,
+    /// Events read and not yet durable, at most (env
+    /// `KAFKA_MAX_IN_FLIGHT_EVENTS`); unset, [`KafkaConfig::window_events`]
+    /// chooses by the delivery guarantee.
+    pub max_in_flight_events: Option<usize>,
     /// Bytes of payload sent but not yet acknowledged, at most (env
     /// `KAFKA_MAX_IN_FLIGHT_BYTES`).
     pub max_in_flight_bytes: usize,
@@ -105,7 +106,32 @@ pub struct KafkaConfig {
     pub reset_progress: bool,
 }
 
+/// The in-flight window's default, in events, at least once: it fills
+/// only if acknowledgements and marks take 0.3 s at 30k events/s, and it
+/// kept every drain within 64 MiB (BENCHMARKS.md, session 12).
+pub const WINDOW_EVENTS: usize = 10_000;
+
+/// The in-flight window's default, in events, exactly once. A Kafka
+/// transaction's events stay in the window until it has committed and
+/// their marks are durable, and the events read while it commits wait in
+/// the window for the next one: with the at-least-once window, reading
+/// stopped for 4.4–5.1 s of an 11-s drain of 1,000,000 events at 100 per
+/// PostgreSQL transaction, and twice the window let it go on (drain
+/// 0.76–0.92× → 1.03–1.06× the at-least-once relay's rate, peak RSS
+/// 51–53 MiB; BENCHMARKS.md, session 20).
+pub const WINDOW_EVENTS_EXACTLY_ONCE: usize = 20_000;
+
 impl KafkaConfig {
+    /// The in-flight window in events: `max_in_flight_events` when set,
+    /// otherwise [`WINDOW_EVENTS`] at least once and
+    /// [`WINDOW_EVENTS_EXACTLY_ONCE`] exactly once.
+    pub fn window_events(&self) -> usize {
+        self.max_in_flight_events.unwrap_or(match self.delivery {
+            Delivery::AtLeastOnce => WINDOW_EVENTS,
+            Delivery::ExactlyOnce => WINDOW_EVENTS_EXACTLY_ONCE,
+        })
+    }
+
     /// True for librdkafka properties whose value is a secret (passwords,
     /// client secrets, private keys): never logged or printed.
     pub fn is_secret_property(key: &str) -> bool {
@@ -138,7 +164,7 @@ impl fmt::Debug for KafkaConfig {
             .field("compression", &self.compression)
             .field("linger_ms", &self.linger_ms)
             .field("message_max_bytes", &self.message_max_bytes)
-            .field("max_in_flight_events", &self.max_in_flight_events)
+            .field("max_in_flight_events", &self.window_events())
             .field("max_in_flight_bytes", &self.max_in_flight_bytes)
             .field("table_topics", &self.table_topics)
             .field("properties", &properties)
@@ -165,7 +191,7 @@ impl Default for KafkaConfig {
             compression: "lz4".into(),
             linger_ms: 5,
             message_max_bytes: 1_000_000,
-            max_in_flight_events: 10_000,
+            max_in_flight_events: None,
             max_in_flight_bytes: 64 << 20,
             table_topics: BTreeMap::new(),
             properties: BTreeMap::new(),
@@ -230,12 +256,9 @@ impl KafkaConfig {
             1000,
             1_000_000_000,
         )?;
-        range(
-            "kafka.max_in_flight_events",
-            self.max_in_flight_events as u64,
-            1,
-            10_000_000,
-        )?;
+        if let Some(events) = self.max_in_flight_events {
+            range("kafka.max_in_flight_events", events as u64, 1, 10_000_000)?;
+        }
         range(
             "kafka.max_in_flight_bytes",
             self.max_in_flight_bytes as u64,

@@ -56,7 +56,7 @@ pub use format::{
 };
 pub use health::{HealthConfig, Levels};
 pub use identifier::{quote_ident, quote_literal, validate_identifier, validate_slot_name};
-pub use kafka::{KafkaConfig, MANAGED_PROPERTIES};
+pub use kafka::{KafkaConfig, MANAGED_PROPERTIES, WINDOW_EVENTS, WINDOW_EVENTS_EXACTLY_ONCE};
 pub use log::LogConfig;
 pub use metrics::MetricsConfig;
 pub use mode::Mode;

@@ -324,7 +324,11 @@ pub async fn replay(
         deliveries,
         builder,
         &audit,
-        config.kafka.max_in_flight_events,
+        // Replays are sent at least once, whatever the relay's delivery.
+        config
+            .kafka
+            .max_in_flight_events
+            .unwrap_or(crate::config::WINDOW_EVENTS),
         stop,
         selected as u64,
     );

@@ -137,11 +137,7 @@ impl OutboxColumns {
         self.status?;
         let id = text(tuple, self.id?, "id").ok()?;
         let created_at = text(tuple, self.created_at?, "created_at").ok()?;
-        Some(super::RowKey {
-            table: self.key_table.clone(),
-            id,
-            created_at,
-        })
+        Some(super::RowKey::new(self.key_table.clone(), &id, &created_at))
     }
 
     /// True when the row was inserted as `PENDING` (or has no status column).
@@ -387,6 +383,38 @@ mod tests {
         assert!(cols.row_key(&t).is_some());
         let short = tuple(&[Some("1")]);
         assert!(matches!(cols.event(&short), Err(ColumnError::Short { .. })));
+    }
+
+    #[test]
+    fn a_row_key_does_not_hold_on_to_the_frame_it_was_read_from() {
+        let cols =
+            OutboxColumns::from_relation(&relation(COLS), &ColumnMap::pgoutbox(), HOME).unwrap();
+        // One buffer behind every value, as a replication read gives them.
+        let frame = Bytes::from_static(b"42|2026-12-05 04:00:00+00|PENDING|payload");
+        let t = Tuple(
+            [
+                Some(frame.slice(0..2)),
+                Some(frame.slice(33..40)),
+                Some(frame.slice(33..40)),
+                Some(frame.slice(33..40)),
+                Some(frame.slice(33..40)),
+                Some(frame.slice(34..40)),
+                None,
+                Some(frame.slice(26..33)),
+                Some(frame.slice(3..25)),
+            ]
+            .into_iter()
+            .map(|v| v.map_or(TupleValue::Null, TupleValue::Text))
+            .collect(),
+        );
+        let key = cols.row_key(&t).unwrap();
+        assert_eq!(&key.id[..], b"42");
+        assert_eq!(&key.created_at[..], b"2026-12-05 04:00:00+00");
+        let within = |b: &Bytes| frame.as_ptr_range().contains(&b.as_ptr());
+        assert!(
+            !within(&key.id) && !within(&key.created_at),
+            "a key waiting for its mark would keep the whole read buffer alive"
+        );
     }
 
     #[test]

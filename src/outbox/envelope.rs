@@ -101,11 +101,10 @@ pub fn parse_with_row(
             return Err(EnvelopeError(format!("{field} is empty")));
         }
     }
-    let key = env.row.as_ref().map(|r| RowKey {
-        table: None,
-        id: slice(content, &r.id),
-        created_at: slice(content, &r.created_at),
-    });
+    let key = env
+        .row
+        .as_ref()
+        .map(|r| RowKey::new(None, r.id.as_bytes(), r.created_at.as_bytes()));
     if let Some(r) = &env.row {
         if r.id.parse::<i64>().is_err() {
             return Err(EnvelopeError(format!("row id {:?} is not a number", r.id)));

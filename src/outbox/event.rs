@@ -123,11 +123,8 @@ impl OutboxEvent {
                 .collect(),
             id: take(roles + map.additional().len()).unwrap_or_default(),
         };
-        let key = super::RowKey {
-            table: None,
-            id: event.id.clone(),
-            created_at: take(roles + map.additional().len() + 1).unwrap_or_default(),
-        };
+        let created_at = take(roles + map.additional().len() + 1).unwrap_or_default();
+        let key = super::RowKey::new(None, &event.id, &created_at);
         (event, key)
     }
 

@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 
 use super::journal::{self, Journal, FOLD_AT_ROWS, FOLD_ENTRIES};
 use super::wal_flush::{self, Unflushed};
+use super::RowKey;
 use crate::config::{quote_ident, MarkWith};
 use crate::Lsn;
 
@@ -47,26 +48,6 @@ const FOLD_IDLE: Duration = Duration::from_millis(50);
 
 /// How often the writer asks whether its walsender is caught up.
 const CAUGHT_UP_EVERY: Duration = Duration::from_millis(250);
-
-/// A row's primary key, as text, and its table.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RowKey {
-    /// The row's table as a quoted, schema-qualified name when it is not
-    /// the relay's own outbox table (another outbox table of the
-    /// publication); `None` for the relay's own.
-    pub table: Option<Arc<str>>,
-    /// `id` as text.
-    pub id: Bytes,
-    /// `created_at` as text.
-    pub created_at: Bytes,
-}
-
-/// The [`RowKey::table`] of the rows of `schema.table` for a relay whose
-/// own outbox table is `home` (schema, table).
-pub fn key_table(schema: &str, table: &str, home: (&str, &str)) -> Option<Arc<str>> {
-    (schema != home.0 || table != home.1)
-        .then(|| Arc::from(format!("{}.{}", quote_ident(schema), quote_ident(table))))
-}
 
 /// What to write.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -22,6 +22,7 @@ mod migrate;
 pub mod partitioning;
 mod privileges;
 pub mod replay;
+mod row_key;
 mod shape;
 pub mod wal_flush;
 
@@ -30,12 +31,13 @@ pub use columns::{ColumnError, OutboxColumns};
 #[cfg(test)]
 pub(crate) use event::sample_event;
 pub use event::{select_list, select_width, OutboxEvent, TraceContext, OUTBOX_COLUMNS};
-pub use marks::{key_table, Batching, Mark, MarkKind, MarkWriter, RowKey, StreamProgress};
+pub use marks::{Batching, Mark, MarkKind, MarkWriter, StreamProgress};
 pub use migrate::{is_foreign_table, migrate, MigrationTarget, MIGRATIONS};
 pub use privileges::{
     grant_relay_role, GrantScope, Password, PasswordSource, PrivilegeError, RelayRole,
     RelayRoleReport, RELAY_PASSWORD_ENV, STATUS_COLUMNS,
 };
+pub use row_key::{key_table, RowKey};
 pub use shape::{Gap, TableShape};
 
 use tokio_postgres::GenericClient;

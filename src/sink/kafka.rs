@@ -357,7 +357,7 @@ impl Sink {
         let (tx, rx) = mpsc::unbounded_channel();
         let fatal = Arc::new(AtomicBool::new(false));
         let (mut client, secrets) = client_config(cfg)?;
-        let queue_messages = (cfg.max_in_flight_events * 2).max(100_000);
+        let queue_messages = (cfg.window_events() * 2).max(100_000);
         if let Some(id) = transactional_id {
             client.set("transactional.id", id).set(
                 "transaction.timeout.ms",
