@@ -682,6 +682,79 @@ async fn fold_waits_until_the_relay_has_decoded_to_near_the_wal_end() {
     .await;
 }
 
+/// Marks that arrive faster than the writer's round trips (an
+/// exactly-once commit hands over all its rows at once) are written as
+/// several journal entries at once, each of at most `cdc.mark_batch_size`
+/// rows, and every one of them is reported durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_marks_go_to_the_journal_in_entries_of_at_most_the_batch_size() {
+    use pgoutbox::outbox::{Batching, Mark, MarkKind, MarkWriter, RowKey, StreamProgress};
+
+    let outbox = TestOutbox::new("mark_pipelined").await;
+    let s = &outbox.name;
+    let rows = outbox
+        .client
+        .query(
+            &format!(
+                "INSERT INTO {s}.outbox (aggregate_id, aggregate_type, event_type, payload) \
+                 SELECT gen_random_uuid(), 'acct', 'opened', '{{}}' FROM generate_series(1, 1050) \
+                 RETURNING id, created_at::text"
+            ),
+            &[],
+        )
+        .await
+        .expect("insert rows");
+    let settings =
+        common::harness::database_settings(&common::services().database_url).expect("settings");
+    // A relay that has decoded nothing yet: the writer does not fold, so
+    // the entries stay to be looked at.
+    let (writer, mut done_rx) = MarkWriter::spawn(
+        settings,
+        s,
+        "outbox",
+        Batching {
+            size: 100,
+            linger: Duration::ZERO,
+        },
+        pgoutbox::config::MarkWith::Journal,
+        Some(StreamProgress::default()),
+    );
+    for (ticket, row) in rows.iter().enumerate() {
+        let (id, at): (i64, String) = (row.get(0), row.get(1));
+        assert!(writer.mark(Mark {
+            ticket: ticket as u64,
+            kind: MarkKind::Completed(RowKey::new(None, id.to_string().as_bytes(), at.as_bytes())),
+        }));
+    }
+    let durable = durable_tickets(&mut done_rx, rows.len()).await;
+    assert_eq!(durable, (0..rows.len() as u64).collect::<Vec<_>>());
+    let entries = outbox
+        .client
+        .query_one(
+            &format!(
+                "SELECT count(*) FILTER (WHERE cardinality(ids) > 0), max(cardinality(ids)), \
+                        sum(cardinality(ids))::int8, count(DISTINCT u.id)::int8 \
+                   FROM {s}.pgoutbox_delivered LEFT JOIN LATERAL unnest(ids) AS u(id) ON true"
+            ),
+            &[],
+        )
+        .await
+        .expect("journal entries");
+    let (count, largest, listed, distinct): (i64, i32, i64, i64) = (
+        entries.get(0),
+        entries.get(1),
+        entries.get(2),
+        entries.get(3),
+    );
+    assert!(
+        largest <= 100,
+        "an entry of {largest} rows: more than the batch size"
+    );
+    assert!(count >= 11, "{count} entries for 1,050 rows of at most 100");
+    assert_eq!(distinct, 1050, "every row journaled");
+    assert!(listed >= 1050, "{listed} rows listed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mark_writer_retries_rows_not_yet_visible_and_leaves_completed_rows_alone() {
     let (outbox, _writer, mut done_rx, (done_id, later_id, pending_id), pending_at) =

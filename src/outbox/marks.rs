@@ -3,8 +3,10 @@
 //! (Not to be confused with `pgoutbox status`, the operator's overview in
 //! `crate::operate::overview`.)
 //!
-//! Updates are batched (one statement per batch, up to `cdc.mark_batch_size`
-//! rows, gathered for up to `cdc.mark_linger_ms`) on a connection of their own, retried until they succeed, and each
+//! Updates are batched (one statement per up to `cdc.mark_batch_size` rows,
+//! gathered for up to `cdc.mark_linger_ms`; journal entries of several
+//! statements at once when marks are queued, see [`PIPELINED_ENTRIES`]) on
+//! a connection of their own, retried until they succeed, and each
 //! row's ticket is reported back once its update has committed and the
 //! server's WAL is flushed past that commit ([`super::wal_flush`]: the
 //! connection commits without waiting for the flush): only then does the
@@ -48,6 +50,16 @@ const FOLD_IDLE: Duration = Duration::from_millis(50);
 
 /// How often the writer asks whether its walsender is caught up.
 const CAUGHT_UP_EVERY: Duration = Duration::from_millis(250);
+
+/// Journal entries the writer sends at once, pipelined: when marks are
+/// queued it takes up to this many statements' worth of them
+/// (`cdc.mark_batch_size` rows each) and writes them in one round trip,
+/// each entry still one statement of at most `cdc.mark_batch_size` rows
+/// (so a fold's size does not change). An exactly-once commit hands over
+/// all its rows at once, and a writer that waited for each 2,000-row entry
+/// in turn took 5–50 ms per entry on a busy machine: its marks, not Kafka,
+/// then paced the commits (BENCHMARKS.md, session 20).
+const PIPELINED_ENTRIES: usize = 5;
 
 /// What to write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,22 +196,23 @@ fn statements(target: &str, dead_table: &str) -> Statements {
     }
 }
 
-/// Waits for the next marks: the first one, then whatever arrives within
-/// the linger, up to the batch size. `false` when every sender is gone.
+/// Waits for the next marks: the first one, then whatever is queued or
+/// arrives within the linger, up to `most`; the linger only while the
+/// batch would not fill one statement. `false` when every sender is gone.
 async fn gather(
     rx: &mut mpsc::UnboundedReceiver<Mark>,
     batch: &mut Vec<Mark>,
     batching: Batching,
+    most: usize,
 ) -> bool {
-    let size = batching.size.max(1);
     match rx.recv().await {
         Some(m) => batch.push(m),
         None => return false,
     }
-    take_queued(rx, batch, size);
-    if batch.len() < size && !batching.linger.is_zero() {
+    take_queued(rx, batch, most);
+    if batch.len() < batching.size.max(1) && !batching.linger.is_zero() {
         tokio::time::sleep(batching.linger).await;
-        take_queued(rx, batch, size);
+        take_queued(rx, batch, most);
     }
     true
 }
@@ -403,6 +416,12 @@ async fn run(
     };
     let mut client: Option<(tokio_postgres::Client, PreparedByTable)> = None;
     let mut batch: Vec<Mark> = Vec::with_capacity(batching.size.max(1));
+    // Marks taken at once: several statements' worth when they go to the
+    // journal (pipelined, see `PIPELINED_ENTRIES`), one otherwise.
+    let most = |journal: &Option<JournalState>| match journal {
+        Some(j) if j.active() => batching.size.max(1) * PIPELINED_ENTRIES,
+        _ => batching.size.max(1),
+    };
     let mut backoff = Duration::from_millis(100);
     let mut unseen_since: Option<Instant> = None;
     let mut unflushed: Unflushed<Mark> = Unflushed::default();
@@ -433,14 +452,14 @@ async fn run(
             let flush_at = unflushed.oldest().map(|t| t + wal_flush::FLUSH_PATIENCE);
             match fold_at.into_iter().chain(flush_at).min() {
                 Some(at) => tokio::select! {
-                    more = gather(&mut rx, &mut batch, batching) => if !more { return },
+                    more = gather(&mut rx, &mut batch, batching, most(&journal)) => if !more { return },
                     _ = tokio::time::sleep_until(at.into()) => {
                         flush_now = flush_at.is_some_and(|f| f <= at);
                         fold_now = !flush_now;
                     }
                 },
                 None => {
-                    if !gather(&mut rx, &mut batch, batching).await {
+                    if !gather(&mut rx, &mut batch, batching, most(&journal)).await {
                         return;
                     }
                 }
@@ -495,7 +514,16 @@ async fn run(
             continue;
         }
         let full = batch.len() >= batching.size.max(1);
-        match apply(c, statements, &mut sql, journal.as_mut(), &batch).await {
+        match apply(
+            c,
+            statements,
+            &mut sql,
+            journal.as_mut(),
+            &batch,
+            batching.size,
+        )
+        .await
+        {
             Ok(unseen) => {
                 backoff = Duration::from_millis(100);
                 let gave_up = unseen_since.is_some_and(|t: Instant| t.elapsed() > UNSEEN_PATIENCE);
@@ -667,7 +695,9 @@ async fn apply(
     sql: &mut Sql,
     mut journal: Option<&mut JournalState>,
     batch: &[Mark],
+    statement_rows: usize,
 ) -> Result<Vec<(Option<Arc<str>>, String)>, tokio_postgres::Error> {
+    let rows = statement_rows.max(1);
     let mut unseen = Vec::new();
     let mut tables: Vec<(Option<Arc<str>>, TableMarks<'_>)> = Vec::new();
     let (mut lsns, mut prefixes, mut contents, mut msg_errs) =
@@ -713,49 +743,72 @@ async fn apply(
     for (table, marks) in &tables {
         let statements = sql.of(table);
         let prepared_here = prepared_by_table.entry(table.clone()).or_default();
+        // One observation per statement (of at most `rows` rows).
         for n in [marks.ids.len(), marks.dead_ids.len()] {
-            if n > 0 {
-                m.batch(crate::metrics::batch::STATUS_UPDATE, n);
+            for k in (0..n).step_by(rows) {
+                m.batch(crate::metrics::batch::STATUS_UPDATE, (n - k).min(rows));
             }
         }
         let journaled = table.is_none() && journal.as_ref().is_some_and(|j| j.active());
         if !marks.ids.is_empty() && journaled {
             let j = journal.as_mut().expect("journaled above");
             let st = prepared(client, &mut prepared_here.journal, &j.insert).await?;
-            client
-                .execute(st, &[&j.journal.outbox(), &marks.ids, &marks.ats])
-                .await?;
+            let outbox = j.journal.outbox();
+            // One entry per `rows`, sent together: the server runs them
+            // in order, each its own transaction, in one round trip.
+            let entries = marks
+                .ids
+                .chunks(rows)
+                .zip(marks.ats.chunks(rows))
+                .map(|(ids, ats)| async move { client.execute(st, &[&outbox, &ids, &ats]).await });
+            futures_util::future::try_join_all(entries).await?;
             if let Some(n) = &mut j.unfolded {
                 *n += marks.ids.len() as u64;
             }
         } else if !marks.ids.is_empty() {
             let st = prepared(client, &mut prepared_here.completed, &statements.completed).await?;
-            for row in client.query(st, &[&marks.ids, &marks.ats]).await? {
-                unseen.push((table.clone(), row.get::<_, String>(0)));
+            for (ids, ats) in marks.ids.chunks(rows).zip(marks.ats.chunks(rows)) {
+                for row in client.query(st, &[&ids, &ats]).await? {
+                    unseen.push((table.clone(), row.get::<_, String>(0)));
+                }
             }
         }
         if !marks.dead_ids.is_empty() {
             let st = prepared(client, &mut prepared_here.dead, &statements.dead).await?;
-            let rows = client
-                .query(st, &[&marks.dead_ids, &marks.dead_ats, &marks.errs])
-                .await?;
+            let mut missing = 0;
+            for ((ids, ats), errs) in marks
+                .dead_ids
+                .chunks(rows)
+                .zip(marks.dead_ats.chunks(rows))
+                .zip(marks.errs.chunks(rows))
+            {
+                for row in client.query(st, &[&ids, &ats, &errs]).await? {
+                    missing += 1;
+                    unseen.push((table.clone(), row.get::<_, String>(0)));
+                }
+            }
             tracing::warn!(
-                rows = marks.dead_ids.len() - rows.len(),
+                rows = marks.dead_ids.len() - missing,
                 "dead-lettered rows that can never be published"
             );
-            for row in rows {
-                unseen.push((table.clone(), row.get::<_, String>(0)));
-            }
         }
     }
     if !lsns.is_empty() {
-        m.batch(crate::metrics::batch::STATUS_UPDATE, lsns.len());
         let statements = sql.of(&None);
         let prepared_here = prepared_by_table.entry(None).or_default();
         let st = prepared(client, &mut prepared_here.message, &statements.message).await?;
-        let n = client
-            .execute(st, &[&lsns, &prefixes, &contents, &msg_errs])
-            .await?;
+        let mut n = 0;
+        for (((lsns, prefixes), contents), errs) in lsns
+            .chunks(rows)
+            .zip(prefixes.chunks(rows))
+            .zip(contents.chunks(rows))
+            .zip(msg_errs.chunks(rows))
+        {
+            m.batch(crate::metrics::batch::STATUS_UPDATE, lsns.len());
+            n += client
+                .execute(st, &[&lsns, &prefixes, &contents, &errs])
+                .await?;
+        }
         tracing::warn!(
             messages = n,
             "recorded logical messages that can never be published in pgoutbox_dead_letters"
