@@ -117,8 +117,8 @@ pub const WINDOW_EVENTS: usize = 10_000;
 /// the window for the next one: with the at-least-once window, reading
 /// stopped for 4.4–5.1 s of an 11-s drain of 1,000,000 events at 100 per
 /// PostgreSQL transaction, and twice the window let it go on (drain
-/// 0.76–0.92× → 1.03–1.06× the at-least-once relay's rate, peak RSS
-/// 51–53 MiB; BENCHMARKS.md, session 20).
+/// 0.76–1.00× → 0.88–1.06× the at-least-once relay's rate, peak RSS
+/// 51–58 MiB; BENCHMARKS.md, session 20).
 pub const WINDOW_EVENTS_EXACTLY_ONCE: usize = 20_000;
 
 impl KafkaConfig {
