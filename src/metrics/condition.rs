@@ -1,7 +1,7 @@
 //! The outbox's condition: healthy, degraded or unhealthy, judged from a
 //! few measures against the `[health]` thresholds.
 //!
-//! Readiness (`/readyz`, [`super::health`]) says whether this relay is
+//! Readiness (`/readyz`, [`mod@super::health`]) says whether this relay is
 //! connected and delivering; the condition says whether the *outbox* is in
 //! good shape — events waiting too long, the slot too far behind, events
 //! being dead-lettered. One can hold without the other: a relay may be

@@ -9,7 +9,7 @@
 //!   record is the first delivery's, plus one header,
 //!   `pgoutbox_replay = <audit id>` ([`header::REPLAY`]);
 //! - they go out through an idempotent producer of their own ([`Sink`]),
-//!   at most `--rate` a second ([`pace`]), and the replay waits for every
+//!   at most `--rate` a second (`pace`), and the replay waits for every
 //!   acknowledgement. A Kafka failure stops it, saying how many were
 //!   acknowledged: a rerun of the same selection is safe (at least once;
 //!   consumers deduplicate on the event id);

@@ -14,8 +14,8 @@
 //!
 //! That is the `pgoutbox` format (`kafka.format`, the default); the
 //! `debezium` format reproduces Debezium's Outbox Event Router
-//! ([`debezium`]) and `cloudevents` the CloudEvents Kafka binding
-//! ([`cloudevents`]).
+//! (`debezium.rs`) and `cloudevents` the CloudEvents Kafka binding
+//! (`cloudevents.rs`).
 //!
 //! A record that can never be published (no legal topic, larger than
 //! `kafka.message_max_bytes`) is a [`RecordError`]: the caller dead-letters
