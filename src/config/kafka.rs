@@ -51,8 +51,9 @@ pub struct KafkaConfig {
     /// `KAFKA_MAX_IN_FLIGHT_EVENTS`); unset, [`KafkaConfig::window_events`]
     /// chooses by the delivery guarantee.
     pub max_in_flight_events: Option<usize>,
-    /// Bytes of payload sent but not yet acknowledged, at most (env
-    /// `KAFKA_MAX_IN_FLIGHT_BYTES`).
+    /// Bytes of the records read and not yet durable, at most (env
+    /// `KAFKA_MAX_IN_FLIGHT_BYTES`): the same window as
+    /// `max_in_flight_events`, counted in bytes.
     pub max_in_flight_bytes: usize,
     /// Per-table topic templates (key: table name, or `schema.table`),
     /// overriding `topic` for that table; logical messages use their prefix
