@@ -119,6 +119,18 @@ pub fn postgres_cpu_s(postmaster: u32) -> Option<f64> {
     Some((ticks(&own, &[11, 12, 13, 14]) + live) / clock_ticks())
 }
 
+/// The Kafka broker's pid when it is a process of this machine (a JVM whose
+/// command line runs `kafka.Kafka`), for its CPU seconds.
+pub fn kafka_broker() -> Option<u32> {
+    let dir = std::fs::read_dir("/proc").ok()?;
+    dir.flatten()
+        .filter_map(|e| e.file_name().into_string().ok()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == b"kafka.Kafka"))
+        })
+}
+
 /// How many of the postmaster's children are walsenders (their process
 /// title starts `postgres: walsender`). A walsender whose client has gone
 /// is counted until it has exited and been reaped: only then are its CPU

@@ -153,6 +153,8 @@ struct Bench {
     latency_s: u64,
     /// The PostgreSQL server's postmaster, for its CPU seconds.
     postmaster: Option<u32>,
+    /// The Kafka broker's process, for its CPU seconds.
+    broker: Option<u32>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -325,6 +327,7 @@ async fn run() -> Result<bool, BoxError> {
         events,
         latency_s,
         postmaster,
+        broker: machine::kafka_broker(),
     };
     say(format!(
         "{} events per drain, {} s per latency run; results in {}",
@@ -414,6 +417,12 @@ impl Bench {
         self.postmaster.and_then(machine::postgres_cpu_s)
     }
 
+    /// The Kafka broker's CPU seconds so far (`None` when it is not a
+    /// process of this machine).
+    fn kafka_cpu(&self) -> Option<f64> {
+        self.broker.and_then(machine::usage_of).map(|u| u.cpu_s)
+    }
+
     fn selected(&self, s: System) -> bool {
         self.args.systems.contains(&s)
     }
@@ -433,8 +442,12 @@ impl Bench {
                     }
                     _ => String::new(),
                 };
+                let others = [("PostgreSQL", run.pg_cpu_s), ("Kafka", run.kafka_cpu_s)]
+                    .iter()
+                    .filter_map(|(who, s)| s.map(|s| format!(", {who} {s:.1} s")))
+                    .collect::<String>();
                 say(format!(
-                    "{workload}: {}: {} events in {:.2} s = {rate}/s{lat} (CPU {:.1} s, peak RSS {:.0} MiB, machine {:.0} % busy)",
+                    "{workload}: {}: {} events in {:.2} s = {rate}/s{lat} (CPU {:.1} s{others}, peak RSS {:.0} MiB, machine {:.0} % busy)",
                     run.system, run.events, run.seconds, run.cpu_s, run.peak_rss_mib, run.machine_busy_pct
                 ));
                 self.results.runs.push(run);
@@ -593,6 +606,7 @@ impl Bench {
         self.quiet().await?;
         let a = CpuTicks::now();
         let pg_a = self.pg_cpu();
+        let kafka_a = self.kafka_cpu();
         let (seconds, usage) = self
             .setup
             .recvlogical(
@@ -616,6 +630,7 @@ impl Bench {
             events_per_s: backlog.events as f64 / seconds,
             cpu_s: usage.cpu_s,
             pg_cpu_s: pg_a.zip(self.pg_cpu()).map(|(a, b)| b - a),
+            kafka_cpu_s: kafka_a.zip(self.kafka_cpu()).map(|(a, b)| b - a),
             peak_rss_mib: usage.peak_rss_mib,
             machine_busy_pct: a.busy_pct_until(&CpuTicks::now()),
             ..Run::default()
@@ -634,6 +649,7 @@ impl Bench {
         self.quiet().await?;
         let a = CpuTicks::now();
         let pg_a = self.pg_cpu();
+        let kafka_a = self.kafka_cpu();
         let mut running = self.setup.start(
             system,
             slot,
@@ -680,6 +696,7 @@ impl Bench {
         }
         let busy = a.busy_pct_until(&CpuTicks::now());
         let pg_cpu_s = pg_a.zip(self.pg_cpu()).map(|(a, b)| b - a);
+        let kafka_cpu_s = kafka_a.zip(self.kafka_cpu()).map(|(a, b)| b - a);
         running.stop(&self.setup);
         let records = match committed {
             // What the transactions hold, read again after the stop.
@@ -707,6 +724,7 @@ impl Bench {
             duplicates: (records > want).then(|| (records - want) as u64),
             cpu_s: usage.cpu_s,
             pg_cpu_s,
+            kafka_cpu_s,
             peak_rss_mib: usage.peak_rss_mib,
             machine_busy_pct: busy,
             ..Run::default()
@@ -745,6 +763,8 @@ impl Bench {
             return Err(e);
         }
         let a = CpuTicks::now();
+        let pg_a = self.pg_cpu();
+        let kafka_a = self.kafka_cpu();
         let since_us = now_us();
         let traffic = outbox::traffic(
             &self.setup.db_url,
@@ -766,6 +786,8 @@ impl Bench {
         let caught_up = self.wait_live(&mut running, &live, want, deadline).await;
         let usage = running.usage();
         let busy = a.busy_pct_until(&CpuTicks::now());
+        let pg_cpu_s = pg_a.zip(self.pg_cpu()).map(|(a, b)| b - a);
+        let kafka_cpu_s = kafka_a.zip(self.kafka_cpu()).map(|(a, b)| b - a);
         running.stop(&self.setup);
         let catch_up_s = caught_up.as_ref().ok().map(|t| (t - load_end).max(0.0));
         let (mut visible, _) = live.finish(since_us)?;
@@ -824,6 +846,8 @@ impl Bench {
             target_per_s: Some(rate),
             duplicates: Some(duplicates),
             cpu_s: usage.cpu_s,
+            pg_cpu_s,
+            kafka_cpu_s,
             peak_rss_mib: usage.peak_rss_mib,
             machine_busy_pct: busy,
             ..Run::default()

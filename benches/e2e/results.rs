@@ -84,10 +84,15 @@ pub struct Run {
     /// CPU seconds of the system's process (user + system).
     pub cpu_s: f64,
     /// CPU seconds PostgreSQL spent during the run (all its processes:
-    /// decoding in the walsender, the relay's marks, WAL writing); drains
-    /// only (a latency run's figure would be mostly the load writer's).
+    /// decoding in the walsender, the relay's marks, WAL writing; in a
+    /// latency run mostly the load writer's inserts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pg_cpu_s: Option<f64>,
+    /// CPU seconds the Kafka broker spent during the run (a broker that is
+    /// a process of this machine only): with PostgreSQL's and the system's,
+    /// where a busy machine's load went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_cpu_s: Option<f64>,
     /// Its peak resident memory (VmHWM / ru_maxrss), MiB.
     pub peak_rss_mib: f64,
     /// How busy the whole machine was during the run (both cores = 100).
@@ -212,7 +217,7 @@ impl Results {
         let drains: Vec<&Run> = self
             .runs
             .iter()
-            .filter(|r| r.pg_cpu_s.is_some() && r.events > 0)
+            .filter(|r| r.pg_cpu_s.is_some() && r.events > 0 && r.target_per_s.is_none())
             .collect();
         if drains.is_empty() {
             return String::new();
