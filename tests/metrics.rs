@@ -22,7 +22,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::control::{services, KafkaBack};
-use common::harness::{free_addr, http_get, read_until_all, secrets, wait_for, Relay, TestOutbox};
+use common::harness::{
+    free_addr, http_get, read_until_all, read_until_all_as, secrets, wait_for, Isolation, Relay,
+    TestOutbox,
+};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -44,6 +47,8 @@ const CONTRACT: &[(&str, bool, bool)] = &[
     ("pgoutbox_events_dead_lettered_total", true, true),
     ("pgoutbox_kafka_in_flight_events", true, true),
     ("pgoutbox_kafka_ack_latency_seconds_count", true, true),
+    ("pgoutbox_event_latency_seconds_count", true, false),
+    ("pgoutbox_event_latency_seconds_count", true, false),
     ("pgoutbox_batch_size_count", true, true),
     ("pgoutbox_received_lsn", true, false),
     ("pgoutbox_flushed_lsn", true, false),
@@ -282,6 +287,7 @@ async fn a_cdc_relay_serves_every_cdc_metric_with_plausible_values() {
     assert_eq!(healthz, 200);
 
     const N: usize = 20;
+    let loaded = std::time::Instant::now();
     let (ids, big) = load(&outbox, N).await;
     let order = outbox.topic("Order");
     let invoice = outbox.topic("Invoice");
@@ -379,6 +385,35 @@ async fn a_cdc_relay_serves_every_cdc_metric_with_plausible_values() {
         N as f64
     );
     assert!(one(&m, "pgoutbox_kafka_ack_latency_seconds_sum", &[]) > 0.0);
+    // Commit → sent and → read for every event decoded, commit →
+    // acknowledged for every event published: each no longer than the test
+    // has run (a commit time read with the wrong epoch would be decades),
+    // and all but the sent stage (the same clock, maybe within its
+    // microsecond) positive.
+    let since_load = loaded.elapsed().as_secs_f64();
+    let sent = [("stage", "sent")];
+    assert_eq!(
+        one(&m, "pgoutbox_event_latency_seconds_count", &sent),
+        (N + 1) as f64
+    );
+    let sent_sum = one(&m, "pgoutbox_event_latency_seconds_sum", &sent);
+    assert!(
+        sent_sum <= (N + 1) as f64 * since_load,
+        "sent: {sent_sum} s in {since_load} s"
+    );
+    for (stage, events) in [("read", N + 1), ("delivered", N)] {
+        let s = [("stage", stage)];
+        assert_eq!(
+            one(&m, "pgoutbox_event_latency_seconds_count", &s),
+            events as f64,
+            "{stage}"
+        );
+        let sum = one(&m, "pgoutbox_event_latency_seconds_sum", &s);
+        assert!(
+            sum > 0.0 && sum <= events as f64 * since_load,
+            "{stage}: {sum} s over {events} events in {since_load} s"
+        );
+    }
     assert!(
         one(
             &m,
@@ -429,6 +464,91 @@ async fn a_cdc_relay_serves_every_cdc_metric_with_plausible_values() {
             &[("version", env!("CARGO_PKG_VERSION"))]
         ),
         1.0
+    );
+    assert!(relay.relay.terminate().success());
+}
+
+/// Exactly-once delivery: the Kafka transactions committed, the events
+/// they held, their commit times and the committed position, and each
+/// event's latency counted to its transaction's commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_exactly_once_relay_counts_its_transactions_and_each_events_latency_to_the_commit() {
+    let _shared = SERVICES.read().await;
+    let mut outbox = TestOutbox::new("metrics_eos").await;
+    let progress = format!("{}.progress", outbox.topic_prefix);
+    outbox.env.extend([
+        ("OUTBOX_DELIVERY".to_owned(), "exactly-once".to_owned()),
+        ("KAFKA_PROGRESS_TOPIC".to_owned(), progress),
+    ]);
+    outbox.extra_config = observed_config();
+    let relay = Observed::start(&outbox, &[], "eos");
+    relay.wait_ready(200, DEADLINE).await;
+
+    const N: usize = 12;
+    let loaded = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..N {
+        ids.push(
+            outbox
+                .publish("Order", Uuid::new_v4(), "Placed", &json!({"i": i}))
+                .await,
+        );
+    }
+    let topics = vec![outbox.topic("Order")];
+    read_until_all_as(topics, ids, DEADLINE, Some(Isolation::ReadCommitted)).await;
+    let delivered = [("stage", "delivered")];
+    let m = relay
+        .wait_metrics(
+            "every event's commit counted",
+            |m| {
+                value(m, "pgoutbox_event_latency_seconds_count", &delivered) == Some(N as f64)
+                    && value(m, "pgoutbox_kafka_transaction_events_sum", &[]) == Some(N as f64)
+            },
+            DEADLINE,
+        )
+        .await;
+    let committed = one(
+        &m,
+        "pgoutbox_kafka_transactions_total",
+        &[("outcome", "committed")],
+    );
+    assert!(committed >= 1.0, "{committed}");
+    assert_eq!(
+        one(
+            &m,
+            "pgoutbox_kafka_transactions_total",
+            &[("outcome", "aborted")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        one(&m, "pgoutbox_kafka_transaction_commit_seconds_count", &[]),
+        committed,
+        "one commit time per committed transaction"
+    );
+    assert!(one(&m, "pgoutbox_kafka_committed_position_lsn", &[]) > 0.0);
+    // Every event read and committed once; each committed after it was
+    // read, so the commit latencies add up to at least the read ones.
+    let since_load = loaded.elapsed().as_secs_f64();
+    let read = [("stage", "read")];
+    assert_eq!(
+        one(&m, "pgoutbox_event_latency_seconds_count", &read),
+        N as f64
+    );
+    let sent = [("stage", "sent")];
+    assert_eq!(
+        one(&m, "pgoutbox_event_latency_seconds_count", &sent),
+        N as f64
+    );
+    let sent_sum = one(&m, "pgoutbox_event_latency_seconds_sum", &sent);
+    let read_sum = one(&m, "pgoutbox_event_latency_seconds_sum", &read);
+    let delivered_sum = one(&m, "pgoutbox_event_latency_seconds_sum", &delivered);
+    assert!(
+        sent_sum <= read_sum
+            && read_sum > 0.0
+            && read_sum <= delivered_sum
+            && delivered_sum <= N as f64 * since_load,
+        "sent {sent_sum} s, read {read_sum} s, delivered {delivered_sum} s, {N} events in {since_load} s"
     );
     assert!(relay.relay.terminate().success());
 }

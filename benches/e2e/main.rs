@@ -30,6 +30,7 @@ mod chart;
 mod finish;
 mod machine;
 mod outbox;
+mod relay_metrics;
 mod results;
 mod systems;
 mod topics;
@@ -225,9 +226,11 @@ async fn run() -> Result<bool, BoxError> {
     if !std::env::args().any(|a| a == "--bench") {
         // `cargo test --all-targets` (scripts/test) builds and runs every
         // bench target without `--bench` (and perhaps with test-harness
-        // arguments): that checks this one compiles; running it is a
-        // 45-minute job for scripts/bench.
-        say("not run: the benchmark runs through scripts/bench (cargo bench --bench e2e)");
+        // arguments): that checks this one compiles, and the harness's own
+        // arithmetic (no test harness here: a failed check fails the run);
+        // running it is a 45-minute job for scripts/bench.
+        relay_metrics::check_quantiles()?;
+        say("not run: the benchmark runs through scripts/bench (cargo bench --bench e2e); its quantile arithmetic checked");
         return Ok(true);
     }
     let args = Args::parse();
@@ -442,12 +445,25 @@ impl Bench {
                     }
                     _ => String::new(),
                 };
+                let mut own = match (
+                    run.relay_sent_p99_ms,
+                    run.relay_read_p99_ms,
+                    run.relay_delivered_p99_ms,
+                ) {
+                    (Some(s), Some(r), Some(d)) => format!(
+                        "; the relay's own p99: commit → sent {s:.1} ms, → read {r:.1} ms, → delivered {d:.1} ms"
+                    ),
+                    _ => String::new(),
+                };
+                if let Some(c) = run.relay_commit_p99_ms {
+                    own.push_str(&format!(", Kafka commits {c:.1} ms"));
+                }
                 let others = [("PostgreSQL", run.pg_cpu_s), ("Kafka", run.kafka_cpu_s)]
                     .iter()
                     .filter_map(|(who, s)| s.map(|s| format!(", {who} {s:.1} s")))
                     .collect::<String>();
                 say(format!(
-                    "{workload}: {}: {} events in {:.2} s = {rate}/s{lat} (CPU {:.1} s{others}, peak RSS {:.0} MiB, machine {:.0} % busy)",
+                    "{workload}: {}: {} events in {:.2} s = {rate}/s{lat}{own} (CPU {:.1} s{others}, peak RSS {:.0} MiB, machine {:.0} % busy)",
                     run.system, run.events, run.seconds, run.cpu_s, run.peak_rss_mib, run.machine_busy_pct
                 ));
                 self.results.runs.push(run);
@@ -788,6 +804,17 @@ impl Bench {
         let busy = a.busy_pct_until(&CpuTicks::now());
         let pg_cpu_s = pg_a.zip(self.pg_cpu()).map(|(a, b)| b - a);
         let kafka_cpu_s = kafka_a.zip(self.kafka_cpu()).map(|(a, b)| b - a);
+        let own = running
+            .metrics
+            .as_deref()
+            .and_then(relay_metrics::scrape)
+            .unwrap_or_default();
+        let own_q = |stage: &str, q: f64| {
+            let label = format!("stage=\"{stage}\"");
+            relay_metrics::quantile_ms(&own, "pgoutbox_event_latency_seconds", &label, q)
+        };
+        let commit_p99 =
+            relay_metrics::quantile_ms(&own, "pgoutbox_kafka_transaction_commit_seconds", "", 0.99);
         running.stop(&self.setup);
         let catch_up_s = caught_up.as_ref().ok().map(|t| (t - load_end).max(0.0));
         let (mut visible, _) = live.finish(since_us)?;
@@ -841,6 +868,11 @@ impl Bench {
                 .transactional()
                 .then(|| percentile(&appended, 0.99))
                 .flatten(),
+            relay_sent_p99_ms: own_q("sent", 0.99),
+            relay_read_p99_ms: own_q("read", 0.99),
+            relay_delivered_p50_ms: own_q("delivered", 0.50),
+            relay_delivered_p99_ms: own_q("delivered", 0.99),
+            relay_commit_p99_ms: commit_p99,
             kept_up: Some(kept_up),
             catch_up_s,
             target_per_s: Some(rate),

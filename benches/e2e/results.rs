@@ -59,6 +59,24 @@ pub struct Run {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[allow(missing_docs)]
     pub append_p99_ms: Option<f64>,
+    /// Latency run of pgoutbox, from its own `pgoutbox_event_latency_seconds`:
+    /// p99 of PostgreSQL commit → sent by the server (PostgreSQL's side), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_sent_p99_ms: Option<f64>,
+    /// … p99 of PostgreSQL commit → read by the relay, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_read_p99_ms: Option<f64>,
+    /// … p50 of PostgreSQL commit → in Kafka for consumers (acknowledged,
+    /// or its Kafka transaction committed), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_delivered_p50_ms: Option<f64>,
+    /// … and its p99, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_delivered_p99_ms: Option<f64>,
+    /// Exactly-once: p99 of its Kafka commits' duration
+    /// (`pgoutbox_kafka_transaction_commit_seconds`), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_commit_p99_ms: Option<f64>,
     /// Latency run: every event arrived, within 5 s of the end of the load,
     /// and the writer reached 95 % of the asked rate.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -194,6 +194,8 @@ pub struct Running {
     /// debezium-eos: the connector's name (its state is checked through
     /// the worker's REST API).
     connector: Option<String>,
+    /// pgoutbox: the address of its `/metrics`.
+    pub metrics: Option<String>,
 }
 
 /// The progress topic of an exactly-once run delivering to `topic`.
@@ -271,6 +273,7 @@ impl Setup {
     ) -> Result<Running, BoxError> {
         let (log, file) = self.log_file(label)?;
         let started = Instant::now();
+        let mut metrics = None;
         let child = match system {
             System::PgRecvlogical => return Err("pg_recvlogical runs through recvlogical()".into()),
             System::DebeziumEos => self.start_debezium_eos(slot, topic, label, file)?,
@@ -309,6 +312,7 @@ impl Setup {
                 // Defaults of config/pgoutbox.toml for everything else;
                 // nothing of the caller's OUTBOX_* / KAFKA_* leaks in.
                 let mut cmd = Command::new(&self.relay_bin);
+                metrics = crate::relay_metrics::free_addr();
                 if system == System::PgoutboxCdcDbzfmt {
                     let config = self.logs.join(format!("{label}.toml"));
                     std::fs::write(&config, debezium_format_config(topic))?;
@@ -325,7 +329,10 @@ impl Setup {
                     .env("OUTBOX_TOPIC", topic)
                     .env("OUTBOX_MARK_COMPLETED", mark)
                     .env("OUTBOX_CONCURRENCY", workers)
-                    .env("OUTBOX_METRICS_LISTEN", "off")
+                    .env(
+                        "OUTBOX_METRICS_LISTEN",
+                        metrics.clone().unwrap_or_else(|| "off".into()),
+                    )
                     .env("NO_COLOR", "1");
                 if system == System::PgoutboxCdcUpdate {
                     cmd.env("OUTBOX_MARK_WITH", "update");
@@ -355,6 +362,7 @@ impl Setup {
             pid,
             log,
             connector: (system == System::DebeziumEos).then(|| debezium_eos_connector(label)),
+            metrics,
         })
     }
 

@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet};
 use crate::config::ColumnMap;
 use crate::error::Error;
 use crate::outbox::{envelope, OutboxColumns, OutboxEvent};
-use crate::pgoutput::{Insert, LogicalMessage, Message};
+use crate::pgoutput::{system_time, Insert, LogicalMessage, Message};
 use crate::pipeline::{Pipeline, Source, TxId};
 use crate::Lsn;
 
@@ -123,7 +123,9 @@ impl Changes {
         match message {
             LogicalMessage::Begin(b) => {
                 self.final_lsn = b.final_lsn;
-                self.open_tx = Some(pipeline.begin(b.final_lsn));
+                let tx = pipeline.begin(b.final_lsn);
+                pipeline.committed_at(tx, system_time(b.commit_time));
+                self.open_tx = Some(tx);
             }
             LogicalMessage::Commit(c) => {
                 let tx = self.open_tx.take().ok_or_else(|| {
@@ -187,6 +189,7 @@ impl Changes {
             LogicalMessage::StreamCommit(c) => {
                 let items = self.streamed.remove(&c.xid).unwrap_or_default();
                 let tx = pipeline.begin(c.commit_lsn);
+                pipeline.committed_at(tx, system_time(c.commit_time));
                 for (_, item) in items {
                     pipeline.wait_for_room().await?;
                     self.publish(tx, item, pipeline).await?;

@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::metrics::health::Phase;
 use crate::metrics::{self, health, metrics};
 use crate::outbox::{MarkWriter, StreamProgress};
-use crate::pgoutput::Decoder;
+use crate::pgoutput::{system_time, Decoder};
 use crate::pipeline::{Limits, Pipeline, RecordBuilder};
 use crate::replication::{
     ReplicationClient, ReplicationError, ReplicationMessage, SnapshotAction, StandbyStatus,
@@ -442,7 +442,13 @@ impl Streaming {
         for msg in batch.drain(..) {
             let msg = msg.map_err(|e| replication_error("reading the replication stream", e))?;
             match msg {
-                ReplicationMessage::XLogData { wal_end, data, .. } => {
+                ReplicationMessage::XLogData {
+                    wal_end,
+                    server_time,
+                    data,
+                    ..
+                } => {
+                    self.pipeline.sent_at(system_time(server_time));
                     self.received = self.received.max(wal_end);
                     server_end = server_end.max(wal_end);
                     let message = self.decoder.decode(data).map_err(|e| {

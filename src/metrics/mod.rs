@@ -57,6 +57,13 @@ pub mod names {
     pub const KAFKA_IN_FLIGHT: &str = "pgoutbox_kafka_in_flight_events";
     /// Histogram: send → acknowledgement, in seconds.
     pub const KAFKA_ACK_LATENCY: &str = "pgoutbox_kafka_ack_latency_seconds";
+    /// Histogram by `stage` (`sent`, `read`, `delivered`), CDC: seconds
+    /// from an event's PostgreSQL commit until the server sent it on the
+    /// replication stream (both PostgreSQL's clock), until the relay read
+    /// it, and until Kafka had it for consumers (acknowledged; with
+    /// exactly-once delivery, its Kafka transaction committed); the last
+    /// two are PostgreSQL's clock against the relay's.
+    pub const EVENT_LATENCY: &str = "pgoutbox_event_latency_seconds";
     /// Histogram by `kind`: items per batch.
     pub const BATCH_SIZE: &str = "pgoutbox_batch_size";
     /// Gauge: last WAL position received (CDC).
@@ -188,6 +195,12 @@ pub struct Metrics {
     pub kafka_in_flight: IntGauge,
     /// [`names::KAFKA_ACK_LATENCY`].
     pub kafka_ack_latency: Histogram,
+    /// [`names::EVENT_LATENCY`], stage `sent`.
+    pub event_sent_latency: Histogram,
+    /// [`names::EVENT_LATENCY`], stage `read`.
+    pub event_read_latency: Histogram,
+    /// [`names::EVENT_LATENCY`], stage `delivered`.
+    pub event_delivered_latency: Histogram,
     /// [`names::BATCH_SIZE`].
     pub batch_size: HistogramVec,
     received_lsn: IntGauge,
@@ -283,6 +296,9 @@ impl Metrics {
             events_dead_lettered: relay.events_dead_lettered,
             kafka_in_flight: relay.kafka_in_flight,
             kafka_ack_latency: relay.kafka_ack_latency,
+            event_sent_latency: relay.event_latency.with_label_values(&["sent"]),
+            event_read_latency: relay.event_latency.with_label_values(&["read"]),
+            event_delivered_latency: relay.event_latency.with_label_values(&["delivered"]),
             batch_size: relay.batch_size,
             received_lsn: wal.received_lsn,
             flushed_lsn: wal.flushed_lsn,

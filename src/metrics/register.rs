@@ -56,6 +56,7 @@ pub(super) struct Relay {
     pub(super) events_dead_lettered: IntCounterVec,
     pub(super) kafka_in_flight: IntGauge,
     pub(super) kafka_ack_latency: Histogram,
+    pub(super) event_latency: HistogramVec,
     pub(super) batch_size: HistogramVec,
 }
 
@@ -108,6 +109,19 @@ impl Relay {
                         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                         10.0, 30.0, 60.0, 120.0, 300.0,
                     ]),
+                )
+                .expect("valid metric"),
+            ),
+            // 0.5 ms to ~10 min in steps of 1.5×: fine enough for a p99 of
+            // tens of milliseconds, wide enough for a catch-up.
+            event_latency: r.reg(
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        EVENT_LATENCY,
+                        "Time from an event's PostgreSQL commit until the server sent it (stage sent), the relay read it (stage read) and Kafka had it for consumers (stage delivered)",
+                    )
+                    .buckets(exponential_buckets(0.0005, 1.5, 35).expect("valid buckets")),
+                    &["stage"],
                 )
                 .expect("valid metric"),
             ),
@@ -306,10 +320,9 @@ impl Transactions {
                         KAFKA_COMMIT_LATENCY,
                         "Time commit_transaction took (flushing the transaction's records and committing it)",
                     )
-                    .buckets(vec![
-                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                        10.0, 30.0, 60.0,
-                    ]),
+                    // 0.5 ms to ~64 s in steps of 1.5×: a commit's p99 is
+                    // tens of milliseconds.
+                    .buckets(exponential_buckets(0.0005, 1.5, 30).expect("valid buckets")),
                 )
                 .expect("valid metric"),
             ),

@@ -137,6 +137,12 @@ impl Pipeline {
                     m.transactions.committed_lsn.set(p.lsn.0 as i64);
                 }
                 self.counters.transactions += 1;
+                let now = std::time::SystemTime::now();
+                for &ticket in &done.tickets {
+                    if let Some(f) = self.window.get(ticket) {
+                        self.observe_since_commit(&m.event_delivered_latency, f.tx, now);
+                    }
+                }
                 for ticket in done.tickets {
                     let key = match self.window.get(ticket) {
                         Some(InFlight {

@@ -21,7 +21,7 @@ pub(crate) mod testing;
 mod tests;
 mod window;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -204,6 +204,9 @@ pub struct Pipeline {
     read: prometheus::IntCounter,
     /// Exactly-once delivery's state (`None`: at least once).
     eos: Option<Transactions>,
+    /// When the server sent the replication message being applied (its
+    /// clock), for the `sent` stage of the events' latency.
+    sent_at: Option<SystemTime>,
 }
 
 impl Pipeline {
@@ -233,6 +236,7 @@ impl Pipeline {
                 .events_read
                 .with_label_values(&[Mode::Cdc.as_str()]),
             eos: None,
+            sent_at: None,
         }
     }
 
@@ -299,6 +303,29 @@ impl Pipeline {
         Some(at)
     }
 
+    /// The transaction `tx` committed in PostgreSQL at `at` (its Begin's
+    /// commit time): its events' latency is counted from there
+    /// ([`crate::metrics::names::EVENT_LATENCY`]).
+    pub fn committed_at(&mut self, tx: TxId, at: SystemTime) {
+        self.progress.committed_at(tx, at);
+    }
+
+    /// The replication message applied next was sent by the server at `at`
+    /// (its clock).
+    pub fn sent_at(&mut self, at: SystemTime) {
+        self.sent_at = Some(at);
+    }
+
+    /// Observes, in `histogram`, the time from `tx`'s PostgreSQL commit
+    /// to `now` (nothing when the commit time is unknown; a clock behind
+    /// PostgreSQL's counts as zero).
+    fn observe_since_commit(&self, histogram: &prometheus::Histogram, tx: TxId, now: SystemTime) {
+        if let Some(at) = self.progress.commit_time(tx) {
+            let seconds = now.duration_since(at).unwrap_or_default().as_secs_f64();
+            histogram.observe(seconds);
+        }
+    }
+
     /// The transaction `tx` committed at `end_lsn`: once its events (and
     /// every earlier transaction's) are durable, the flush position passes
     /// it.
@@ -356,6 +383,11 @@ impl Pipeline {
     ) -> Result<(), Error> {
         self.read.inc();
         self.progress.add_event(tx);
+        let m = metrics();
+        if let Some(sent) = self.sent_at {
+            self.observe_since_commit(&m.event_sent_latency, tx, sent);
+        }
+        self.observe_since_commit(&m.event_read_latency, tx, SystemTime::now());
         let at = self.take_position();
         if let Some(t) = &self.eos {
             let row = row_id(&source);
@@ -604,6 +636,10 @@ impl Pipeline {
         match d.result {
             Ok(()) => {
                 self.counters.acked += 1;
+                if let Some(f) = self.window.get(d.ticket) {
+                    let h = &metrics().event_delivered_latency;
+                    self.observe_since_commit(h, f.tx, SystemTime::now());
+                }
                 let row = match self.window.get(d.ticket) {
                     Some(InFlight {
                         source: Source::Row(key),

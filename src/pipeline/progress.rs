@@ -20,6 +20,7 @@
 //!    server sent before it.
 
 use std::collections::VecDeque;
+use std::time::SystemTime;
 
 use crate::Lsn;
 
@@ -33,6 +34,9 @@ struct Tx {
     end_lsn: Option<Lsn>,
     /// Events handed downstream and not yet durable.
     outstanding: u64,
+    /// When it committed in PostgreSQL (the Begin's commit time), for the
+    /// events' latency; `None` for a backfill or a table-less message.
+    committed_at: Option<SystemTime>,
 }
 
 /// Tracks transactions in commit order and the durable flush position.
@@ -63,6 +67,7 @@ impl Progress {
         self.txs.push_back(Tx {
             end_lsn: None,
             outstanding: 0,
+            committed_at: None,
         });
         self.open = Some(id);
         id
@@ -71,6 +76,20 @@ impl Progress {
     fn tx_mut(&mut self, id: TxId) -> Option<&mut Tx> {
         let idx = id.0.checked_sub(self.first)?;
         self.txs.get_mut(usize::try_from(idx).ok()?)
+    }
+
+    /// `tx` committed in PostgreSQL at `at` (from its Begin message).
+    pub fn committed_at(&mut self, tx: TxId, at: SystemTime) {
+        if let Some(t) = self.tx_mut(tx) {
+            t.committed_at = Some(at);
+        }
+    }
+
+    /// When `tx` committed in PostgreSQL, if known and `tx` is not yet
+    /// durable.
+    pub fn commit_time(&self, tx: TxId) -> Option<SystemTime> {
+        let idx = tx.0.checked_sub(self.first)?;
+        self.txs.get(usize::try_from(idx).ok()?)?.committed_at
     }
 
     /// An event of `tx` was handed downstream; it must become durable before
