@@ -22,8 +22,9 @@ use std::collections::{HashMap, HashSet};
 use crate::config::ColumnMap;
 use crate::error::Error;
 use crate::outbox::{envelope, OutboxColumns, OutboxEvent};
-use crate::pgoutput::{system_time, Insert, LogicalMessage, Message};
+use crate::pgoutput::{Insert, LogicalMessage, Message};
 use crate::pipeline::{Pipeline, Source, TxId};
+use crate::replication::system_time;
 use crate::Lsn;
 
 /// Which logical messages are outbox events.

@@ -14,10 +14,11 @@ use crate::error::Error;
 use crate::metrics::health::Phase;
 use crate::metrics::{self, health, metrics};
 use crate::outbox::{MarkWriter, StreamProgress};
-use crate::pgoutput::{system_time, Decoder};
+use crate::pgoutput::Decoder;
 use crate::pipeline::{Limits, Pipeline, RecordBuilder};
 use crate::replication::{
-    ReplicationClient, ReplicationError, ReplicationMessage, SnapshotAction, StandbyStatus,
+    system_time, ReplicationClient, ReplicationError, ReplicationMessage, SnapshotAction,
+    StandbyStatus,
 };
 use crate::Lsn;
 

@@ -4,28 +4,9 @@
 //! Timestamps are PostgreSQL `TimestampTz` values: microseconds since
 //! 2000-01-01 00:00:00 UTC. Transaction ids are raw 32-bit xids.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use bytes::Bytes;
 
 use crate::lsn::Lsn;
-
-/// Seconds from the Unix epoch to PostgreSQL's, 2000-01-01 00:00:00 UTC.
-const PG_EPOCH_UNIX_SECONDS: u64 = 946_684_800;
-
-/// A `TimestampTz` (microseconds since 2000-01-01 UTC, such as a commit
-/// time) as a [`SystemTime`]; one beyond what the platform's clock can
-/// hold comes out as PostgreSQL's epoch.
-pub fn system_time(pg_micros: i64) -> SystemTime {
-    let epoch = UNIX_EPOCH + Duration::from_secs(PG_EPOCH_UNIX_SECONDS);
-    let offset = Duration::from_micros(pg_micros.unsigned_abs());
-    let t = if pg_micros >= 0 {
-        epoch.checked_add(offset)
-    } else {
-        epoch.checked_sub(offset)
-    };
-    t.unwrap_or(epoch)
-}
 
 /// One decoded pgoutput message.
 ///
@@ -496,21 +477,5 @@ impl TupleValue {
             TupleValue::Binary(b) => Some(b),
             _ => None,
         }
-    }
-}
-
-#[cfg(test)]
-mod time_tests {
-    use super::*;
-
-    #[test]
-    fn a_commit_time_counts_from_postgresqls_epoch() {
-        let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_micros();
-        assert_eq!(unix(system_time(0)), 946_684_800_000_000);
-        assert_eq!(unix(system_time(1_500_000)), 946_684_801_500_000);
-        assert_eq!(unix(system_time(-1_000_000)), 946_684_799_000_000);
-        // Beyond the platform clock: no panic, the epoch.
-        let _ = system_time(i64::MIN);
-        let _ = system_time(i64::MAX);
     }
 }

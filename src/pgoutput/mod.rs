@@ -42,7 +42,7 @@ mod tests;
 pub use decode::Decoder;
 pub use error::DecodeError;
 pub use message::{
-    system_time, Begin, BeginPrepare, Commit, CommitPrepared, Delete, Insert, LogicalMessage,
-    Message, Origin, Prepare, Relation, RelationColumn, RollbackPrepared, StreamAbort,
-    StreamCommit, StreamStart, Truncate, Tuple, TupleValue, TypeMessage, Update,
+    Begin, BeginPrepare, Commit, CommitPrepared, Delete, Insert, LogicalMessage, Message, Origin,
+    Prepare, Relation, RelationColumn, RollbackPrepared, StreamAbort, StreamCommit, StreamStart,
+    Truncate, Tuple, TupleValue, TypeMessage, Update,
 };

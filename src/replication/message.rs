@@ -6,7 +6,7 @@
 //! Protocol", `START_REPLICATION`. All integers are big-endian; timestamps
 //! are microseconds since 2000-01-01 00:00:00 UTC (PostgreSQL's epoch).
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -153,6 +153,20 @@ pub(crate) fn pg_timestamp(t: SystemTime) -> i64 {
     unix_micros.saturating_sub(PG_EPOCH_OFFSET_MICROS)
 }
 
+/// The inverse of `pg_timestamp`: a PostgreSQL timestamp (microseconds
+/// since 2000-01-01 UTC, such as a commit or send time) as a system time;
+/// one the platform's clock cannot hold comes out as the Unix epoch.
+pub fn system_time(pg_micros: i64) -> SystemTime {
+    let unix_micros = pg_micros.saturating_add(PG_EPOCH_OFFSET_MICROS);
+    let offset = Duration::from_micros(unix_micros.unsigned_abs());
+    let t = if unix_micros >= 0 {
+        UNIX_EPOCH.checked_add(offset)
+    } else {
+        UNIX_EPOCH.checked_sub(offset)
+    };
+    t.unwrap_or(UNIX_EPOCH)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +295,18 @@ mod tests {
             1_500_000
         );
         assert_eq!(pg_timestamp(UNIX_EPOCH), -PG_EPOCH_OFFSET_MICROS);
+        let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_micros();
+        assert_eq!(unix(system_time(0)), 946_684_800_000_000);
+        assert_eq!(unix(system_time(1_500_000)), 946_684_801_500_000);
+        assert_eq!(unix(system_time(-1_000_000)), 946_684_799_000_000);
+        let t = UNIX_EPOCH + Duration::from_micros(1_764_000_000_123_456);
+        assert_eq!(
+            system_time(pg_timestamp(t)),
+            t,
+            "the inverse of pg_timestamp"
+        );
+        // Beyond the platform clock: no panic.
+        let _ = system_time(i64::MIN);
+        let _ = system_time(i64::MAX);
     }
 }

@@ -46,7 +46,7 @@ mod wire;
 pub use client::{CreatedSlot, ReplicationClient, SystemIdentity};
 pub use command::{SnapshotAction, PG17};
 pub use error::{ReplicationError, ServerError};
-pub use message::{ReplicationMessage, StandbyStatus};
+pub use message::{system_time, ReplicationMessage, StandbyStatus};
 pub use stream::{FeedbackHandle, ReplicationStream};
 
 /// The pure framing and parsing behind the replication connection, for the
