@@ -287,6 +287,24 @@ pub struct ExactlyOnceStart {
 /// delivery must not wait on that; a full transaction never waits.
 pub const MARK_PACE_LIMIT: Duration = Duration::from_millis(250);
 
+/// How long after a Kafka commit returns the next transaction waits before
+/// its first record goes to the producer (records read meanwhile are held,
+/// as during the commit).
+///
+/// `EndTxn` returns once the coordinator has logged the commit; it writes
+/// the commit markers afterwards, and until they are written it refuses to
+/// add partitions to the producer's next transaction
+/// (`CONCURRENT_TRANSACTIONS`). librdkafka then retries the
+/// `AddPartitionsToTxn` after a fixed 20 ms, and every record of the new
+/// transaction waits with it: at 5k events/s on the test machine 27 % of
+/// transactions started that way, and their commits waited 18 ms (p50)
+/// for the stalled records, against 4 ms for the others (BENCHMARKS.md,
+/// session 22). Markers were written 2–5 ms after `EndTxn` returned in
+/// most transactions; waiting this long costs an event nothing at the
+/// cadence (its transaction's interval counts from when it was read, see
+/// `Transactions::held_since`) and spares most transactions the stall.
+pub const MARKER_SETTLE: Duration = Duration::from_millis(5);
+
 /// A Kafka transaction being filled.
 #[derive(Debug)]
 pub(super) struct OpenTxn {
@@ -331,6 +349,9 @@ pub(super) struct Transactions {
     /// counts from then, not from the end of the commit that held it, so
     /// a slow commit is not paid for twice by the events it held.
     pub held_since: Option<Instant>,
+    /// After a commit: no new transaction before this instant
+    /// ([`MARKER_SETTLE`]).
+    pub settle_until: Option<Instant>,
     /// Commit now, whatever the cadence (end of a backfill, shutdown).
     pub force: bool,
     /// Rows in committed Kafka transactions whose `COMPLETED` mark is not
@@ -356,6 +377,7 @@ impl Transactions {
             committing: None,
             held: VecDeque::new(),
             held_since: None,
+            settle_until: None,
             force: false,
             unmarked: HashMap::new(),
             start,
@@ -370,6 +392,12 @@ impl Transactions {
             (None, Some(p), _) => self.skip_to.is_some_and(|s| p <= s),
             _ => false,
         }
+    }
+
+    /// True while records wait for the next Kafka transaction: a commit
+    /// runs, or the last one's markers are settling ([`MARKER_SETTLE`]).
+    pub fn holding(&self) -> bool {
+        self.committing.is_some() || self.settle_until.is_some()
     }
 
     /// True when the next Kafka transaction holds `max_events` events

@@ -159,7 +159,13 @@ impl Pipeline {
                         None => self.release(ticket),
                     }
                 }
-                self.send_held().await
+                // The records read meanwhile go out once the markers had
+                // time to be written (`send_held`).
+                if let Some(t) = &mut self.eos {
+                    t.settle_until =
+                        Some(tokio::time::Instant::now() + exactly_once::MARKER_SETTLE);
+                }
+                Ok(())
             }
             Err(e) => {
                 m.transactions
@@ -174,9 +180,12 @@ impl Pipeline {
         }
     }
 
-    /// Exactly-once: sends the records read while the last commit ran, in
-    /// a new Kafka transaction.
-    async fn send_held(&mut self) -> Result<(), Error> {
+    /// Exactly-once: sends the records read while the last commit ran and
+    /// its markers settled, in a new Kafka transaction.
+    pub(super) async fn send_held(&mut self) -> Result<(), Error> {
+        if let Some(t) = &mut self.eos {
+            t.settle_until = None;
+        }
         loop {
             let Some((ticket, record)) = self.eos.as_mut().and_then(|t| t.held.pop_front()) else {
                 return Ok(());

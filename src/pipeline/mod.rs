@@ -428,9 +428,10 @@ impl Pipeline {
             },
         );
         match &mut self.eos {
-            // Kafka cannot take records while a commit runs: they wait for
-            // the next transaction, and reading goes on.
-            Some(t) if t.committing.is_some() => {
+            // Kafka cannot take records while a commit runs (nor, usefully,
+            // until its markers are written): they wait for the next
+            // transaction, and reading goes on.
+            Some(t) if t.holding() => {
                 if t.held.is_empty() {
                     t.held_since = Some(tokio::time::Instant::now());
                 }
@@ -562,6 +563,7 @@ impl Pipeline {
     /// Returns `Ok(false)` if neither channel can deliver any more.
     pub async fn next(&mut self) -> Result<bool, Error> {
         let due = self.commit_due();
+        let settle = self.eos.as_ref().and_then(|t| t.settle_until);
         let committing = self
             .eos
             .as_mut()
@@ -575,6 +577,10 @@ impl Pipeline {
             r = async { committing.expect("guarded").await }, if has_commit => {
                 let r = r.unwrap_or_else(|e| Err(TxnFailure::Abort(format!("the commit task failed: {e}"))));
                 self.on_committed(r).await?;
+                Ok(true)
+            }
+            _ = tokio::time::sleep_until(settle.unwrap_or_else(tokio::time::Instant::now)), if settle.is_some() => {
+                self.send_held().await?;
                 Ok(true)
             }
             _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {

@@ -232,7 +232,8 @@ mod exactly_once {
     use std::time::Duration;
 
     use super::super::exactly_once::{
-        ExactlyOnceStart, Position, ProgressRecord, RowSet, TxnFailure, MARK_PACE_LIMIT,
+        ExactlyOnceStart, Position, ProgressRecord, RowSet, TxnFailure, MARKER_SETTLE,
+        MARK_PACE_LIMIT,
     };
     use super::super::testing::stream;
     use super::*;
@@ -447,7 +448,11 @@ mod exactly_once {
                 .await
                 .unwrap();
         }
-        run_for(&mut r, 1).await.unwrap();
+        // The third commit's markers settle first (MARKER_SETTLE), then
+        // the held events go out and commit at once.
+        run_for(&mut r, MARKER_SETTLE.as_millis() as u64 + 1)
+            .await
+            .unwrap();
         assert_eq!(commits(&r), 4, "a full transaction does not wait for marks");
     }
 
@@ -543,6 +548,41 @@ mod exactly_once {
             waited >= interval && waited < interval + Duration::from_millis(30),
             "the next commit starts one interval after the held event arrived, \
              not one interval after the slow commit ended ({waited:?})"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_read_right_after_a_commit_wait_for_its_markers_not_for_longer() {
+        let interval = Duration::from_millis(25);
+        let mut r = rig(None);
+        r.pipeline.eos.as_mut().unwrap().start.interval = interval;
+        let commits = |r: &Rig| r.transactions().iter().flatten().count();
+        let settling = |r: &Rig| r.pipeline.eos.as_ref().unwrap().settle_until.is_some();
+        let a = r.pipeline.begin(Lsn(500));
+        r.pipeline.offer(a, event(1, "x"), row(1)).await.unwrap();
+        r.pipeline.commit(a, Lsn(600));
+        r.durable(0);
+        while !settling(&r) {
+            r.pipeline.next().await.unwrap();
+        }
+        assert_eq!(commits(&r), 1);
+        let arrived = tokio::time::Instant::now();
+        let b = r.pipeline.begin(Lsn(700));
+        r.pipeline.offer(b, event(2, "x"), row(2)).await.unwrap();
+        r.pipeline.commit(b, Lsn(800));
+        let settle = MARKER_SETTLE.as_millis() as u64;
+        run_for(&mut r, settle - 1).await.unwrap();
+        assert_eq!(r.sent().len(), 1, "held while the markers settle");
+        run_for(&mut r, 2).await.unwrap();
+        assert_eq!(r.sent().len(), 2, "sent once they had time to");
+        assert_eq!(commits(&r), 1, "in a transaction not due yet");
+        while commits(&r) < 2 {
+            r.pipeline.next().await.unwrap();
+        }
+        let waited = arrived.elapsed();
+        assert!(
+            waited >= interval && waited < interval + Duration::from_millis(2),
+            "due one interval after the event was read: the settling cost it nothing ({waited:?})"
         );
     }
 
