@@ -401,7 +401,8 @@ impl Transactions {
     }
 
     /// True when the next Kafka transaction holds `max_events` events
-    /// (sent in the open one, or held while a commit runs).
+    /// (sent in the open one, or held while a commit runs or its markers
+    /// settle).
     pub fn full(&self) -> bool {
         let open = self.open.as_ref().map_or(0, |o| o.tickets.len());
         open + self.held.len() >= self.start.max_events
